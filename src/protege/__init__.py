@@ -1,0 +1,56 @@
+"""protege: knowledge distillation for PyTorch.
+
+>>> import protege as pg
+>>> distiller = pg.Distiller(student, teacher, terms=[pg.ce(0.1), pg.kd(0.9, T=4)])
+>>> for x, y in loader:
+...     _, losses = distiller((x, y))
+...     sum(losses.values()).backward(); opt.step(); opt.zero_grad()
+
+or, with the engine: ``pg.fit(distiller, train_loader, val_loader, pg.TrainConfig(epochs=10))``.
+"""
+
+from .analysis.cost import count_flops, count_params, measure_latency
+from .config import RunConfig, load_config
+from .core.distiller import Distiller, Term
+from .core.taps import Taps
+from .data import DataSplits, load_data
+from .engine import TrainConfig, evaluate, fit, make_loader
+from .errors import ProtegeError
+from .losses import get_loss, list_losses, register_loss
+from .models import build_model, list_models
+from .pipeline import evaluate_run, run
+from .terms import ce, ctkd, dist, dkd, kd, multi_kd, term
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataSplits",
+    "Distiller",
+    "ProtegeError",
+    "RunConfig",
+    "Taps",
+    "Term",
+    "TrainConfig",
+    "build_model",
+    "ce",
+    "count_flops",
+    "count_params",
+    "ctkd",
+    "dist",
+    "dkd",
+    "evaluate",
+    "evaluate_run",
+    "fit",
+    "get_loss",
+    "kd",
+    "list_losses",
+    "list_models",
+    "load_config",
+    "load_data",
+    "make_loader",
+    "measure_latency",
+    "multi_kd",
+    "register_loss",
+    "run",
+    "term",
+]

@@ -1,0 +1,1 @@
+"""Analysis: fidelity, cost, and (later) probes and the run report."""

@@ -1,0 +1,191 @@
+"""``protege`` command line: a thin layer that parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ProtegeError
+
+app = typer.Typer(
+    name="protege",
+    help="Knowledge distillation: make a model small and fast without losing what it knows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the run-config schema.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+# Tables are wide; outside a terminal rich would wrap them at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+ConfigArg = Annotated[Path, typer.Argument(help="run YAML (see configs/)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override a key: --set optim.lr=0.05 (repeatable)")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run from its last checkpoint")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run of the same name")]
+
+
+def _run(config: Path, overrides: list[str] | None, mode: str, resume: bool, overwrite: bool) -> None:
+    from .config import load_config
+    from .pipeline import run
+
+    cfg = load_config(config, overrides or [])
+    summary = run(cfg, mode=mode, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
+    _print_run(summary, cfg.run_dir)
+
+
+@app.command()
+def train(
+    config: ConfigArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False
+) -> None:
+    """Train the config's student with plain label losses (a teacher, or the no-KD baseline)."""
+    _run(config, overrides, "train", resume, overwrite)
+
+
+@app.command()
+def distill(
+    config: ConfigArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False
+) -> None:
+    """Distill the config's teacher(s) into its student with the config's terms."""
+    _run(config, overrides, "distill", resume, overwrite)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/mnist-kd")],
+    split: Annotated[str, typer.Option(help="val or test")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    latency: Annotated[bool, typer.Option(help="measure CPU/GPU latency")] = True,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the result to this JSON file")
+    ] = None,
+) -> None:
+    """Accuracy, top-5, agreement, KL, ECE, NLL, params, FLOPs and latency of a run's student."""
+    from .engine.checkpoint import atomic_write_text
+    from .pipeline import evaluate_run
+
+    if split not in ("val", "test") or checkpoint not in ("best", "last"):
+        raise ProtegeError("--split is val or test; --checkpoint is best or last")
+    result = evaluate_run(run_dir, split=split, which=checkpoint, latency=latency)  # type: ignore[arg-type]
+    table = Table(title=f"{run_dir} — {split} split, {checkpoint} checkpoint")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    for who in ("teacher", "student"):
+        if who in result:
+            c = result[who]
+            table.add_row(f"{who} params", f"{c['params']:,}")
+            table.add_row(f"{who} MFLOPs", f"{c['flops'] / 1e6:.2f}")
+            if "latency" in c:
+                table.add_row(f"{who} latency (ms, batch 1)", f"{c['latency']['ms']:.3f}")
+    if "speedup" in result:
+        table.add_row("speed-up", f"{result['speedup']:.2f}×")
+    out.print(table)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2))
+
+
+@app.command()
+def quickstart(
+    fast: Annotated[bool, typer.Option("--fast", help="a much shorter run (for CI)")] = False,
+    output_dir: Annotated[Path, typer.Option(help="where runs/quickstart goes")] = Path("runs"),
+    seed: int = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing runs/quickstart")] = True,
+) -> None:
+    """Teacher → baseline student → distilled student on bundled MNIST, and a table comparing them."""
+    from .quickstart import format_table, run_quickstart
+
+    result = run_quickstart(fast=fast, output_dir=output_dir, seed=seed, overwrite=overwrite)
+    out.print(format_table(result))
+    out.print(f"wall time {result['wall_time_s']:.1f} s — everything is in {result['run_dir']}")
+
+
+@app.command()
+def methods() -> None:
+    """List every registered loss with its paper, what it reads and its parameters."""
+    from .losses import list_losses
+
+    table = Table(title="registered losses")
+    for col in ("name", "reads", "paper", "parameters"):
+        table.add_column(col)
+    for info in list_losses():
+        params = ", ".join(f"{k}={v}" for k, v in info.params.items())
+        reads = (
+            info.reads
+            + (" + labels" if info.uses_target else "")
+            + ("" if info.uses_teacher else " (no teacher)")
+        )
+        table.add_row(info.name, reads, info.paper, params)
+    out.print(table)
+
+
+@app.command()
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="substring or glob, e.g. 'resnet*'")] = None,
+) -> None:
+    """List model names build_model accepts (protege zoo first; timm and torchvision by name)."""
+    from .models import list_models
+
+    for name in list_models(pattern):
+        out.print(name)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of a run YAML."""
+    from .config import json_schema
+
+    print(json_schema())
+
+
+def _print_run(summary: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title=f"{run_dir} — {summary['status']}")
+    table.add_column("")
+    for col in ("acc", "agreement", "kl", "ece", "nll"):
+        table.add_column(col, justify="right")
+    rows = [("val last", summary.get("final", {}), "val/"), ("val best", summary.get("best", {}), "val/")]
+    for which, metrics in summary.get("test", {}).items():
+        rows.append((f"test {which}", metrics, ""))
+    for label, metrics, prefix in rows:
+        table.add_row(
+            label,
+            *(
+                f"{metrics[prefix + k]:.4f}" if prefix + k in metrics else "—"
+                for k in ("acc", "agreement", "kl", "ece", "nll")
+            ),
+        )
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: user errors print one message (no traceback) and exit with status 2."""
+    try:
+        app(standalone_mode=False)
+    except ProtegeError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors carry their own message
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The run config: one pydantic schema for a run YAML, loading with ``--set`` overrides, and clear errors.
+
+A run YAML (see ``configs/``)::
+
+    name: mnist-kd
+    data: {source: mnist5k, batch_size: 128}
+    teacher: {model: cnn_m, weights: runs/mnist-teacher}
+    student: {model: mlp_s}
+    terms:
+      - {loss: ce, weight: 0.1}
+      - {loss: kd, weight: 0.9, T: 4}
+    epochs: 10
+    optim: {name: sgd, lr: 0.05}
+
+``protege config schema`` prints the JSON schema. Unknown keys, bad values and missing files are
+reported in one message that names the key, the problem and the closest valid spelling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .engine.options import TrainConfig
+from .errors import ProtegeError, closest
+
+
+class DataConfig(BaseModel):
+    """Where the data comes from and how it is batched (see ``protege.data.load_data``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field("mnist5k", description="mnist5k | digits | imagefolder | torchvision:<Name> | hf")
+    root: str | None = Field(None, description="directory of the data, for sources that read files")
+    transforms: str = "auto"
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    num_workers: int = Field(0, ge=0)
+    download: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+
+
+class ModelConfig(BaseModel):
+    """A model by name (protege zoo, timm or torchvision), optionally with local weights."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    weights: str | None = Field(
+        None,
+        description="safetensors/.pt file, checkpoint directory, or a protege run directory (its best checkpoint)",
+    )
+    weight: float = Field(1.0, ge=0, description="this teacher's weight in a multi-teacher ensemble")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model")
+
+
+class TermConfig(BaseModel):
+    """One loss term; any further key is a hyper-parameter of the loss (e.g. ``T: 4``)."""
+
+    model_config = ConfigDict(extra="allow")
+    loss: str
+    weight: float = 1.0
+    student: str = "logits"
+    teacher: str = "logits"
+    name: str | None = None
+    warmup: float = Field(0.0, ge=0)
+    teacher_index: int | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(TrainConfig):
+    """A whole run: data, teacher(s), student, loss terms, and the training options."""
+
+    name: str = Field("run", description="the run's directory name under output_dir")
+    output_dir: str = "runs"
+    task: str = "classification"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelConfig | None = None
+    teachers: list[ModelConfig] = Field(
+        default_factory=list, description="several teachers (instead of teacher)"
+    )
+    student: ModelConfig
+    terms: list[TermConfig] = Field(default_factory=lambda: [TermConfig(loss="ce")])
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", ".."):
+            raise ValueError("must be a plain directory name (no '/')")
+        return v
+
+    @model_validator(mode="after")
+    def _one_teacher_key(self) -> RunConfig:
+        if self.teacher is not None and self.teachers:
+            raise ValueError("give either 'teacher' or 'teachers', not both")
+        return self
+
+    def all_teachers(self) -> list[ModelConfig]:
+        return [self.teacher] if self.teacher is not None else list(self.teachers)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def train_config(self) -> TrainConfig:
+        """The engine's part of this config."""
+        return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.model_fields})
+
+
+def json_schema() -> str:
+    """The JSON schema of a run YAML."""
+    return json.dumps(RunConfig.model_json_schema(), indent=2)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``["optim.lr=0.05", "terms.1.T=2"]`` → ``[(["optim", "lr"], 0.05), (["terms", "1", "T"], 2)]``."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ProtegeError(f"--set expects KEY=VALUE (e.g. optim.lr=0.05), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested config dict (list items by index)."""
+    for path, value in parse_overrides(overrides):
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                node = node[_index(part, node, where)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ProtegeError(f"--set {'.'.join(path)}: {where} is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            node[_index(last, node, ".".join(path))] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(part: str, node: list[Any], where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ProtegeError(
+            f"--set {where}: the list has {len(node)} items; use an index from 0 to {len(node) - 1}"
+        )
+    return int(part)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any
+) -> RunConfig:
+    """Read a run YAML (or start from ``defaults``), apply ``--set`` overrides, and validate."""
+    data: dict[str, Any] = dict(defaults)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ProtegeError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ProtegeError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ProtegeError(
+                f"{p} must hold a mapping of keys (name:, data:, student: …), not a {type(loaded).__name__}"
+            )
+        data.update(loaded)
+    source = str(path) if path else "config"
+    if overrides:  # overrides apply to the resolved config, so defaults (e.g. terms) can be set too
+        data = apply_overrides(validate_config(data, source).model_dump(mode="json"), overrides)
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ProtegeError(format_validation_error(e, source)) from None
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s)"]
+    for err in error.errors():
+        loc = [str(x) for x in err["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1])
+            near = closest(loc[-1], valid)
+            hint = f" did you mean {near[0]!r}?" if near else ""
+            lines.append(f"  {where}: unknown key.{hint} Valid keys here: {', '.join(valid)}")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required, but missing")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
+            lines.append(f"  {where}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    """The field names of the schema section at ``loc`` (list indices skipped)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        sub = _model_of(field.annotation)
+        if sub is None:
+            break
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what ``runs/<name>/config.yaml`` holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Distiller and taps: the one contract every feature plugs into."""

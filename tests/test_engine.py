@@ -1,0 +1,166 @@
+"""The engine: exact resume, NaN stop, checkpoints, schedules, gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import Dataset
+
+import protege as pg
+from protege.engine.checkpoint import checkpoint_dir, read_pointers
+from protege.engine.loop import lr_factor
+from protege.engine.options import ScheduleConfig, TrainConfig
+from protege.errors import ProtegeError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return pg.load_data("digits", transforms="augment")
+
+
+def _distiller(data, seed=0):
+    torch.manual_seed(0)  # the teacher stands for fixed, trained weights
+    teacher = pg.build_model("mlp", num_classes=10, in_chans=1, input_size=8)
+    torch.manual_seed(seed)
+    student = pg.build_model("mlp_s", num_classes=10, in_chans=1, input_size=8)
+    return pg.Distiller(student, teacher, [pg.ce(0.5), pg.kd(0.5, T=4.0)])
+
+
+def _cfg(**kw):
+    base = dict(
+        epochs=2,
+        progress=False,
+        measure_cost=False,
+        optim={"lr": 0.1},
+        schedule={"name": "cosine", "warmup_epochs": 0.5},
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _loaders(data):
+    return pg.make_loader(data.train, 64, shuffle=True, seed=3), pg.make_loader(data.val, 256, shuffle=False)
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_matches_straight_run(tmp_path, digits):
+    cfg = _cfg()
+    straight = _distiller(digits)
+    pg.fit(straight, *_loaders(digits), cfg, tmp_path / "a")
+
+    first = _distiller(digits)
+    s1 = pg.fit(first, *_loaders(digits), cfg, tmp_path / "b", stop_after_epochs=1)
+    assert s1["status"].startswith("paused after epoch 1")
+    second = _distiller(digits, seed=123)  # a fresh process would build it anew
+    pg.fit(second, *_loaders(digits), cfg, tmp_path / "b", resume=True)
+
+    a, b = _lines(tmp_path / "a"), _lines(tmp_path / "b")
+    assert [r["epoch"] for r in b] == [0, 1]
+    for ra, rb in zip(a, b):
+        for key in ("train/loss", "train/kd", "val/acc", "val/kl", "lr"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
+    for (k, va), vb in zip(straight.student.state_dict().items(), second.student.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+class _NaNAfterFirstPass(Dataset):
+    def __init__(self, base):
+        self.base, self.reads = base, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        x, y = self.base[i]
+        return (x * math.nan if self.reads > len(self.base) else x), y
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
+    d = _distiller(digits)
+    train = pg.make_loader(_NaNAfterFirstPass(digits.train), 64, shuffle=True)
+    summary = pg.fit(
+        d, train, pg.make_loader(digits.val, 256, False), _cfg(epochs=3, log_every=5), tmp_path / "run"
+    )
+    assert summary["status"].startswith("stopped: non-finite loss in epoch 2")
+    assert summary["epochs_completed"] == 1
+    assert read_pointers(tmp_path / "run" / "checkpoints")["last"] == "epoch_0000"
+    assert all(torch.isfinite(p).all() for p in d.student.parameters())
+    assert len(_lines(tmp_path / "run")) == 1
+
+
+def test_checkpoint_is_safetensors_and_loads_into_build_model(tmp_path, digits):
+    d = _distiller(digits)
+    pg.fit(d, *_loaders(digits), _cfg(epochs=1), tmp_path / "run")
+    ckpt = checkpoint_dir(tmp_path / "run", "best")
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert files == sorted(
+        ["model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer.json"]
+    )
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*")), "no temporary leftovers"
+    reloaded = pg.build_model("mlp_s", num_classes=10, in_chans=1, input_size=8, weights=str(ckpt))
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(reloaded.eval()(x), d.student.eval()(x))
+    assert set(load_file(ckpt / "model.safetensors")) == set(d.student.state_dict())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best"]["val/acc"] >= summary["final"]["val/acc"]
+
+
+def test_refuses_to_overwrite_or_resume_wrongly(tmp_path, digits):
+    d = _distiller(digits)
+    with pytest.raises(ProtegeError, match="no checkpoint"):
+        pg.fit(d, *_loaders(digits), _cfg(epochs=1), tmp_path / "run", resume=True)
+    pg.fit(d, *_loaders(digits), _cfg(epochs=1), tmp_path / "run")
+    with pytest.raises(ProtegeError, match="--resume"):
+        pg.fit(d, *_loaders(digits), _cfg(epochs=1), tmp_path / "run")
+
+
+def test_lr_schedules():
+    cos = ScheduleConfig(name="cosine", warmup_epochs=1)
+    assert lr_factor(0, 10, 5, cos) == 0.0
+    assert lr_factor(5, 10, 5, cos) == pytest.approx(0.5)
+    assert lr_factor(10, 10, 5, cos) == pytest.approx(1.0)
+    assert lr_factor(30, 10, 5, cos) == pytest.approx(0.5)  # halfway through the cosine part
+    assert lr_factor(50, 10, 5, cos) == pytest.approx(0.0, abs=1e-12)
+    multi = ScheduleConfig(name="multistep", milestones=[2, 4], gamma=0.1)
+    assert [lr_factor(e * 10, 10, 6, multi) for e in (0, 2, 3, 4)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    step = ScheduleConfig(name="step", step_size=3, gamma=0.5)
+    assert lr_factor(35, 10, 9, step) == pytest.approx(0.5)
+
+
+class _Fixed(Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    results = []
+    for batch, accum in ((32, 1), (16, 2)):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        d = pg.Distiller(model)
+        cfg = _cfg(
+            epochs=1,
+            grad_accum=accum,
+            optim={"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+            schedule={"name": "constant"},
+        )
+        pg.fit(d, pg.make_loader(_Fixed(), batch, shuffle=False), None, cfg, tmp_path / f"b{batch}")
+        results.append(model.weight.detach().clone())
+    assert torch.allclose(results[0], results[1], atol=1e-6)
