@@ -166,3 +166,11 @@ def test_distiller_to_moves_teacher():
     d.to(torch.float64)
     assert next(teacher.parameters()).dtype == torch.float64
     assert next(student.parameters()).dtype == torch.float64
+
+
+def test_shape_mismatch_is_a_user_error():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    _, teacher = _pair()
+    d = pg.Distiller(student, teacher, [pg.kd()])
+    with pytest.raises(ProtegeError, match="term 'kd'.*same shape"):
+        d((torch.randn(2, 1, 6, 6), torch.zeros(2, dtype=torch.long)))

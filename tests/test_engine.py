@@ -164,3 +164,9 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path):
         pg.fit(d, pg.make_loader(_Fixed(), batch, shuffle=False), None, cfg, tmp_path / f"b{batch}")
         results.append(model.weight.detach().clone())
     assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, digits):
+    d = _distiller(digits)
+    pg.fit(d, *_loaders(digits), _cfg(epochs=1, trackers=["tensorboard"]), tmp_path / "run")
+    assert list((tmp_path / "run").rglob("events.out.tfevents*")), "TensorBoard event file expected"

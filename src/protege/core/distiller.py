@@ -98,7 +98,7 @@ class Term(nn.Module):
             return self.weight * min(progress / self.warmup, 1.0)
         return self.weight
 
-    def forward(
+    def _compute(
         self,
         student: Outputs,
         teachers: Sequence[Outputs],
@@ -132,6 +132,19 @@ class Term(nn.Module):
         else:
             value = sum(w * self.info.fn(s, t, **kwargs) for w, t in zip(ws, ts))
         return self.factor(progress) * value
+
+    def forward(
+        self,
+        student: Outputs,
+        teachers: Sequence[Outputs],
+        target: torch.Tensor | None,
+        teacher_weights: Sequence[float],
+        progress: float = 0.0,
+    ) -> torch.Tensor:
+        try:
+            return self._compute(student, teachers, target, teacher_weights, progress)
+        except ValueError as e:  # losses validate shapes; a mismatch is a configuration mistake
+            raise ProtegeError(f"term {self.name!r}: {e}") from e
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
