@@ -137,3 +137,11 @@ def test_cli_schema_and_methods(tmp_path):
     proc = _cli("methods", cwd=tmp_path)
     for name in ("kd", "dkd", "dist", "ctkd", "multi_kd", "ce"):
         assert name in proc.stdout
+
+
+def test_example_configs_validate():
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.student.model and cfg.terms, path.name

@@ -170,3 +170,11 @@ def test_tensorboard_tracker_writes_events(tmp_path, digits):
     d = _distiller(digits)
     pg.fit(d, *_loaders(digits), _cfg(epochs=1, trackers=["tensorboard"]), tmp_path / "run")
     assert list((tmp_path / "run").rglob("events.out.tfevents*")), "TensorBoard event file expected"
+
+
+def test_bf16_autocast_on_cpu(tmp_path, digits):
+    d = _distiller(digits)
+    summary = pg.fit(d, *_loaders(digits), _cfg(epochs=1, mixed_precision="bf16", cpu=True), tmp_path / "run")
+    assert summary["mixed_precision"] == "bf16"
+    assert math.isfinite(summary["final"]["train/loss"]) and summary["final"]["val/acc"] > 0.1
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())  # master weights stay fp32

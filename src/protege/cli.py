@@ -169,22 +169,13 @@ def _print_run(summary: dict[str, Any], run_dir: Path) -> None:
 def main() -> None:
     """Entry point: user errors print one message (no traceback) and exit with status 2."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print their own message and exit 2
     except ProtegeError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors carry their own message
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

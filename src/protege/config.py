@@ -40,6 +40,13 @@ class DataConfig(BaseModel):
     eval_batch_size: int = Field(512, gt=0)
     num_workers: int = Field(0, ge=0)
     download: bool = False
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="validation share carved from train when the source has no val split"
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="test share, for sources with a single split")
+    split_seed: int = Field(
+        0, description="seed of carved splits; fixed so runs with different seeds share them"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
 
 

@@ -20,7 +20,7 @@ from .config import ModelConfig, RunConfig, dump_config, load_config
 from .core.distiller import Distiller, Term
 from .data import DataSplits, load_data
 from .engine import checkpoint_dir, evaluate, fit, make_loader
-from .engine.checkpoint import atomic_write_text, read_pointers
+from .engine.checkpoint import atomic_write_text, check_run_dir, read_pointers
 from .engine.loop import console
 from .errors import ProtegeError
 from .models import build_model
@@ -42,7 +42,14 @@ def resolve_weights(weights: str | None) -> str | None:
 def load_run_data(cfg: RunConfig) -> DataSplits:
     d = cfg.data
     return load_data(
-        d.source, root=d.root, transforms=d.transforms, seed=cfg.seed, download=d.download, **d.options
+        d.source,
+        root=d.root,
+        transforms=d.transforms,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.split_seed,
+        download=d.download,
+        **d.options,
     )
 
 
@@ -109,6 +116,8 @@ def run(
     After training, the last and the best (by validation) checkpoints are evaluated on the test
     split, and their metrics join ``summary.json`` under ``"test"``.
     """
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, resume, overwrite)  # before anything is written over
     data = load_run_data(cfg)
     distiller = build_distiller(cfg, data, mode)
     train_loader = make_loader(
@@ -117,11 +126,6 @@ def run(
     val_loader = make_loader(
         data.val, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers
     )
-    run_dir = cfg.run_dir
-    if not resume and not overwrite and read_pointers(run_dir / "checkpoints"):
-        raise ProtegeError(
-            f"{run_dir} already holds a run. Resume it with --resume, start over with --overwrite, or choose another name."
-        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     summary = fit(

@@ -97,7 +97,17 @@ def run_quickstart(
     return result
 
 
-_COLUMNS = ("acc", "agreement", "kl", "ece", "params", "MFLOPs", "latency ms", "speed-up")
+_COLUMNS = (
+    "acc (best)",
+    "acc (last)",
+    "agreement",
+    "kl",
+    "ece",
+    "params",
+    "MFLOPs",
+    "latency ms",
+    "speed-up",
+)
 
 
 def _cells(name: str, row: dict[str, Any]) -> list[str]:
@@ -105,6 +115,7 @@ def _cells(name: str, row: dict[str, Any]) -> list[str]:
     teacher = name == "teacher"
     return [
         f"{100 * m['acc']:.2f}%",
+        f"{100 * row['test_last']['acc']:.2f}%" if row["test_last"] else "—",
         "—" if teacher else f"{100 * m['agreement']:.2f}%",
         "—" if teacher else f"{m['kl']:.4f}",
         f"{m['ece']:.4f}",
@@ -122,7 +133,7 @@ def _label(name: str, row: dict[str, Any]) -> str:
 
 
 def format_table(result: dict[str, Any]) -> Table:
-    """The comparison as a rich table (test split, best-by-validation checkpoints)."""
+    """The comparison as a rich table: test split; metrics of the best-by-validation checkpoint, plus last-epoch accuracy."""
     table = Table(title="protege quickstart — MNIST-5k test split (1,000 images)")
     table.add_column("model")
     for col in _COLUMNS:

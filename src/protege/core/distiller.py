@@ -257,9 +257,11 @@ class Distiller(nn.Module):
 
     def forward(self, batch: Any) -> tuple[Outputs, dict[str, torch.Tensor]]:
         inputs, target = self.task.split(batch)
+        # Teachers first: their activations are freed before the student's, which must live until
+        # backward, are allocated. The other order measured ~8% slower per step on CPU.
+        teacher_outs = self.teacher_outputs(inputs) if self._needs_teacher else []
         student_out = self.task.forward(self.student, inputs)
         student_out.update(self._student_taps.pop())
-        teacher_outs = self.teacher_outputs(inputs) if self._needs_teacher else []
         losses = {
             term.name: term(student_out, teacher_outs, target, self.teacher_weights, self.progress)
             for term in self.terms

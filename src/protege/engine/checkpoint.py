@@ -172,6 +172,18 @@ def read_pointers(ckpt_root: Path) -> dict[str, str]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to resume a run that has no checkpoint, or to start over one that has, unasked."""
+    has_run = bool(read_pointers(Path(run_dir) / "checkpoints"))
+    if resume and not has_run:
+        raise ProtegeError(f"cannot resume: no checkpoint in {run_dir}. Start the run without --resume.")
+    if not resume and not overwrite and has_run:
+        raise ProtegeError(
+            f"{run_dir} already holds a run. Resume it with --resume, start over with --overwrite, "
+            "or choose another name."
+        )
+
+
 def checkpoint_dir(run_dir: str | Path, which: str = "last") -> Path:
     """The directory of a run's ``last`` or ``best`` checkpoint."""
     root = Path(run_dir) / "checkpoints"

@@ -9,8 +9,10 @@ holds only the student and the distiller's trainable extras.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +40,7 @@ from ..errors import ProtegeError
 from ..tasks import Outputs, Task
 from .checkpoint import (
     atomic_write_text,
+    check_run_dir,
     checkpoint_dir,
     load_checkpoint,
     read_pointers,
@@ -140,20 +143,24 @@ def evaluate(
     evaluator = task.evaluator(with_teacher=bool(teachers))
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+    precision = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     try:
-        for i, batch in enumerate(loader):
-            inputs, target = task.split(batch)
-            s_out = {"logits": gather(task.forward(student, inputs)["logits"])}
-            t_out = None
-            if teachers:
-                if use_cache:
-                    t_logits = teacher_cache[i]
-                else:
-                    t_logits = gather(ensemble_logits([task.forward(t, inputs) for t in teachers], weights))
-                    if teacher_cache is not None:
-                        teacher_cache.append(t_logits.detach().float().cpu())
-                t_out = {"logits": t_logits}
-            evaluator.update(s_out, gather(target) if target is not None else None, t_out)
+        with precision:
+            for i, batch in enumerate(loader):
+                inputs, target = task.split(batch)
+                s_out = {"logits": gather(task.forward(student, inputs)["logits"])}
+                t_out = None
+                if teachers:
+                    if use_cache:
+                        t_logits = teacher_cache[i]
+                    else:
+                        t_logits = gather(
+                            ensemble_logits([task.forward(t, inputs) for t in teachers], weights)
+                        )
+                        if teacher_cache is not None:
+                            teacher_cache.append(t_logits.detach().float().cpu())
+                    t_out = {"logits": t_logits}
+                evaluator.update(s_out, gather(target) if target is not None else None, t_out)
     finally:
         student.train(was_training)
     return evaluator.compute()
@@ -204,13 +211,7 @@ def fit(
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
-    if resume and not read_pointers(ckpt_root):
-        raise ProtegeError(f"cannot resume: no checkpoint in {ckpt_root}. Start the run without --resume.")
-    if not resume and not overwrite and read_pointers(ckpt_root):
-        raise ProtegeError(
-            f"{run_dir} already holds a run. Resume it with --resume, start over with --overwrite, "
-            "or choose another name."
-        )
+    check_run_dir(run_dir, resume, overwrite)
     if len(train) == 0:
         raise ProtegeError("the training set yields no batch: check the data and batch_size")
 
@@ -244,9 +245,10 @@ def fit(
                 ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["epoch"] < start_epoch
             ]
             atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-    elif main:
+    elif main:  # a fresh start (check_run_dir allowed it): nothing of an earlier run may linger
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(ckpt_root, ignore_errors=True)
 
     if cfg.trackers:
         accelerator.init_trackers(
