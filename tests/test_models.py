@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from protege.analysis.cost import count_params as count_parameters
 from protege.errors import ProtegeError
-from protege.models import build_model, cifar, count_parameters, list_models, load_weights, small
+from protege.models import build_model, cifar, list_models, load_weights, small
 
 # CIFAR-100 parameter counts from the KD literature (CRD / RepDistiller, mdistiller tables).
 LITERATURE_PARAMS = {

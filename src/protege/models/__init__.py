@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import ProtegeError, unknown
 from . import cifar, small
 
-__all__ = ["build_model", "count_parameters", "list_models", "load_weights", "register_model"]
+__all__ = ["build_model", "list_models", "load_weights", "register_model"]
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {**cifar.MODELS, **small.MODELS}
 _ALIASES: dict[str, str] = dict(cifar.ALIASES)
@@ -133,11 +133,6 @@ def list_models(pattern: str | None = None, *, external: bool = True) -> list[st
 def _bare(name: str) -> str:
     prefix, sep, rest = name.partition(":")
     return rest.lower() if sep and prefix.lower() in _PREFIXES else name.lower()
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of ``model``, trainable and frozen (buffers are not counted)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_model(
