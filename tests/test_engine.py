@@ -178,3 +178,10 @@ def test_bf16_autocast_on_cpu(tmp_path, digits):
     assert summary["mixed_precision"] == "bf16"
     assert math.isfinite(summary["final"]["train/loss"]) and summary["final"]["val/acc"] > 0.1
     assert all(p.dtype == torch.float32 for p in d.student.parameters())  # master weights stay fp32
+
+
+def test_without_validation_best_is_the_last_epoch(tmp_path, digits):
+    d = _distiller(digits)
+    summary = pg.fit(d, _loaders(digits)[0], None, _cfg(epochs=2), tmp_path / "run")
+    assert summary["best"]["epoch"] == summary["final"]["epoch"] == 1
+    assert read_pointers(tmp_path / "run" / "checkpoints") == {"last": "epoch_0001", "best": "epoch_0001"}

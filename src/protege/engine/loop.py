@@ -324,10 +324,12 @@ def fit(
                 )
                 record.update({f"val/{k}": v for k, v in metrics.items()})
             record["time_s"] = time.perf_counter() - t_start
-            is_best = f"val/{primary}" in record and record[f"val/{primary}"] > best.get(
-                f"val/{primary}", -math.inf
-            )
-            if is_best or (not best and val_loader is None):
+            key = f"val/{primary}"
+            if val_loader is None:  # nothing to choose by: the latest epoch is the best known
+                is_best = True
+            else:
+                is_best = key in record and record[key] > best.get(key, -math.inf)
+            if is_best:
                 best = dict(record)
             history_final = record
             if main:
