@@ -118,7 +118,7 @@ def methods() -> None:
     for col in ("name", "reads", "paper", "parameters"):
         table.add_column(col)
     for info in list_losses():
-        params = ", ".join(f"{k}={v}" for k, v in info.params.items())
+        params = ", ".join(f"{k}={v}" for k, v in {**info.params, **info.state_params}.items())
         reads = (
             info.reads
             + (" + labels" if info.uses_target else "")

@@ -13,7 +13,6 @@ move them, and ``.train()`` leaves them in ``eval()``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -71,7 +70,7 @@ class Term(nn.Module):
         self.warmup = float(warmup)
         self.teacher_index = teacher_index
         self.adapter = adapter
-        state_params = _init_params(self.info.state) if self.info.state else {}
+        state_params = self.info.state_params
         unknown_keys = set(params) - set(self.info.params) - set(state_params)
         if unknown_keys:
             valid = sorted(set(self.info.params) | set(state_params))
@@ -149,11 +148,6 @@ class Term(nn.Module):
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name!r}, weight={self.weight}" + (f", {params}" if params else "")
-
-
-def _init_params(cls: Callable[..., Any]) -> dict[str, Any]:
-    sig = inspect.signature(cls.__init__)
-    return {n: p.default for n, p in sig.parameters.items() if n != "self"}
 
 
 def _read(outputs: Outputs, key: str, who: str, term: str) -> torch.Tensor:

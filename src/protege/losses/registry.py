@@ -42,6 +42,8 @@ class LossInfo:
     multi_teacher: bool = False
     state: type[nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: constructor parameters of the state module (e.g. CTKD's ``init_T``), set in a config like params
+    state_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -77,6 +79,15 @@ def register_loss(
             for p in sig.parameters.values()
             if p.default is not inspect.Parameter.empty and p.name not in ("target", "weights")
         }
+        state_params = (
+            {
+                p.name: p.default
+                for p in inspect.signature(state.__init__).parameters.values()
+                if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+            }
+            if state is not None
+            else {}
+        )
         _LOSSES[name] = LossInfo(
             name=name,
             fn=fn,
@@ -87,6 +98,7 @@ def register_loss(
             multi_teacher=multi_teacher,
             state=state,
             params=params,
+            state_params=state_params,
         )
         return fn
 
@@ -109,4 +121,4 @@ def list_losses() -> list[LossInfo]:
 
 
 def _load_builtin() -> None:
-    from . import logits  # noqa: F401  (registers on import)
+    from . import features, logits, relations  # noqa: F401  (register on import)
