@@ -6,6 +6,8 @@ initial weights, data order and schedule, and evaluated on the 1,000-image test 
 last epoch and at the best epoch chosen on the validation split.
 
     python benchmarks/quickstart_seeds.py [--seeds 0 1 2] [--fast] [--json out.json]
+        [--set KEY=VALUE ...]            # both students, e.g. optim.lr=0.02 or epochs=60
+        [--distill-set KEY=VALUE ...]    # the distilled student only, e.g. terms.1.T=2
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--output", default="runs/bench-quickstart-seeds")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--distill-set", dest="distill_overrides", action="append", default=[], metavar="KEY=VALUE"
+    )
     args = parser.parse_args()
 
     root = Path(args.output)
@@ -44,13 +50,16 @@ def main() -> None:
     for seed in args.seeds:
         for method, mode in (("baseline", "train"), ("distilled", "distill")):
             cfg = {**base[method], "seed": seed, "name": f"{method}-s{seed}"}
-            summary = pg.run(pg.load_config(None, **cfg), mode=mode)
+            overrides = args.overrides + (args.distill_overrides if method == "distilled" else [])
+            summary = pg.run(pg.load_config(None, overrides, **cfg), mode=mode)
             for which in ("last", "best"):
                 results[method][which].append(summary["test"][which]["acc"])
     report = {
         "teacher_test_acc": teacher["test"]["best"]["acc"],
         "seeds": args.seeds,
         "fast": args.fast,
+        "overrides": args.overrides,
+        "distill_overrides": args.distill_overrides,
         "test_acc": results,
         "wall_time_s": time.perf_counter() - start,
     }
