@@ -19,11 +19,13 @@ from .errors import ProtegeError
 from .losses import get_loss, list_losses, register_loss
 from .models import build_model, list_models
 from .pipeline import evaluate_run, run
-from .terms import ce, ctkd, dist, dkd, kd, multi_kd, term
+from .terms import at, ce, ctkd, dist, dkd, fitnet, kd, multi_kd, term
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "at",
+    "fitnet",
     "DataSplits",
     "Distiller",
     "ProtegeError",

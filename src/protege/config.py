@@ -74,6 +74,7 @@ class TermConfig(BaseModel):
     name: str | None = None
     warmup: float = Field(0.0, ge=0)
     teacher_index: int | None = None
+    adapter: str | None = Field(None, description="auto | linear | conv1x1 | conv_bn | conv_bn_relu")
 
     @property
     def params(self) -> dict[str, Any]:

@@ -89,6 +89,7 @@ def build_distiller(cfg: RunConfig, data: DataSplits, mode: Mode = "distill") ->
             name=t.name,
             warmup=t.warmup,
             teacher_index=t.teacher_index,
+            adapter=t.adapter,
             **t.params,
         )
         for t in cfg.terms

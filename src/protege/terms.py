@@ -52,3 +52,15 @@ def ctkd(weight: float = 1.0, **kwargs: Any) -> Term:
 def multi_kd(weight: float = 1.0, T: float = 4.0, standardize: bool = False, **kwargs: Any) -> Term:
     """KD towards the weighted average of several teachers' distributions."""
     return Term("multi_kd", weight, T=T, standardize=standardize, **kwargs)
+
+
+def fitnet(
+    student: str, teacher: str, weight: float = 1.0, adapter: str = "conv_bn_relu", **kwargs: Any
+) -> Term:
+    """FitNets hint: MSE between a regressed student tap and a teacher tap (regressor built from shapes)."""
+    return Term("fitnet", weight, student=student, teacher=teacher, adapter=adapter, **kwargs)
+
+
+def at(student: str, teacher: str, weight: float = 1000.0, p: float = 2.0, **kwargs: Any) -> Term:
+    """Attention transfer between two feature-map taps (weight 1000 as in RepDistiller)."""
+    return Term("at", weight, student=student, teacher=teacher, p=p, **kwargs)

@@ -22,6 +22,8 @@ from torch import nn
 from ..errors import ProtegeError, closest
 from ..losses import get_loss
 from ..tasks import ClassificationTask, Outputs, Task
+from .adapters import KINDS as ADAPTER_KINDS
+from .adapters import build_adapter
 from .taps import Taps
 
 LOGIT_KEYS = frozenset({"logits"})
@@ -41,8 +43,11 @@ class Term(nn.Module):
         teacher_index: read only this teacher; default: every teacher, combined by the
             teacher weights (a weighted sum of per-teacher losses, or the loss's own multi-teacher
             form when it has one).
-        adapter: optional trainable module applied to the student tensor first (a projector when
-            shapes differ); it trains with the student and is dropped at export.
+        adapter: trainable module applied to the student tensor first (a projector when shapes
+            differ), or the name of one to build from the two tensors' shapes (``"auto"``,
+            ``"linear"``, ``"conv1x1"``, ``"conv_bn"``, ``"conv_bn_relu"``; see
+            :mod:`protege.core.adapters`) when :meth:`Distiller.prepare` sees a first batch. It
+            trains with the student and is dropped at export.
         **params: the loss's hyper-parameters (and those of its state module, if any).
     """
 
@@ -55,7 +60,7 @@ class Term(nn.Module):
         name: str | None = None,
         warmup: float = 0.0,
         teacher_index: int | None = None,
-        adapter: nn.Module | None = None,
+        adapter: nn.Module | str | None = None,
         **params: Any,
     ) -> None:
         super().__init__()
@@ -69,7 +74,12 @@ class Term(nn.Module):
             raise ProtegeError(f"term {self.name!r}: warmup must be ≥ 0 epochs, got {warmup}")
         self.warmup = float(warmup)
         self.teacher_index = teacher_index
-        self.adapter = adapter
+        self.adapter_kind = adapter if isinstance(adapter, str) else None
+        self.adapter = adapter if isinstance(adapter, nn.Module) else None
+        if self.adapter_kind is not None and self.adapter_kind not in ADAPTER_KINDS:
+            raise ProtegeError(
+                f"term {self.name!r}: unknown adapter {adapter!r}; choose one of: {', '.join(ADAPTER_KINDS)}"
+            )
         state_params = self.info.state_params
         unknown_keys = set(params) - set(self.info.params) - set(state_params)
         if unknown_keys:
@@ -91,6 +101,17 @@ class Term(nn.Module):
     def uses_teacher(self) -> bool:
         return self.info.uses_teacher
 
+    @property
+    def pending_adapter(self) -> bool:
+        """True until an adapter named by kind has been built from real tensor shapes."""
+        return self.adapter_kind is not None and self.adapter is None
+
+    def build_adapter(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """Build the named adapter for these student/teacher tensors, on the student's device."""
+        where = f" (term {self.name!r}: student {self.student_key!r}, teacher {self.teacher_key!r})"
+        adapter = build_adapter(student.shape, teacher.shape, self.adapter_kind or "auto", where)
+        self.adapter = adapter.to(device=student.device, dtype=student.dtype)
+
     def factor(self, progress: float) -> float:
         """The weight at ``progress`` epochs, including the warm-up ramp."""
         if self.warmup > 0:
@@ -106,6 +127,11 @@ class Term(nn.Module):
         progress: float = 0.0,
     ) -> torch.Tensor:
         s = _read(student, self.student_key, "student", self.name)
+        if self.pending_adapter:
+            raise ProtegeError(
+                f"term {self.name!r} builds its adapter from the tensor shapes: call "
+                "distiller.prepare(example_batch) before creating the optimizer (protege.fit does this)"
+            )
         if self.adapter is not None:
             s = self.adapter(s)
         kwargs = dict(self.params)
@@ -172,6 +198,7 @@ class Distiller(nn.Module):
         terms: the loss terms; default ``[ce()]``.
         teacher_weights: one non-negative weight per teacher (default: equal).
         task: how batches are read and models run (default: classification).
+        example: a batch to build shape-dependent adapters from right away (see :meth:`prepare`).
     """
 
     def __init__(
@@ -181,6 +208,7 @@ class Distiller(nn.Module):
         terms: Sequence[Term] | None = None,
         teacher_weights: Sequence[float] | None = None,
         task: Task | None = None,
+        example: Any = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -215,6 +243,8 @@ class Distiller(nn.Module):
         object.__setattr__(self, "_student_taps", Taps(student, student_taps))
         object.__setattr__(self, "_teacher_taps", [Taps(t, teacher_taps) for t in teachers.values()])
         self.progress = 0.0
+        if example is not None:
+            self.prepare(example)
 
     # -- teachers stay outside the module tree -------------------------------------------------
     @property
@@ -248,6 +278,37 @@ class Distiller(nn.Module):
                 out.update(taps.pop())
                 outs.append(out)
         return outs
+
+    @property
+    def needs_prepare(self) -> bool:
+        """Whether some term still has to build its adapter from a first batch."""
+        return any(t.pending_adapter for t in self.terms)
+
+    @torch.no_grad()
+    def prepare(self, batch: Any) -> None:
+        """Build the adapters named by kind from one batch's tensor shapes (no training happens).
+
+        Call it before creating the optimizer, so the new parameters are optimized too.
+        The student runs in ``eval()`` here, so its BatchNorm statistics are untouched.
+        """
+        if not self.needs_prepare:
+            return
+        inputs, _ = self.task.split(batch)
+        teacher_outs = self.teacher_outputs(inputs)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            student_out = self.task.forward(self.student, inputs)
+            student_out.update(self._student_taps.pop())
+        finally:
+            self.student.train(was_training)
+        for term in self.terms:
+            if term.pending_adapter:
+                s = _read(student_out, term.student_key, "student", term.name)
+                index = term.teacher_index or 0
+                term.build_adapter(
+                    s, _read(teacher_outs[index], term.teacher_key, f"teacher {index}", term.name)
+                )
 
     def forward(self, batch: Any) -> tuple[Outputs, dict[str, torch.Tensor]]:
         inputs, target = self.task.split(batch)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -218,6 +218,8 @@ def fit(
     set_seed(cfg.seed)
     accelerator = _make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
+    if distiller.needs_prepare:  # shape-dependent adapters must exist before the optimizer does
+        distiller.to(accelerator.device).prepare(_first_batch(train, accelerator.device))
     optimizer = build_optimizer(list(distiller.parameters()), cfg)
     model, optimizer, train_loader = accelerator.prepare(distiller, optimizer, train)
     val_loader = accelerator.prepare(val) if val is not None else None
@@ -389,6 +391,10 @@ def fit(
     if cfg.trackers:
         accelerator.end_training()
     return summary
+
+
+def _first_batch(loader: DataLoader, device: torch.device) -> Any:
+    return send_to_device(next(iter(loader)), device)
 
 
 def _example_input(loader: DataLoader, task: Task) -> torch.Tensor:
