@@ -97,3 +97,22 @@ def test_fit_builds_adapter_checkpoints_and_resumes_it(tmp_path):
     # the resumed adapter continued from the checkpoint: it ends where two straight epochs end
     assert torch.allclose(second.terms[1].adapter.weight, straight.terms[1].adapter.weight, atol=1e-6)
     assert not torch.allclose(second.terms[1].adapter.weight, saved["terms.1.adapter.weight"])
+
+
+def test_feature_config_runs_end_to_end(tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / "mnist-fitnet-at.yaml"
+    overrides = [
+        "epochs=1",
+        "teacher.weights=null",
+        f"output_dir={tmp_path}",
+        "progress=false",
+        "measure_cost=false",
+    ]
+    summary = pg.run(pg.load_config(path, overrides), mode="distill")
+    final = summary["final"]
+    for key in ("train/ce", "train/kd", "train/fitnet:layer2", "train/at:layer1"):
+        assert torch.isfinite(torch.tensor(final[key])) and final[key] > 0, key
+    extra = load_file(checkpoint_dir(tmp_path / "mnist-fitnet-at", "last") / "distiller.safetensors")
+    assert extra["terms.2.adapter.0.weight"].shape == (64, 16, 1, 1)

@@ -88,12 +88,12 @@ class _Layout(nn.Module):
         return self.mode
 
 
-def _conv(kind: str, cin: int, cout: int) -> nn.Module:
+def _conv(kind: str, cin: int, cout: int) -> list[nn.Module]:
     if kind == "conv1x1":
-        return nn.Conv2d(cin, cout, 1, bias=False)
+        return [nn.Conv2d(cin, cout, 1, bias=False)]
     if kind == "conv_bn":
-        return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        return [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
 def build_adapter(
@@ -142,7 +142,7 @@ def build_adapter(
     elif len(s) == 4:
         if kind == "linear":
             raise fail("feature maps take a convolutional adapter (conv1x1, conv_bn, conv_bn_relu)")
-        layers.append(_conv("conv_bn" if kind == "auto" else kind, s[1], t[1]))
+        layers += _conv("conv_bn" if kind == "auto" else kind, s[1], t[1])
         if s[2:] != t[2:]:
             layers.append(_Resize((t[2], t[3])))
     else:
