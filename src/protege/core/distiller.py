@@ -118,46 +118,6 @@ class Term(nn.Module):
             return self.weight * min(progress / self.warmup, 1.0)
         return self.weight
 
-    def _compute(
-        self,
-        student: Outputs,
-        teachers: Sequence[Outputs],
-        target: torch.Tensor | None,
-        teacher_weights: Sequence[float],
-        progress: float = 0.0,
-    ) -> torch.Tensor:
-        s = _read(student, self.student_key, "student", self.name)
-        if self.pending_adapter:
-            raise ProtegeError(
-                f"term {self.name!r} builds its adapter from the tensor shapes: call "
-                "distiller.prepare(example_batch) before creating the optimizer (protege.fit does this)"
-            )
-        if self.adapter is not None:
-            s = self.adapter(s)
-        kwargs = dict(self.params)
-        if self.state is not None:
-            kwargs.update(self.state(progress))
-        if self.info.uses_target:
-            if target is None:
-                raise ProtegeError(f"term {self.name!r} needs labels, but the batch carries none")
-            kwargs["target"] = target
-        if not self.info.uses_teacher:
-            return self.factor(progress) * self.info.fn(s, **kwargs)
-        if not teachers:
-            raise ProtegeError(f"term {self.name!r} reads a teacher, but the distiller has none")
-        picked = range(len(teachers)) if self.teacher_index is None else [self.teacher_index]
-        ts = [_read(teachers[i], self.teacher_key, f"teacher {i}", self.name) for i in picked]
-        ws = [teacher_weights[i] for i in picked]
-        total = sum(ws)
-        ws = [w / total for w in ws]
-        if self.info.multi_teacher:
-            value = self.info.fn(s, ts, weights=ws, **kwargs)
-        elif len(ts) == 1:
-            value = self.info.fn(s, ts[0], **kwargs)
-        else:
-            value = sum(w * self.info.fn(s, t, **kwargs) for w, t in zip(ws, ts))
-        return self.factor(progress) * value
-
     def forward(
         self,
         student: Outputs,
@@ -167,7 +127,37 @@ class Term(nn.Module):
         progress: float = 0.0,
     ) -> torch.Tensor:
         try:
-            return self._compute(student, teachers, target, teacher_weights, progress)
+            s = _read(student, self.student_key, "student", self.name)
+            if self.pending_adapter:
+                raise ProtegeError(
+                    f"term {self.name!r} builds its adapter from the tensor shapes: call "
+                    "distiller.prepare(example_batch) before creating the optimizer (protege.fit does this)"
+                )
+            if self.adapter is not None:
+                s = self.adapter(s)
+            kwargs = dict(self.params)
+            if self.state is not None:
+                kwargs.update(self.state(progress))
+            if self.info.uses_target:
+                if target is None:
+                    raise ProtegeError(f"term {self.name!r} needs labels, but the batch carries none")
+                kwargs["target"] = target
+            if not self.info.uses_teacher:
+                return self.factor(progress) * self.info.fn(s, **kwargs)
+            if not teachers:
+                raise ProtegeError(f"term {self.name!r} reads a teacher, but the distiller has none")
+            picked = range(len(teachers)) if self.teacher_index is None else [self.teacher_index]
+            ts = [_read(teachers[i], self.teacher_key, f"teacher {i}", self.name) for i in picked]
+            ws = [teacher_weights[i] for i in picked]
+            total = sum(ws)
+            ws = [w / total for w in ws]
+            if self.info.multi_teacher:
+                value = self.info.fn(s, ts, weights=ws, **kwargs)
+            elif len(ts) == 1:
+                value = self.info.fn(s, ts[0], **kwargs)
+            else:
+                value = sum(w * self.info.fn(s, t, **kwargs) for w, t in zip(ws, ts))
+            return self.factor(progress) * value
         except ValueError as e:  # losses validate shapes; a mismatch is a configuration mistake
             raise ProtegeError(f"term {self.name!r}: {e}") from e
 
