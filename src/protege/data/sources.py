@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
 from ..errors import ProtegeError, closest, unknown
 from .transforms import (
@@ -632,31 +633,16 @@ def _load_torchvision(
     )
 
 
-def _fixed_class_folder_type() -> type:
-    """Build ``_FixedClassFolder`` on first use (module ``__getattr__`` makes it picklable)."""
-    from torchvision.datasets import ImageFolder
+class _FixedClassFolder(ImageFolder):
+    """``ImageFolder`` with a given ``class_to_idx`` (missing class folders allowed)."""
 
-    class FixedClassFolder(ImageFolder):
-        """``ImageFolder`` with a given ``class_to_idx`` (missing class folders allowed)."""
+    def __init__(self, root: str, class_to_idx: dict[str, int]) -> None:
+        self.fixed_class_to_idx = dict(class_to_idx)
+        super().__init__(root, allow_empty=True)
 
-        def __init__(self, root: str, class_to_idx: dict[str, int]) -> None:
-            self.fixed_class_to_idx = dict(class_to_idx)
-            super().__init__(root, allow_empty=True)
-
-        def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
-            mapping = self.fixed_class_to_idx
-            return sorted(mapping, key=mapping.__getitem__), dict(mapping)
-
-    FixedClassFolder.__name__ = FixedClassFolder.__qualname__ = "_FixedClassFolder"
-    return FixedClassFolder
-
-
-def __getattr__(name: str) -> Any:  # lazy: keeps torchvision out of `import protege.data`
-    if name == "_FixedClassFolder":
-        cls = _fixed_class_folder_type()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
+        mapping = self.fixed_class_to_idx
+        return sorted(mapping, key=mapping.__getitem__), dict(mapping)
 
 
 def _fixed_class_folder(directory: Path, class_to_idx: dict[str, int]) -> Any:
@@ -665,8 +651,7 @@ def _fixed_class_folder(directory: Path, class_to_idx: dict[str, int]) -> Any:
     if extra:
         raise ProtegeError(f"{directory} has class folders missing from train/: {', '.join(extra)}")
 
-    cls = globals().get("_FixedClassFolder") or __getattr__("_FixedClassFolder")
-    return cls(str(directory), class_to_idx)
+    return _FixedClassFolder(str(directory), class_to_idx)
 
 
 def _load_imagefolder(
@@ -680,7 +665,6 @@ def _load_imagefolder(
     download: bool,
     options: dict[str, Any],
 ) -> DataSplits:
-    from torchvision.datasets import ImageFolder
 
     assert root is not None
 
