@@ -665,7 +665,6 @@ def _load_imagefolder(
     download: bool,
     options: dict[str, Any],
 ) -> DataSplits:
-
     assert root is not None
 
     train_dir = root / "train"
