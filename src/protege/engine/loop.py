@@ -204,8 +204,8 @@ def fit(
     and returns the summary. ``resume=True`` continues from the last checkpoint exactly (same data
     order, RNG, optimizer and schedule state). ``stop_after_epochs`` ends this call early after that
     many epochs (the schedule still spans ``cfg.epochs``): for preemptible jobs, resume later.
-    A non-finite loss stops training and keeps the last
-    good checkpoint; the summary's ``status`` says where it happened.
+    A non-finite loss stops training, restores the last good weights and keeps their checkpoint;
+    the summary's ``status`` says where it happened.
     """
     cfg = cfg or TrainConfig()
     run_dir = Path(run_dir)
