@@ -122,6 +122,9 @@ def test_cli_train_distill_evaluate_on_digits(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["metrics"]["acc"] == pytest.approx(summary["test"]["best"]["acc"])
+    # the teacher is evaluated frozen here too: fidelity matches the run's own test evaluation
+    for key in ("teacher_acc", "agreement", "kl"):
+        assert ev["metrics"][key] == pytest.approx(summary["test"]["best"][key], abs=1e-6), key
     assert 0.0 <= ev["metrics"]["agreement"] <= 1.0 and ev["metrics"]["kl"] >= 0.0
 
     # the same run again without --resume/--overwrite is refused and nothing is lost

@@ -17,6 +17,7 @@ from protege.engine.checkpoint import checkpoint_dir, read_pointers
 from protege.engine.loop import lr_factor
 from protege.engine.options import ScheduleConfig, TrainConfig
 from protege.errors import ProtegeError
+from protege.tasks import ClassificationTask
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,20 @@ def test_without_validation_best_is_the_last_epoch(tmp_path, digits):
     summary = pg.fit(d, _loaders(digits)[0], None, _cfg(epochs=2), tmp_path / "run")
     assert summary["best"]["epoch"] == summary["final"]["epoch"] == 1
     assert read_pointers(tmp_path / "run" / "checkpoints") == {"last": "epoch_0001", "best": "epoch_0001"}
+
+
+def test_evaluate_runs_teachers_frozen(digits):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    teacher[2].running_mean.fill_(0.5)  # running statistics that differ from any batch's
+    teacher[2].running_var.fill_(4.0)
+    teacher.train()  # as build_model returns it
+    before = teacher[2].running_mean.clone()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    loader = pg.make_loader(digits.val, 64, shuffle=False)
+    metrics = pg.evaluate(student, loader, ClassificationTask(), [teacher])
+    with torch.no_grad():
+        xs, ys = zip(*[(x, y) for x, y in loader])
+        frozen = teacher.eval()(torch.cat(xs))
+    assert metrics["teacher_acc"] == pytest.approx((frozen.argmax(-1) == torch.cat(ys)).float().mean().item())
+    assert torch.equal(teacher[2].running_mean, before)

@@ -80,20 +80,7 @@ def build_distiller(cfg: RunConfig, data: DataSplits, mode: Mode = "distill") ->
             console.print(
                 f"[yellow]warning: teacher {spec.model!r} has no weights: it is randomly initialised"
             )
-    terms = [
-        Term(
-            t.loss,
-            t.weight,
-            student=t.student,
-            teacher=t.teacher,
-            name=t.name,
-            warmup=t.warmup,
-            teacher_index=t.teacher_index,
-            adapter=t.adapter,
-            **t.params,
-        )
-        for t in cfg.terms
-    ]
+    terms = [Term(**t.model_dump()) for t in cfg.terms]  # extra keys are the loss's params
     if mode == "train":
         terms = [t for t in terms if not t.uses_teacher] or [Term("ce")]
     elif not any(t.uses_teacher for t in terms):

@@ -139,6 +139,8 @@ def evaluate(
     """
     was_training = student.training
     student.eval()
+    for t in teachers:  # a teacher is only ever run frozen (BN running statistics, no dropout)
+        t.eval()
     weights = list(teacher_weights or [1.0] * len(teachers))
     evaluator = task.evaluator(with_teacher=bool(teachers))
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
