@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from protege.analysis.cost import count_flops, count_params, measure_latency
+from protege.analysis.cost import count_flops, count_params, measure_latency, model_costs
 from protege.analysis.fidelity import accuracy, agreement, classification_report, ece, nll, predictive_kl
 
 
@@ -60,3 +60,15 @@ def test_cost():
     assert lat["ms"] > 0 and lat["runs"] == 5 and lat["batch"] == 1
     shared = nn.Linear(3, 3)
     assert count_params(nn.Sequential(shared, shared)) == 12  # tied weights counted once
+
+
+def test_side_by_side_costs_name_speedup_against_teacher():
+    big = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
+    small = nn.Linear(64, 4)
+    costs = model_costs({"teacher": big, "student": small}, torch.randn(3, 64))
+    assert costs["student"]["compression"] == pytest.approx(count_params(big) / count_params(small))
+    assert costs["student"]["speedup"] == pytest.approx(
+        costs["teacher"]["latency"]["ms"] / costs["student"]["latency"]["ms"]
+    )
+    assert costs["student"]["latency"]["batch"] == 1 and "speedup" not in costs["teacher"]
+    assert costs["student"]["latency"]["runs"] == costs["teacher"]["latency"]["runs"]  # interleaved rounds

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import nn
 
-from .analysis.cost import model_cost
+from .analysis.cost import model_costs
 from .config import ModelConfig, RunConfig, dump_config, load_config
 from .core.distiller import Distiller, Term
 from .data import DataSplits, load_data
@@ -179,10 +179,8 @@ def evaluate_run(
         "checkpoint": which,
         "metrics": evaluate(student, loader, task, teachers, [s.weight for s in cfg.all_teachers()]),
     }
-    example = task.split(next(iter(loader)))[0]
-    result["student"] = model_cost(student, example, latency=latency)
-    if teachers:
-        result["teacher"] = model_cost(teachers[0], example, latency=latency)
-        if latency:
-            result["speedup"] = result["teacher"]["latency"]["ms"] / result["student"]["latency"]["ms"]
+    models = {"student": student, **({"teacher": teachers[0]} if teachers else {})}
+    result.update(model_costs(models, task.split(next(iter(loader)))[0], latency=latency))
+    if "speedup" in result["student"]:
+        result["speedup"] = result["student"]["speedup"]
     return result

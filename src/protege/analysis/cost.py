@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,50 +41,90 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops() // max(len(example), 1))
 
 
-def measure_latency(
-    model: nn.Module, example: torch.Tensor, warmup: int = 10, iters: int = 50, max_seconds: float = 10.0
-) -> dict[str, Any]:
-    """Median forward latency in milliseconds on ``example`` after ``warmup`` untimed runs.
+def measure_latencies(
+    models: Mapping[str, nn.Module],
+    example: torch.Tensor,
+    warmup: int = 10,
+    iters: int = 50,
+    max_seconds: float = 10.0,
+) -> dict[str, dict[str, Any]]:
+    """Median forward latency (ms) of several models on ``example``, measured side by side.
 
-    Runs in ``eval()`` under ``inference_mode``; stops early after ``max_seconds`` of timed runs.
-    Returns ``{"ms": median, "ms_p90": …, "batch": n, "device": …, "threads": …, "runs": …}``.
+    Each round times one forward of every model in turn, so load on a shared machine hits all
+    models alike and their ratio (a speed-up) is fair. Runs in ``eval()`` under
+    ``inference_mode`` after ``warmup`` untimed rounds; stops early after ``max_seconds`` of timed
+    rounds. Returns, per model, ``{"ms": median, "ms_p90": …, "batch": n, "device": …,
+    "threads": …, "runs": …}``.
     """
-    was_training = model.training
-    model.eval()
-    device = _model_device(model)
-    x = example.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
+    modes = {name: m.training for name, m in models.items()}
+    devices = {name: _model_device(m) for name, m in models.items()}
+    inputs = {name: example.to(d) for name, d in devices.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+
+    def run(name: str) -> float:
+        t0 = time.perf_counter()
+        models[name](inputs[name])
+        if devices[name].type == "cuda":
+            torch.cuda.synchronize(devices[name])
+        return time.perf_counter() - t0
+
     try:
+        for m in models.values():
+            m.eval()
         with torch.inference_mode():
             for _ in range(warmup):
-                model(x)
-            sync()
+                for name in models:
+                    run(name)
             start = time.perf_counter()
             for _ in range(iters):
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                times.append(time.perf_counter() - t0)
+                for name in models:
+                    times[name].append(run(name))
                 if time.perf_counter() - start > max_seconds:
                     break
     finally:
-        model.train(was_training)
-    times.sort()
-    return {
-        "ms": 1000 * statistics.median(times),
-        "ms_p90": 1000 * times[min(len(times) - 1, int(0.9 * len(times)))],
-        "batch": len(x),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "runs": len(times),
-    }
+        for name, m in models.items():
+            m.train(modes[name])
+    result = {}
+    for name, ts in times.items():
+        ts.sort()
+        result[name] = {
+            "ms": 1000 * statistics.median(ts),
+            "ms_p90": 1000 * ts[min(len(ts) - 1, int(0.9 * len(ts)))],
+            "batch": len(example),
+            "device": str(devices[name]),
+            "threads": torch.get_num_threads(),
+            "runs": len(ts),
+        }
+    return result
 
 
-def model_cost(model: nn.Module, example: torch.Tensor, latency: bool = True) -> dict[str, Any]:
-    """Params, FLOPs per sample and (optionally) batch-1 latency of ``model`` on ``example``'s shape."""
+def measure_latency(
+    model: nn.Module, example: torch.Tensor, warmup: int = 10, iters: int = 50, max_seconds: float = 10.0
+) -> dict[str, Any]:
+    """Median forward latency (ms) of one model; see :func:`measure_latencies`."""
+    return measure_latencies({"model": model}, example, warmup, iters, max_seconds)["model"]
+
+
+def model_costs(
+    models: Mapping[str, nn.Module], example: torch.Tensor, latency: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Params, FLOPs per sample and (optionally) batch-1 latency, measured side by side, per model.
+
+    With a ``"teacher"`` among ``models``, every other entry also gets ``"speedup"`` (teacher
+    latency / its latency) and ``"compression"`` (teacher params / its params).
+    """
     one = example[:1]
-    cost: dict[str, Any] = {"params": count_params(model), "flops": count_flops(model, one)}
+    costs: dict[str, dict[str, Any]] = {
+        name: {"params": count_params(m), "flops": count_flops(m, one)} for name, m in models.items()
+    }
     if latency:
-        cost["latency"] = measure_latency(model, one)
-    return cost
+        for name, lat in measure_latencies(models, one).items():
+            costs[name]["latency"] = lat
+    teacher = costs.get("teacher")
+    if teacher is not None:
+        for name, cost in costs.items():
+            if name != "teacher":
+                cost["compression"] = teacher["params"] / cost["params"]
+                if latency:
+                    cost["speedup"] = teacher["latency"]["ms"] / cost["latency"]["ms"]
+    return costs

@@ -34,7 +34,7 @@ from rich.progress import (
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..analysis.cost import model_cost
+from ..analysis.cost import model_costs
 from ..core.distiller import Distiller
 from ..errors import ProtegeError
 from ..tasks import Outputs, Task
@@ -382,12 +382,11 @@ def fit(
         "checkpoints": read_pointers(ckpt_root),
     }
     if main and cfg.measure_cost:
-        example = _example_input(train, task)
-        summary["student"] = model_cost(distiller.student, example)
-        if teachers:
-            summary["teacher"] = model_cost(teachers[0], example)
-            summary["speedup"] = summary["teacher"]["latency"]["ms"] / summary["student"]["latency"]["ms"]
-            summary["compression"] = summary["teacher"]["params"] / summary["student"]["params"]
+        models = {"student": distiller.student, **({"teacher": teachers[0]} if teachers else {})}
+        summary.update(model_costs(models, _example_input(train, task)))
+        for key in ("speedup", "compression"):
+            if key in summary["student"]:
+                summary[key] = summary["student"][key]
     if main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     if cfg.trackers:
