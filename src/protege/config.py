@@ -69,8 +69,8 @@ class TermConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
     loss: str
     weight: float = 1.0
-    student: str = "logits"
-    teacher: str = "logits"
+    student: str | list[str] = Field("logits", description="logits, a tap path, or a list of taps")
+    teacher: str | list[str] = Field("logits", description="logits, a tap path, or a list of taps")
     name: str | None = None
     warmup: float = Field(0.0, ge=0)
     teacher_index: int | None = None

@@ -18,7 +18,7 @@ from torch import nn
 from .analysis.cost import model_costs
 from .config import ModelConfig, RunConfig, dump_config, load_config
 from .core.distiller import Distiller, Term
-from .data import DataSplits, load_data
+from .data import DataSplits, WithIndex, load_data
 from .engine import checkpoint_dir, evaluate, fit, make_loader
 from .engine.checkpoint import atomic_write_text, check_run_dir, read_pointers
 from .engine.loop import console
@@ -108,8 +108,11 @@ def run(
     check_run_dir(run_dir, resume, overwrite)  # before anything is written over
     data = load_run_data(cfg)
     distiller = build_distiller(cfg, data, mode)
+    train_set = data.train
+    if any(t.info.uses_index for t in distiller.terms):  # per-sample memory (CRD) reads indices
+        train_set = WithIndex.wrap(train_set)
     train_loader = make_loader(
-        data.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.data.num_workers
+        train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.data.num_workers
     )
     val_loader = make_loader(
         data.val, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers
@@ -136,10 +139,12 @@ def test_checkpoints(distiller: Distiller, data: DataSplits, cfg: RunConfig) -> 
     results = {}
     cache: list[torch.Tensor] = []
     for which in ("last", "best"):
-        state = load_file(checkpoint_dir(cfg.run_dir, which) / "model.safetensors", device=str(device))
-        distiller.student.load_state_dict(state)
+        where = checkpoint_dir(cfg.run_dir, which)
+        distiller.student.load_state_dict(load_file(where / "model.safetensors", device=str(device)))
+        if (where / "distiller.safetensors").is_file():  # trained extras (e.g. SimKD's projector)
+            distiller.load_state_dict(load_file(where / "distiller.safetensors", device=str(device)), strict=False)
         results[which] = evaluate(
-            distiller.student,
+            distiller.inference_model(),
             loader,
             distiller.task,
             teachers,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ProtegeError, closest
-from ..losses import get_loss
+from ..losses import BuildContext, get_loss
 from ..tasks import ClassificationTask, Outputs, Task
 from .adapters import KINDS as ADAPTER_KINDS
 from .adapters import build_adapter
@@ -35,8 +35,10 @@ class Term(nn.Module):
     Args:
         loss: registry name of the loss (see ``protege methods``).
         weight: multiplier of the loss in the total.
-        student: which student output the loss reads: ``"logits"`` or a tap path.
-        teacher: which teacher output it reads (ignored by losses that use no teacher).
+        student: which student output the loss reads: ``"logits"`` or a tap path; a list of
+            them hands the loss a list of tensors (multi-layer losses: ReviewKD, FSP).
+        teacher: which teacher output it reads (ignored by losses that use no teacher); a list
+            like ``student``.
         name: key of the term in the losses dict; default ``loss`` or ``loss:student_key``.
         warmup: epochs over which the weight ramps linearly from 0 to ``weight``
             (DKD's warm-up, usable by any term).
@@ -55,8 +57,8 @@ class Term(nn.Module):
         self,
         loss: str,
         weight: float = 1.0,
-        student: str = "logits",
-        teacher: str = "logits",
+        student: str | Sequence[str] = "logits",
+        teacher: str | Sequence[str] = "logits",
         name: str | None = None,
         warmup: float = 0.0,
         teacher_index: int | None = None,
@@ -67,15 +69,21 @@ class Term(nn.Module):
         self.info = get_loss(loss)
         self.loss = loss
         self.weight = float(weight)
-        self.student_key = student
-        self.teacher_key = teacher
-        self.name = name or (loss if student in LOGIT_KEYS else f"{loss}:{student}")
+        self.student_key = student if isinstance(student, str) else list(student)
+        self.teacher_key = teacher if isinstance(teacher, str) else list(teacher)
+        shown = student if isinstance(student, str) else ",".join(student)
+        self.name = name or (loss if shown in LOGIT_KEYS else f"{loss}:{shown}")
         if warmup < 0:
             raise ProtegeError(f"term {self.name!r}: warmup must be ≥ 0 epochs, got {warmup}")
         self.warmup = float(warmup)
         self.teacher_index = teacher_index
         self.adapter_kind = adapter if isinstance(adapter, str) else None
         self.adapter = adapter if isinstance(adapter, nn.Module) else None
+        if (self.adapter_kind or self.adapter is not None) and not isinstance(self.student_key, str):
+            raise ProtegeError(
+                f"term {self.name!r} reads several taps: adapters apply to one tensor; the loss "
+                "builds its own per-layer modules where its paper has them"
+            )
         if self.adapter_kind is not None and self.adapter_kind not in ADAPTER_KINDS:
             raise ProtegeError(
                 f"term {self.name!r}: unknown adapter {adapter!r}; choose one of: {', '.join(ADAPTER_KINDS)}"
@@ -102,9 +110,37 @@ class Term(nn.Module):
         return self.info.uses_teacher
 
     @property
+    def taps(self) -> tuple[list[str], list[str]]:
+        """The student and teacher tap paths this term reads (logits excluded)."""
+        s = [self.student_key] if isinstance(self.student_key, str) else self.student_key
+        t = [self.teacher_key] if isinstance(self.teacher_key, str) else self.teacher_key
+        return [k for k in s if k not in LOGIT_KEYS], (
+            [k for k in t if k not in LOGIT_KEYS] if self.uses_teacher else []
+        )
+
+    @property
     def pending_adapter(self) -> bool:
         """True until an adapter named by kind has been built from real tensor shapes."""
         return self.adapter_kind is not None and self.adapter is None
+
+    @property
+    def pending_state(self) -> bool:
+        """True until a state module sized by the tensors (see the registry) has been built."""
+        return bool(getattr(self.state, "pending", False))
+
+    @property
+    def pending(self) -> bool:
+        return self.pending_adapter or self.pending_state
+
+    def build_state(self, student: Any, teacher: Any, context: BuildContext) -> None:
+        """Let the state module size itself from one batch's tensors (see the registry)."""
+        assert self.state is not None
+        try:
+            self.state.build(student, teacher, context)
+        except ValueError as e:
+            raise ProtegeError(f"term {self.name!r}: {e}") from e
+        device = (student[0] if isinstance(student, list) else student).device
+        self.state.to(device)
 
     def build_adapter(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Build the named adapter for these student/teacher tensors, on the student's device."""
@@ -125,13 +161,15 @@ class Term(nn.Module):
         target: torch.Tensor | None,
         teacher_weights: Sequence[float],
         progress: float = 0.0,
+        meta: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         try:
             s = _read(student, self.student_key, "student", self.name)
-            if self.pending_adapter:
+            if self.pending:
                 raise ProtegeError(
-                    f"term {self.name!r} builds its adapter from the tensor shapes: call "
-                    "distiller.prepare(example_batch) before creating the optimizer (protege.fit does this)"
+                    f"term {self.name!r} builds its {'adapter' if self.pending_adapter else 'state'} "
+                    "from the tensor shapes: call distiller.prepare(example_batch) before creating the "
+                    "optimizer (protege.fit does this)"
                 )
             if self.adapter is not None:
                 s = self.adapter(s)
@@ -142,6 +180,14 @@ class Term(nn.Module):
                 if target is None:
                     raise ProtegeError(f"term {self.name!r} needs labels, but the batch carries none")
                 kwargs["target"] = target
+            if self.info.uses_index:
+                index = (meta or {}).get("index")
+                if index is None:
+                    raise ProtegeError(
+                        f"term {self.name!r} keeps per-sample memory and needs each sample's dataset "
+                        "index: wrap the training set in protege.data.WithIndex (protege.run does this)"
+                    )
+                kwargs["index"] = index
             if not self.info.uses_teacher:
                 return self.factor(progress) * self.info.fn(s, **kwargs)
             if not teachers:
@@ -166,7 +212,9 @@ class Term(nn.Module):
         return f"{self.name!r}, weight={self.weight}" + (f", {params}" if params else "")
 
 
-def _read(outputs: Outputs, key: str, who: str, term: str) -> torch.Tensor:
+def _read(outputs: Outputs, key: str | list[str], who: str, term: str) -> Any:
+    if not isinstance(key, str):
+        return [_read(outputs, k, who, term) for k in key]
     try:
         return outputs[key]
     except KeyError:
@@ -189,6 +237,9 @@ class Distiller(nn.Module):
         teacher_weights: one non-negative weight per teacher (default: equal).
         task: how batches are read and models run (default: classification).
         example: a batch to build shape-dependent adapters from right away (see :meth:`prepare`).
+        cached_teachers: with no teacher models, the number of teachers whose outputs every
+            training batch carries (``meta["teacher_outputs"]``, read from a teacher-output cache
+            by :class:`protege.engine.cache.CachedTeacherDataset`); the teachers are never loaded.
     """
 
     def __init__(
@@ -199,6 +250,7 @@ class Distiller(nn.Module):
         teacher_weights: Sequence[float] | None = None,
         task: Task | None = None,
         example: Any = None,
+        cached_teachers: int = 0,
     ) -> None:
         super().__init__()
         self.student = student
@@ -212,24 +264,26 @@ class Distiller(nn.Module):
             t.eval()
             t.requires_grad_(False)
         object.__setattr__(self, "_teachers", teachers)
+        if cached_teachers and teachers:
+            raise ProtegeError("give either teacher models or cached_teachers (outputs in the batch), not both")
+        self.cached_teachers = int(cached_teachers)
+        n_teachers = len(teachers) or self.cached_teachers
         if teacher_weights is None:
-            teacher_weights = [1.0] * len(teachers)
-        if len(teacher_weights) != len(teachers) or any(w < 0 for w in teacher_weights):
+            teacher_weights = [1.0] * n_teachers
+        if len(teacher_weights) != n_teachers or any(w < 0 for w in teacher_weights):
             raise ProtegeError(
-                f"teacher_weights needs one non-negative weight per teacher ({len(teachers)}), got {list(teacher_weights)}"
+                f"teacher_weights needs one non-negative weight per teacher ({n_teachers}), got {list(teacher_weights)}"
             )
         self.teacher_weights = [float(w) for w in teacher_weights]
-        if teachers and sum(self.teacher_weights) <= 0:
+        if n_teachers and sum(self.teacher_weights) <= 0:
             raise ProtegeError("teacher_weights sum to zero")
         needs_teacher = any(t.uses_teacher for t in self.terms)
-        if needs_teacher and not teachers:
+        if needs_teacher and not n_teachers:
             bad = next(t.name for t in self.terms if t.uses_teacher)
             raise ProtegeError(f"term {bad!r} distills from a teacher, but no teacher was given")
         self._needs_teacher = needs_teacher
-        student_taps = [t.student_key for t in self.terms if t.student_key not in LOGIT_KEYS]
-        teacher_taps = [
-            t.teacher_key for t in self.terms if t.uses_teacher and t.teacher_key not in LOGIT_KEYS
-        ]
+        student_taps = [k for t in self.terms for k in t.taps[0]]
+        teacher_taps = [k for t in self.terms for k in t.taps[1]]
         object.__setattr__(self, "_student_taps", Taps(student, student_taps))
         object.__setattr__(self, "_teacher_taps", [Taps(t, teacher_taps) for t in teachers.values()])
         self.progress = 0.0
@@ -259,8 +313,23 @@ class Distiller(nn.Module):
         """Tell schedule-dependent terms (warm-up, curricula) how far training is, in epochs."""
         self.progress = float(epoch)
 
-    def teacher_outputs(self, inputs: Any) -> list[Outputs]:
-        """Run every teacher (eval, no grad) and collect its logits and taps."""
+    def teacher_outputs(self, inputs: Any, meta: Mapping[str, Any] | None = None) -> list[Outputs]:
+        """Run every teacher (eval, no grad) and collect its logits and taps.
+
+        With ``cached_teachers``, the outputs are read from ``meta["teacher_outputs"]`` instead.
+        """
+        if self.cached_teachers:
+            cached = (meta or {}).get("teacher_outputs")
+            if cached is None:
+                raise ProtegeError(
+                    "this distiller reads its teachers' outputs from a cache, but the batch carries "
+                    "none: load the training set with protege.engine.cache.CachedTeacherDataset"
+                )
+            if len(cached) != self.cached_teachers:
+                raise ProtegeError(
+                    f"the batch carries outputs of {len(cached)} teacher(s), expected {self.cached_teachers}"
+                )
+            return [dict(o) for o in cached]
         outs = []
         with torch.no_grad():
             for teacher, taps in zip(self._teachers.values(), self._teacher_taps):
@@ -271,20 +340,22 @@ class Distiller(nn.Module):
 
     @property
     def needs_prepare(self) -> bool:
-        """Whether some term still has to build its adapter from a first batch."""
-        return any(t.pending_adapter for t in self.terms)
+        """Whether some term still has to build its adapter or state from a first batch."""
+        return any(t.pending for t in self.terms)
 
     @torch.no_grad()
-    def prepare(self, batch: Any) -> None:
-        """Build the adapters named by kind from one batch's tensor shapes (no training happens).
+    def prepare(self, batch: Any, num_samples: int | None = None) -> None:
+        """Build the adapters named by kind, and the state modules sized by the tensors, from one
+        batch's tensor shapes (no training happens).
 
         Call it before creating the optimizer, so the new parameters are optimized too.
+        ``num_samples`` is the training set's size (CRD's memory bank needs it).
         The student runs in ``eval()`` here, so its BatchNorm statistics are untouched.
         """
         if not self.needs_prepare:
             return
         inputs, _ = self.task.split(batch)
-        teacher_outs = self.teacher_outputs(inputs)
+        teacher_outs = self.teacher_outputs(inputs, self.task.meta(batch))
         was_training = self.student.training
         self.student.eval()
         try:
@@ -292,30 +363,50 @@ class Distiller(nn.Module):
             student_out.update(self._student_taps.pop())
         finally:
             self.student.train(was_training)
+        context = BuildContext(num_samples=num_samples, teachers=list(self._teachers.values()))
         for term in self.terms:
-            if term.pending_adapter:
-                s = _read(student_out, term.student_key, "student", term.name)
+            if not term.pending:
+                continue
+            s = _read(student_out, term.student_key, "student", term.name)
+            t = None
+            if term.uses_teacher:
                 index = term.teacher_index or 0
-                term.build_adapter(
-                    s, _read(teacher_outs[index], term.teacher_key, f"teacher {index}", term.name)
-                )
+                t = _read(teacher_outs[index], term.teacher_key, f"teacher {index}", term.name)
+            if term.pending_adapter:
+                term.build_adapter(s, t)
+                s = term.adapter(s)
+            if term.pending_state:
+                term.build_state(s, t, context)
 
     def forward(self, batch: Any) -> tuple[Outputs, dict[str, torch.Tensor]]:
         inputs, target = self.task.split(batch)
+        meta = self.task.meta(batch)
         # Teachers first: their activations are freed before the student's, which must live until
         # backward, are allocated. The other order measured ~8% slower per step on CPU.
-        teacher_outs = self.teacher_outputs(inputs) if self._needs_teacher else []
+        teacher_outs = self.teacher_outputs(inputs, meta) if self._needs_teacher else []
         student_out = self.task.forward(self.student, inputs)
         student_out.update(self._student_taps.pop())
         losses = {
-            term.name: term(student_out, teacher_outs, target, self.teacher_weights, self.progress)
+            term.name: term(student_out, teacher_outs, target, self.teacher_weights, self.progress, meta)
             for term in self.terms
         }
         return student_out, losses
 
+    def inference_model(self) -> nn.Module:
+        """The model that makes the student's predictions: the student itself, unless a term's
+        state changes that (SimKD classifies the student's projected features with the teacher's
+        head). Evaluation and :meth:`export` use it."""
+        model = self.student
+        for term in self.terms:
+            wrap = getattr(term.state, "inference", None)
+            if wrap is not None:
+                model = wrap(model)
+        return model
+
     def export(self) -> nn.Module:
-        """The plain student, without hooks, adapters or teachers: what to save and ship."""
-        return self.student
+        """The plain student (or the :meth:`inference_model`), without hooks, adapters used only
+        for training, or teachers: what to save and ship."""
+        return self.inference_model()
 
     def close(self) -> None:
         """Remove the forward hooks placed on student and teachers."""

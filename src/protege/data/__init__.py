@@ -25,11 +25,13 @@ from .sources import (
     stratified_split,
 )
 from .transforms import auto_recipe, build_transforms, default_stats, list_recipes
+from .wrappers import WithIndex
 
 __all__ = [
     "DataSplits",
     "TensorImageDataset",
     "TransformSubset",
+    "WithIndex",
     "auto_recipe",
     "build_transforms",
     "default_stats",

@@ -221,7 +221,9 @@ def fit(
     accelerator = _make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     if distiller.needs_prepare:  # shape-dependent adapters must exist before the optimizer does
-        distiller.to(accelerator.device).prepare(_first_batch(train, accelerator.device))
+        distiller.to(accelerator.device).prepare(
+            _first_batch(train, accelerator.device), num_samples=_num_samples(train)
+        )
     optimizer = build_optimizer(list(distiller.parameters()), cfg)
     model, optimizer, train_loader = accelerator.prepare(distiller, optimizer, train)
     val_loader = accelerator.prepare(val) if val is not None else None
@@ -308,6 +310,8 @@ def fit(
                 if read_pointers(ckpt_root):  # hand back the last good weights, not the diverged ones
                     good = load_checkpoint(checkpoint_dir(run_dir, "last"))
                     distiller.student.load_state_dict(good["student"])
+                    if good["extra"]:
+                        distiller.load_state_dict(good["extra"], strict=False)
                 epoch -= 1
                 break
 
@@ -318,7 +322,7 @@ def fit(
             last_epoch = epoch + 1 == cfg.epochs
             if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
                 metrics = evaluate(
-                    distiller.student,
+                    distiller.inference_model(),
                     val_loader,
                     task,
                     teachers,
@@ -382,7 +386,7 @@ def fit(
         "checkpoints": read_pointers(ckpt_root),
     }
     if main and cfg.measure_cost:
-        models = {"student": distiller.student, **({"teacher": teachers[0]} if teachers else {})}
+        models = {"student": distiller.inference_model(), **({"teacher": teachers[0]} if teachers else {})}
         summary.update(model_costs(models, _example_input(train, task)))
         for key in ("speedup", "compression"):
             if key in summary["student"]:
@@ -392,6 +396,13 @@ def fit(
     if cfg.trackers:
         accelerator.end_training()
     return summary
+
+
+def _num_samples(loader: DataLoader) -> int | None:
+    try:
+        return len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:  # an iterable dataset
+        return None
 
 
 def _first_batch(loader: DataLoader, device: torch.device) -> Any:

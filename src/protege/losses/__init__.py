@@ -1,5 +1,5 @@
-"""Distillation losses: pure functions reachable by name through one registry."""
+"""Distillation losses: pure functions plus a registry (see :mod:`protege.losses.registry`)."""
 
-from .registry import LossInfo, get_loss, list_losses, register_loss
+from .registry import BuildContext, LossInfo, get_loss, list_losses, register_loss
 
-__all__ = ["LossInfo", "get_loss", "list_losses", "register_loss"]
+__all__ = ["BuildContext", "LossInfo", "get_loss", "list_losses", "register_loss"]

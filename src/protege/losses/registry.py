@@ -9,12 +9,26 @@ A loss is a pure function. Its positional arguments follow one convention, read 
 - ``teacher``: present when ``uses_teacher``; a tensor, or for ``multi_teacher`` losses a list of
   tensors followed by a ``weights`` keyword (one float per teacher, summing to 1).
 - ``target``: keyword, present when ``uses_target`` (class labels for classification).
+- ``index``: keyword, present when ``uses_index``: the dataset indices of the batch's samples
+  (a ``LongTensor`` of shape (N,)), for losses that keep per-sample memory (CRD's bank). The
+  batch carries them as ``meta["index"]`` (see :class:`protege.data.WithIndex`).
 - ``params``: keyword hyper-parameters with defaults (``T``, ``alpha`` ...).
 
 Losses that carry trainable state (a learnable temperature, a memory bank) name a ``state``
 module class: the term builds one instance, trains it with the student, and calls
 ``state(progress)`` before each loss to get extra keyword arguments for ``fn``. ``progress`` is the
 training position in epochs (a float).
+
+A state module whose shape depends on the tensors it will see (a memory bank sized by the
+dataset, an embedding head sized by the features) sets ``pending = True`` until
+``build(student, teacher, context)`` has run; :meth:`protege.Distiller.prepare` calls it with one
+batch's tensors (lists of tensors when the term reads several taps) and a
+:class:`~protege.losses.registry.BuildContext` (number of training samples, the teacher models).
+A state module that changes what the trained student *is* (SimKD classifies with the teacher's
+head) defines ``inference(student) -> nn.Module``, used for evaluation and export.
+
+A term may read several taps (``student=["layer1", "layer2"]``): the loss then receives a list of
+tensors in that order (``reads="feature-list"`` losses such as ReviewKD and FSP).
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ class LossInfo:
     reads: str = "logits"
     uses_teacher: bool = True
     uses_target: bool = False
+    uses_index: bool = False
     multi_teacher: bool = False
     state: type[nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +66,16 @@ class LossInfo:
         return doc.splitlines()[0] if doc else ""
 
 
+@dataclass
+class BuildContext:
+    """What a lazily built state module may need besides the tensors' shapes."""
+
+    #: number of samples in the training set (sizes per-sample memory such as CRD's bank)
+    num_samples: int | None = None
+    #: the frozen teacher models, in order (SimKD borrows a teacher's classifier head)
+    teachers: list[nn.Module] = field(default_factory=list)
+
+
 _LOSSES: dict[str, LossInfo] = {}
 
 
@@ -61,6 +86,7 @@ def register_loss(
     reads: str = "logits",
     uses_teacher: bool = True,
     uses_target: bool = False,
+    uses_index: bool = False,
     multi_teacher: bool = False,
     state: type[nn.Module] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -77,7 +103,7 @@ def register_loss(
         params = {
             p.name: p.default
             for p in sig.parameters.values()
-            if p.default is not inspect.Parameter.empty and p.name not in ("target", "weights")
+            if p.default is not inspect.Parameter.empty and p.name not in ("target", "weights", "index")
         }
         state_params = (
             {
@@ -95,6 +121,7 @@ def register_loss(
             reads=reads,
             uses_teacher=uses_teacher,
             uses_target=uses_target,
+            uses_index=uses_index,
             multi_teacher=multi_teacher,
             state=state,
             params=params,

@@ -27,6 +27,13 @@ class Task:
     def forward(self, model: nn.Module, inputs: Any) -> Outputs:
         raise NotImplementedError
 
+    def meta(self, batch: Any) -> dict[str, Any]:
+        """What the batch carries besides inputs and target: ``"index"`` (dataset indices of its
+        samples, for losses with per-sample memory) and ``"teacher_outputs"`` (a list with one
+        :data:`Outputs` dict per teacher, read from a teacher-output cache instead of running the
+        teachers). Empty by default."""
+        return {}
+
     def batch_size(self, inputs: Any) -> int:
         return len(inputs)
 

@@ -1,4 +1,8 @@
-"""Image (or any tensor) classification: a batch is ``(inputs, labels)`` or a dict with them."""
+"""Image (or any tensor) classification: a batch is ``(inputs, labels)`` or a dict with them.
+
+A third item ``(inputs, labels, meta)`` (or a ``"meta"`` key) is a dict of extras such as sample
+indices or cached teacher outputs (see :meth:`protege.tasks.Task.meta`).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class ClassificationTask(Task):
         if isinstance(batch, dict):
             return batch[self.input_key], batch.get(self.target_key)
         if isinstance(batch, (tuple, list)):
-            if len(batch) == 2:
+            if len(batch) == 2 or (len(batch) == 3 and isinstance(batch[2], dict)):
                 return batch[0], batch[1]
             if len(batch) == 1:
                 return batch[0], None
@@ -36,6 +40,13 @@ class ClassificationTask(Task):
             f"a classification batch is (inputs, labels), (inputs,) or a dict with {self.input_key!r}"
             f" and {self.target_key!r}; got {type(batch).__name__}"
         )
+
+    def meta(self, batch: Any) -> dict[str, Any]:
+        if isinstance(batch, dict):
+            return batch.get("meta") or {}
+        if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], dict):
+            return batch[2]
+        return {}
 
     def forward(self, model: nn.Module, inputs: Any) -> Outputs:
         logits = model(inputs)
