@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from protege.config import load_config
+from protege.core.distiller import Term
 from protege.errors import ProtegeError
 
 MLP8 = {"kwargs": {"input_size": 8}}
@@ -147,4 +148,9 @@ def test_example_configs_validate():
     assert len(configs) >= 5
     for path in configs:
         cfg = load_config(path)
-        assert cfg.student.model and cfg.terms, path.name
+        assert all(s.model for s in cfg.all_students().values()) and cfg.terms, path.name
+        # every term (of every stage) names a registered loss with valid parameters
+        stages = [cfg.stage_config(i) for i in range(len(cfg.stages))] or [cfg]
+        for stage in stages:
+            for t in stage.terms:
+                Term(**t.model_dump())

@@ -11,6 +11,7 @@ or, with the engine: ``pg.fit(distiller, train_loader, val_loader, pg.TrainConfi
 
 from .analysis.cost import count_flops, count_params, measure_latency
 from .config import RunConfig, load_config
+from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
 from .core.taps import Taps
 from .data import DataSplits, load_data
@@ -19,12 +20,43 @@ from .errors import ProtegeError
 from .losses import get_loss, list_losses, register_loss
 from .models import build_model, list_models
 from .pipeline import evaluate_run, run
-from .terms import at, ce, ctkd, dist, dkd, fitnet, kd, multi_kd, term
+from .terms import (
+    ab,
+    at,
+    ce,
+    crd,
+    ctkd,
+    dist,
+    dkd,
+    fitnet,
+    fsp,
+    ft,
+    kd,
+    multi_kd,
+    pkt,
+    reviewkd,
+    rkd,
+    simkd,
+    sp,
+    term,
+    vid,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cohort",
+    "ab",
     "at",
+    "crd",
+    "fsp",
+    "ft",
+    "pkt",
+    "reviewkd",
+    "rkd",
+    "simkd",
+    "sp",
+    "vid",
     "fitnet",
     "DataSplits",
     "Distiller",

@@ -59,6 +59,37 @@ def distill(
 
 
 @app.command()
+def cache(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    views: Annotated[
+        int | None, typer.Option("--views", help="augmented views stored per training sample")
+    ] = None,
+    top_k: Annotated[
+        str | None, typer.Option("--top-k", help="teacher classes stored per view, or 'all'")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="cache directory (default: the config's cache.path)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing cache")] = False,
+) -> None:
+    """Run the teacher(s) once and store their outputs for offline distillation (cache: in the config)."""
+    from .config import load_config
+    from .engine.cache import build_cache
+
+    cfg = load_config(config, overrides or [])
+    index = build_cache(cfg, out=out_dir, views=views, top_k=top_k, overwrite=overwrite)
+    train = index["splits"]["train"]
+    out.print(
+        f"cache {index['path']}: {train['samples']} training samples x {index['views']} view(s), "
+        f"top-k {index['top_k']} ({index['dtype']}), {len(train['shards'])} shard(s); "
+        f"{index['bytes'] / 1e6:.2f} MB in all, {index['train_bytes_per_sample']:.0f} bytes per training "
+        f"sample; built in {index['build_seconds']:.1f} s",
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/mnist-kd")],
     split: Annotated[str, typer.Option(help="val or test")] = "test",

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .engine.options import TrainConfig
+from .engine.options import OptimConfig, ScheduleConfig, TrainConfig
 from .errors import ProtegeError, closest
 
 
@@ -81,6 +81,95 @@ class TermConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class StudentConfig(ModelConfig):
+    """One of several students trained in one run (``students:``)."""
+
+    name: str | None = Field(None, description="the student's name in metrics and outputs (default: model)")
+
+
+class MutualConfig(BaseModel):
+    """Deep mutual learning among the students: each also distills from its peers."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(
+        1.0, ge=0, description="weight of the peer KL term (0: students do not teach each other)"
+    )
+    T: float = Field(1.0, gt=0, description="temperature of the peer KL")
+
+
+class StageConfig(BaseModel):
+    """One stage of a multi-stage run (e.g. FT's paraphraser pre-training, then distillation).
+
+    Keys left out come from the run's top level. The student's weights and the trainable state
+    of terms that keep the same ``name`` carry over from one stage to the next.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the stage's name; its outputs go to runs/<run>/stages/<name>/")
+    epochs: int | None = Field(None, gt=0)
+    optim: OptimConfig | None = None
+    schedule: ScheduleConfig | None = None
+    terms: list[TermConfig] | None = None
+    freeze_student: bool = Field(
+        False,
+        description="train only the terms' own modules (e.g. FT's paraphraser); the student stays fixed",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", ".."):
+            raise ValueError("must be a plain directory name (no '/')")
+        return v
+
+
+class CacheConfig(BaseModel):
+    """Teacher-output cache (offline KD, see ``protege.engine.cache``): ``protege cache run.yaml``
+    builds it; ``protege distill`` then trains from it and never loads the teacher.
+
+    ``cache: path`` is short for ``cache: {path: path}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="directory of the cache (index.json + safetensors shards)")
+    views: int = Field(
+        4,
+        ge=1,
+        description="augmented views stored per training sample (1 when the transform has no randomness)",
+    )
+    top_k: int | Literal["all"] = Field(
+        10, description="teacher classes stored per view (fp16 log-probs + indices), or 'all' for full logits"
+    )
+    taps: list[str] = Field(
+        default_factory=list, description="teacher taps to store too (for feature losses)"
+    )
+    dtype: Literal["float16", "float32", "bfloat16"] = Field(
+        "float16", description="storage of logits and taps"
+    )
+    shard_size: int = Field(10_000, gt=0, description="samples per shard file")
+    seed: int = Field(0, description="seed of the drawn augmentation parameters")
+    verify: Literal["sha256", "size"] = Field(
+        "sha256", description="check shards' SHA-256 on open (else only their sizes)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_only(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("top_k")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of classes or 'all'")
+        return v
+
+
 class RunConfig(TrainConfig):
     """A whole run: data, teacher(s), student, loss terms, and the training options."""
 
@@ -92,8 +181,22 @@ class RunConfig(TrainConfig):
     teachers: list[ModelConfig] = Field(
         default_factory=list, description="several teachers (instead of teacher)"
     )
-    student: ModelConfig
+    student: ModelConfig | None = None
+    students: list[StudentConfig] = Field(
+        default_factory=list,
+        description="several students trained together on shared batches (instead of student)",
+    )
+    mutual: MutualConfig | None = Field(
+        None, description="students also teach each other (deep mutual learning)"
+    )
     terms: list[TermConfig] = Field(default_factory=lambda: [TermConfig(loss="ce")])
+    cache: CacheConfig | None = Field(
+        None, description="read the teachers' outputs from this cache (protege cache) instead of running them"
+    )
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="run as consecutive stages (each overrides epochs/optim/schedule/terms)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -106,7 +209,35 @@ class RunConfig(TrainConfig):
     def _one_teacher_key(self) -> RunConfig:
         if self.teacher is not None and self.teachers:
             raise ValueError("give either 'teacher' or 'teachers', not both")
+        if (self.student is None) == (not self.students):
+            raise ValueError("give either 'student' or 'students' (a list), exactly one of them")
+        names = [s.name or s.model for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"students need distinct names (got {names}); set name: on each")
+        if self.mutual is not None and len(self.students) < 2:
+            raise ValueError("'mutual' needs at least two students under 'students'")
+        if self.students and self.stages:
+            raise ValueError("multi-stage runs train one student: use 'student' with 'stages'")
+        stage_names = [st.name for st in self.stages]
+        if len(set(stage_names)) != len(stage_names):
+            raise ValueError(f"stage names must be distinct, got {stage_names}")
         return self
+
+    def all_students(self) -> dict[str, ModelConfig]:
+        """The students by name (one student is named ``student``)."""
+        if self.student is not None:
+            return {"student": self.student}
+        return {s.name or s.model: s for s in self.students}
+
+    def stage_config(self, index: int) -> RunConfig:
+        """This config with stage ``index``'s overrides applied (and no stages)."""
+        stage = self.stages[index]
+        update: dict[str, Any] = {"stages": []}
+        for key in ("epochs", "optim", "schedule", "terms"):
+            value = getattr(stage, key)
+            if value is not None:
+                update[key] = value
+        return self.model_copy(update=update)
 
     def all_teachers(self) -> list[ModelConfig]:
         return [self.teacher] if self.teacher is not None else list(self.teachers)

@@ -11,18 +11,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from safetensors.torch import load_file
 from torch import nn
 
 from .analysis.cost import model_costs
-from .config import ModelConfig, RunConfig, dump_config, load_config
+from .config import ModelConfig, MutualConfig, RunConfig, dump_config, load_config
+from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
 from .data import DataSplits, WithIndex, load_data
 from .engine import checkpoint_dir, evaluate, fit, make_loader
-from .engine.checkpoint import atomic_write_text, check_run_dir, read_pointers
+from .engine.cache import CachedTeacherDataset, cache_loader, use_cache
+from .engine.checkpoint import (
+    atomic_save_tensors,
+    atomic_write_text,
+    check_run_dir,
+    load_checkpoint,
+    read_pointers,
+)
 from .engine.loop import console
 from .errors import ProtegeError
+from .losses import get_loss
 from .models import build_model
 from .tasks import build_task
 
@@ -63,37 +72,87 @@ def build_from(spec: ModelConfig, data: DataSplits) -> nn.Module:
     )
 
 
-def build_distiller(cfg: RunConfig, data: DataSplits, mode: Mode = "distill") -> Distiller:
-    """Student, teachers (frozen) and terms as the config says.
-
-    In ``train`` mode only the label terms are kept (plain training, default CE); a configured
-    teacher is still loaded, but only as the reference for fidelity metrics.
-    """
-    set_seed(cfg.seed)  # the student's initialization depends only on the seed
-    student = build_from(cfg.student, data)
+def build_teachers(cfg: RunConfig, data: DataSplits) -> dict[str, nn.Module]:
+    """The configured teachers, by name (``teacher``, or ``teacher0``, ``teacher1``, …)."""
     specs = cfg.all_teachers()
-    teachers = {
-        f"teacher{i}" if len(specs) > 1 else "teacher": build_from(s, data) for i, s in enumerate(specs)
-    }
     for spec in specs:
         if spec.weights is None:
             console.print(
                 f"[yellow]warning: teacher {spec.model!r} has no weights: it is randomly initialised"
             )
+    return {f"teacher{i}" if len(specs) > 1 else "teacher": build_from(s, data) for i, s in enumerate(specs)}
+
+
+def build_terms(cfg: RunConfig, mode: Mode = "distill", stage: bool = False) -> list[Term]:
+    """The config's loss terms; in ``train`` mode only those that read no teacher (default CE).
+
+    ``stage``: the terms of one stage of a multi-stage run, which may train on labels only (the
+    run checks that some stage reads the teacher).
+    """
     terms = [Term(**t.model_dump()) for t in cfg.terms]  # extra keys are the loss's params
     if mode == "train":
-        terms = [t for t in terms if not t.uses_teacher] or [Term("ce")]
-    elif not any(t.uses_teacher for t in terms):
+        return [t for t in terms if not t.uses_teacher] or [Term("ce")]
+    if stage:
+        return terms
+    if not any(t.uses_teacher for t in terms) and not (cfg.students and cfg.mutual):
         raise ProtegeError(
             "distill: no term reads the teacher; add e.g. {loss: kd, weight: 0.9} to terms, or use 'protege train'"
         )
+    return terms
+
+
+def build_distiller(
+    cfg: RunConfig,
+    data: DataSplits,
+    mode: Mode = "distill",
+    student: nn.Module | None = None,
+    teachers: dict[str, nn.Module] | None = None,
+    stage: bool = False,
+) -> Distiller | Cohort:
+    """Student(s), teachers (frozen) and terms as the config says: a :class:`Distiller`, or a
+    :class:`Cohort` when the config lists several ``students``.
+
+    In ``train`` mode only the label terms are kept (plain training, default CE); a configured
+    teacher is still loaded, but only as the reference for fidelity metrics. ``student`` and
+    ``teachers`` reuse models already built (the stages of a multi-stage run share them).
+    """
+    set_seed(cfg.seed)  # the students' initialization depends only on the seed
+    if cfg.students:
+        models = {name: build_from(spec, data) for name, spec in cfg.all_students().items()}
+    else:
+        assert cfg.student is not None
+        student = student if student is not None else build_from(cfg.student, data)
+    # With a teacher-output cache (protege cache), the batches carry the teachers' outputs.
+    cached = mode == "distill" and cfg.cache is not None
+    if cached and cfg.students:
+        raise ProtegeError("a teacher-output cache trains one student: use 'student', or remove 'cache'")
+    if teachers is None:
+        teachers = {} if cached else build_teachers(cfg, data)
+    weights = [s.weight for s in cfg.all_teachers()] or None
+    terms = build_terms(cfg, mode, stage)
+    task = build_task(cfg.task)
+    if cfg.students:
+        mutual = cfg.mutual or MutualConfig(weight=0.0)
+        return Cohort(models, teachers or None, terms, weights, mutual.weight, mutual.T, task)
+    n_cached = len(cfg.all_teachers()) if cached and not teachers else 0
     return Distiller(
-        student,
-        teachers or None,
-        terms,
-        teacher_weights=[s.weight for s in specs] or None,
-        task=build_task(cfg.task),
+        student, teachers or None, terms, teacher_weights=weights, task=task, cached_teachers=n_cached
     )
+
+
+def _loaders(cfg: RunConfig, data: DataSplits, distiller: Distiller | Cohort) -> tuple[Any, Any]:
+    members = distiller.members.values() if isinstance(distiller, Cohort) else [distiller]
+    train_set = data.train
+    cached = isinstance(train_set, CachedTeacherDataset)  # yields indices itself
+    if not cached and any(t.info.uses_index for d in members for t in d.terms):  # per-sample memory (CRD)
+        train_set = WithIndex.wrap(train_set)
+    train_loader = (cache_loader if cached else make_loader)(
+        train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.data.num_workers
+    )
+    val_loader = make_loader(
+        data.val, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers
+    )
+    return train_loader, val_loader
 
 
 def run(
@@ -102,21 +161,18 @@ def run(
     """Train (``mode="train"``: plain CE) or distill as ``cfg`` says; write ``runs/<name>/``.
 
     After training, the last and the best (by validation) checkpoints are evaluated on the test
-    split, and their metrics join ``summary.json`` under ``"test"``.
+    split, and their metrics join ``summary.json`` under ``"test"``. A config with ``stages``
+    runs them one after another (see :func:`run_stages`).
     """
+    if cfg.stages:
+        return run_stages(cfg, mode, resume, overwrite)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, overwrite)  # before anything is written over
     data = load_run_data(cfg)
+    if mode == "distill" and cfg.cache is not None:  # verified; its splits carry the teachers' outputs
+        data, _ = use_cache(cfg, data)
     distiller = build_distiller(cfg, data, mode)
-    train_set = data.train
-    if any(t.info.uses_index for t in distiller.terms):  # per-sample memory (CRD) reads indices
-        train_set = WithIndex.wrap(train_set)
-    train_loader = make_loader(
-        train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.data.num_workers
-    )
-    val_loader = make_loader(
-        data.val, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers
-    )
+    train_loader, val_loader = _loaders(cfg, data, distiller)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     summary = fit(
@@ -125,32 +181,189 @@ def run(
     summary.update({"name": cfg.name, "mode": mode, "data": data.source})
     if data.test is not None and summary["checkpoints"]:
         summary["test"] = test_checkpoints(distiller, data, cfg)
+    if isinstance(distiller, Cohort) and summary["checkpoints"]:
+        summary["students"] = export_students(distiller, cfg)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     distiller.close()
     return summary
 
 
-def test_checkpoints(distiller: Distiller, data: DataSplits, cfg: RunConfig) -> dict[str, dict[str, float]]:
-    """Test-split metrics of the run's ``last`` and ``best`` checkpoints."""
+def _stage_dirs(cfg: RunConfig) -> list[Path]:
+    """Where each stage writes: ``runs/<run>/stages/<stage>/``, the last stage the run itself."""
+    return [cfg.run_dir / "stages" / st.name for st in cfg.stages[:-1]] + [cfg.run_dir]
+
+
+def run_stages(
+    cfg: RunConfig, mode: Mode = "distill", resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """A multi-stage run: one :func:`fit` per stage on the same student (and teachers).
+
+    Stage ``i`` trains with the run config overridden by the stage's keys. The student's weights
+    carry over, and so does the trainable state (adapters, state modules) of every term whose
+    ``name`` an earlier stage also had. Earlier stages write to ``runs/<run>/stages/<stage>/``, the
+    last to ``runs/<run>/`` itself (so evaluation and reports read it like a one-stage run).
+    ``resume`` skips completed stages (restoring their last checkpoint) and resumes the one that
+    was interrupted.
+    """
+    dirs = _stage_dirs(cfg)
+    if mode == "distill" and cfg.cache is not None:
+        raise ProtegeError(
+            "a teacher-output cache is not supported in a multi-stage run yet: remove 'cache' "
+            "(the stages then run the teacher online) or run the stages as separate runs"
+        )
+    if mode == "distill" and not any(
+        get_loss(t.loss).uses_teacher for i in range(len(cfg.stages)) for t in cfg.stage_config(i).terms
+    ):
+        raise ProtegeError("distill: no stage has a term that reads the teacher; use 'protege train'")
+    started = [d for d in dirs if read_pointers(d / "checkpoints")]
+    if resume and not started:
+        raise ProtegeError(
+            f"cannot resume: no checkpoint in {cfg.run_dir} or its stages. Start without --resume."
+        )
+    if not resume and not overwrite and started:
+        raise ProtegeError(
+            f"{cfg.run_dir} already holds a run. Resume it with --resume, start over with --overwrite, "
+            "or choose another name."
+        )
+    data = load_run_data(cfg)
+    set_seed(cfg.seed)
+    assert cfg.student is not None
+    student = build_from(cfg.student, data)
+    teachers = build_teachers(cfg, data)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
+    carried: dict[str, dict[str, torch.Tensor]] = {}
+    stages: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    distiller: Distiller | None = None
+    for i, (stage, stage_dir) in enumerate(zip(cfg.stages, dirs)):
+        scfg = cfg.stage_config(i)
+        distiller = build_distiller(scfg, data, mode, student=student, teachers=teachers, stage=True)
+        assert isinstance(distiller, Distiller)
+        distiller.freeze_student(stage.freeze_student)
+        train_loader, val_loader = _loaders(scfg, data, distiller)
+        if distiller.needs_prepare:
+            device = next(student.parameters()).device
+            distiller.to(device).prepare(
+                send_to_device(next(iter(train_loader)), device), num_samples=len(train_loader.dataset)
+            )
+        _load_carried(distiller, carried, stage.name)
+        done = _completed(stage_dir, scfg.epochs) if i < len(dirs) - 1 else None
+        if resume and done is not None:
+            console.print(f"stage {stage.name!r}: completed earlier, restoring its last checkpoint")
+            state = load_checkpoint(checkpoint_dir(stage_dir, "last"))
+            student.load_state_dict(state["student"])
+            if state["extra"]:
+                distiller.load_state_dict(state["extra"], strict=False)
+            stage_summary = done
+        else:
+            console.print(f"[bold]stage {i + 1}/{len(cfg.stages)}: {stage.name}")
+            again = resume and bool(read_pointers(stage_dir / "checkpoints"))
+            stage_summary = fit(
+                distiller,
+                train_loader,
+                val_loader,
+                scfg.train_config(),
+                stage_dir,
+                resume=again,
+                overwrite=True,
+            )
+        stages.append({"name": stage.name, "dir": str(stage_dir), **stage_summary})
+        carried = {t.name: t.state_dict() for t in distiller.terms}
+        distiller.freeze_student(False)
+        if i < len(dirs) - 1:
+            distiller.close()
+        summary = stage_summary
+        if not str(stage_summary.get("status", "")).startswith("completed"):
+            console.print(f"[red]stage {stage.name!r} did not complete; later stages not run")
+            break
+    assert distiller is not None
+    summary = dict(summary)
+    summary.update({"name": cfg.name, "mode": mode, "data": data.source})
+    summary["stages"] = [
+        {k: st.get(k) for k in ("name", "dir", "status", "epochs_completed", "final", "best", "wall_time_s")}
+        for st in stages
+    ]
+    if len(stages) == len(cfg.stages) and data.test is not None and summary.get("checkpoints"):
+        summary["test"] = test_checkpoints(distiller, data, cfg)
+    atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
+    distiller.close()
+    return summary
+
+
+def _completed(stage_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The summary of a stage that finished all its epochs, else ``None``."""
+    path = stage_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("status") == "completed" and summary.get("epochs_completed") == epochs:
+        return summary
+    return None
+
+
+def _load_carried(distiller: Distiller, carried: dict[str, dict[str, torch.Tensor]], stage: str) -> None:
+    """Give each term the trained state of the earlier stage's term of the same name."""
+    for term in distiller.terms:
+        state = carried.get(term.name)
+        if not state:
+            continue
+        try:
+            term.load_state_dict(state)
+        except RuntimeError as e:
+            raise ProtegeError(
+                f"stage {stage!r}: term {term.name!r} has the name of an earlier stage's term but "
+                f"different modules, so its state cannot carry over ({str(e).splitlines()[0]}); "
+                "give it another name to start it fresh"
+            ) from None
+
+
+def export_students(cohort: Cohort, cfg: RunConfig) -> dict[str, str]:
+    """Write each student of a cohort's best checkpoint as its own ``model.safetensors``.
+
+    ``runs/<run>/students/<name>/model.safetensors`` loads with ``build_model(..., weights=dir)``.
+    """
+    best = load_file(checkpoint_dir(cfg.run_dir, "best") / "model.safetensors")
+    paths = {}
+    for name in cohort.members:
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in best.items() if k.startswith(prefix)}
+        out = cfg.run_dir / "students" / name
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(state, out / "model.safetensors")
+        paths[name] = str(out)
+    return paths
+
+
+def test_checkpoints(
+    distiller: Distiller | Cohort, data: DataSplits, cfg: RunConfig
+) -> dict[str, dict[str, Any]]:
+    """Test-split metrics of the run's ``last`` and ``best`` checkpoints (per student for a cohort:
+    ``{"best": {name: metrics}}``)."""
     assert data.test is not None
     loader = make_loader(data.test, cfg.data.eval_batch_size, shuffle=False)
     teachers = list(distiller.teachers.values())
     device = next(distiller.student.parameters()).device
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     cache: list[torch.Tensor] = []
     for which in ("last", "best"):
         where = checkpoint_dir(cfg.run_dir, which)
         distiller.student.load_state_dict(load_file(where / "model.safetensors", device=str(device)))
         if (where / "distiller.safetensors").is_file():  # trained extras (e.g. SimKD's projector)
-            distiller.load_state_dict(load_file(where / "distiller.safetensors", device=str(device)), strict=False)
-        results[which] = evaluate(
-            distiller.inference_model(),
-            loader,
-            distiller.task,
-            teachers,
-            distiller.teacher_weights,
-            teacher_cache=cache,
+            extra = load_file(where / "distiller.safetensors", device=str(device))
+            distiller.load_state_dict(extra, strict=False)
+        predictors = (
+            distiller.inference_models()
+            if isinstance(distiller, Cohort)
+            else {"": distiller.inference_model()}
         )
+        metrics = {
+            name: evaluate(
+                model, loader, distiller.task, teachers, distiller.teacher_weights, teacher_cache=cache
+            )
+            for name, model in predictors.items()
+        }
+        results[which] = metrics[""] if "" in metrics else metrics
     return results
 
 
@@ -173,11 +386,24 @@ def evaluate_run(
     dataset = data.test if split == "test" else data.val
     if dataset is None:
         raise ProtegeError(f"the data source {data.source!r} has no {split} split")
-    student_cfg = cfg.student.model_copy(update={"weights": str(checkpoint_dir(run_dir, which))})
-    student = build_from(student_cfg, data)
+    if cfg.student is None:
+        raise ProtegeError(
+            f"{run_dir} trained several students: their test metrics are in its summary.json, and "
+            f"each student's weights in {run_dir / 'students'}/<name>/ (use them as a run's 'weights')"
+        )
+    where = checkpoint_dir(run_dir, which)
+    student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
     teachers = [build_from(s, data) for s in cfg.all_teachers()]
     loader = make_loader(dataset, cfg.data.eval_batch_size, shuffle=False)
     task = build_task(cfg.task)
+    final_cfg = cfg.stage_config(len(cfg.stages) - 1) if cfg.stages else cfg
+    terms = [Term(**t.model_dump()) for t in final_cfg.terms]
+    if (where / "distiller.safetensors").is_file() and any(hasattr(t.state, "inference") for t in terms):
+        # the method predicts through trained modules of its own (SimKD: projector + teacher head)
+        n_teachers = max(len(cfg.all_teachers()), 1)  # the same terms, so state keys line up
+        holder = Distiller(student, None, terms, task=task, cached_teachers=n_teachers)
+        holder.load_state_dict(load_file(where / "distiller.safetensors"), strict=False)
+        student = holder.inference_model()
     result: dict[str, Any] = {
         "run": str(run_dir),
         "split": split,

@@ -64,3 +64,73 @@ def fitnet(
 def at(student: str, teacher: str, weight: float = 1000.0, p: float = 2.0, **kwargs: Any) -> Term:
     """Attention transfer between two feature-map taps (weight 1000 as in RepDistiller)."""
     return Term("at", weight, student=student, teacher=teacher, p=p, **kwargs)
+
+
+def _feature(loss: str, student: str, teacher: str, weight: float, **kwargs: Any) -> Term:
+    return Term(loss, weight, student=student, teacher=teacher, **kwargs)
+
+
+def sp(student: str, teacher: str, weight: float = 3000.0, **kwargs: Any) -> Term:
+    """Similarity-preserving KD on a pair of taps (RepDistiller's weight 3000)."""
+    return _feature("sp", student, teacher, weight, **kwargs)
+
+
+def rkd(student: str = "fc:in", teacher: str = "fc:in", weight: float = 1.0, **kwargs: Any) -> Term:
+    """Relational KD (distance + angle) on embeddings."""
+    return _feature("rkd", student, teacher, weight, **kwargs)
+
+
+def pkt(student: str = "fc:in", teacher: str = "fc:in", weight: float = 30000.0, **kwargs: Any) -> Term:
+    """Probabilistic knowledge transfer on embeddings (RepDistiller's weight 30000)."""
+    return _feature("pkt", student, teacher, weight, **kwargs)
+
+
+def vid(student: str, teacher: str, weight: float = 1.0, **kwargs: Any) -> Term:
+    """Variational information distillation: Gaussian likelihood of the teacher map given the student's."""
+    return _feature("vid", student, teacher, weight, **kwargs)
+
+
+def ft(
+    student: str,
+    teacher: str,
+    weight: float = 500.0,
+    phase: str = "transfer",
+    name: str = "ft",
+    **kwargs: Any,
+) -> Term:
+    """Factor transfer; ``phase="paraphrase"`` trains the paraphraser (a first stage, student frozen)."""
+    return _feature("ft", student, teacher, weight, phase=phase, name=name, **kwargs)
+
+
+def fsp(student: list[str], teacher: list[str], weight: float = 1.0, **kwargs: Any) -> Term:
+    """FSP matrices between consecutive taps (lists of equal length, equal channels per layer)."""
+    return Term("fsp", weight, student=list(student), teacher=list(teacher), **kwargs)
+
+
+def ab(
+    student: str,
+    teacher: str,
+    weight: float = 3e-3,
+    margin: float = 1.0,
+    adapter: str = "conv_bn",
+    **kwargs: Any,
+) -> Term:
+    """Activation-boundary transfer on pre-ReLU taps, with a conv-BN connector."""
+    return _feature("ab", student, teacher, weight, margin=margin, adapter=adapter, **kwargs)
+
+
+def crd(student: str = "fc:in", teacher: str = "fc:in", weight: float = 0.8, **kwargs: Any) -> Term:
+    """Contrastive representation distillation (memory bank; the training set must carry indices)."""
+    return _feature("crd", student, teacher, weight, **kwargs)
+
+
+def reviewkd(
+    student: list[str], teacher: list[str], weight: float = 1.0, warmup: float = 20.0, **kwargs: Any
+) -> Term:
+    """Knowledge review: attention-fused student stages against teacher stages (shallow → deep)."""
+    return Term("reviewkd", weight, student=list(student), teacher=list(teacher), warmup=warmup, **kwargs)
+
+
+def simkd(student: str, teacher: str, weight: float = 1.0, head: str = "fc", **kwargs: Any) -> Term:
+    """SimKD: project the student's feature into the teacher's space and reuse its classifier ``head``."""
+    return _feature("simkd", student, teacher, weight, head=head, **kwargs)

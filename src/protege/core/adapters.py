@@ -112,9 +112,10 @@ def build_adapter(
     s, t = tuple(student_shape), tuple(teacher_shape)
     if kind == "auto" and s[1:] == t[1:]:
         return nn.Identity()
+    shown_s, shown_t = list(s), list(t)  # s is rewritten below as layout changes are planned
 
     def fail(why: str) -> ProtegeError:
-        return ProtegeError(f"no {kind} adapter maps student {list(s)} onto teacher {list(t)}{where}: {why}")
+        return ProtegeError(f"no {kind} adapter maps student {shown_s} onto teacher {shown_t}{where}: {why}")
 
     layers: list[nn.Module] = []
     if len(s) == 3 and len(t) == 4:  # tokens → map

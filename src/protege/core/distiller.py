@@ -13,6 +13,7 @@ move them, and ``.train()`` leaves them in ``eval()``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -104,6 +105,15 @@ class Term(nn.Module):
             if self.info.state
             else None
         )
+        bind = getattr(self.state, "bind_term", None)
+        if bind is not None:  # let the state know what its term reads (SimKD predicts through it)
+            bind(student_key=self.student_key, teacher_key=self.teacher_key)
+        if self.adapter_kind or self.adapter is not None:
+            if self.info.state is not None and hasattr(self.info.state, "inference"):
+                raise ProtegeError(
+                    f"term {self.name!r}: {loss} builds its own projector and predicts through it; "
+                    "an adapter would be used in training but not at inference, so remove 'adapter'"
+                )
 
     @property
     def uses_teacher(self) -> bool:
@@ -138,7 +148,9 @@ class Term(nn.Module):
         try:
             self.state.build(student, teacher, context)
         except ValueError as e:
-            raise ProtegeError(f"term {self.name!r}: {e}") from e
+            raise ProtegeError(
+                f"term {self.name!r} (student {self.student_key!r}, teacher {self.teacher_key!r}): {e}"
+            ) from e
         device = (student[0] if isinstance(student, list) else student).device
         self.state.to(device)
 
@@ -205,7 +217,9 @@ class Term(nn.Module):
                 value = sum(w * self.info.fn(s, t, **kwargs) for w, t in zip(ws, ts))
             return self.factor(progress) * value
         except ValueError as e:  # losses validate shapes; a mismatch is a configuration mistake
-            raise ProtegeError(f"term {self.name!r}: {e}") from e
+            raise ProtegeError(
+                f"term {self.name!r} (student {self.student_key!r}, teacher {self.teacher_key!r}): {e}"
+            ) from e
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -265,7 +279,9 @@ class Distiller(nn.Module):
             t.requires_grad_(False)
         object.__setattr__(self, "_teachers", teachers)
         if cached_teachers and teachers:
-            raise ProtegeError("give either teacher models or cached_teachers (outputs in the batch), not both")
+            raise ProtegeError(
+                "give either teacher models or cached_teachers (outputs in the batch), not both"
+            )
         self.cached_teachers = int(cached_teachers)
         n_teachers = len(teachers) or self.cached_teachers
         if teacher_weights is None:
@@ -277,6 +293,14 @@ class Distiller(nn.Module):
         self.teacher_weights = [float(w) for w in teacher_weights]
         if n_teachers and sum(self.teacher_weights) <= 0:
             raise ProtegeError("teacher_weights sum to zero")
+        if n_teachers > 1:
+            for t in self.terms:
+                if t.uses_teacher and t.state is not None and t.teacher_index is None:
+                    raise ProtegeError(
+                        f"term {t.name!r} keeps trainable state ({type(t.state).__name__}) and would run once "
+                        f"per teacher ({n_teachers}); give it teacher_index: to pick one teacher, or one "
+                        "term per teacher"
+                    )
         needs_teacher = any(t.uses_teacher for t in self.terms)
         if needs_teacher and not n_teachers:
             bad = next(t.name for t in self.terms if t.uses_teacher)
@@ -306,7 +330,29 @@ class Distiller(nn.Module):
         super().train(mode)
         for t in self._teachers.values():
             t.eval()
+        if self.student_frozen:
+            self.student.eval()
         return self
+
+    @property
+    def student_frozen(self) -> bool:
+        return getattr(self, "_student_frozen", False)
+
+    def freeze_student(self, frozen: bool = True) -> None:
+        """Keep the student fixed (no gradient, ``eval()``) while the terms' own modules train:
+        the pre-training stages of FT (the paraphraser) use this."""
+        if frozen == self.student_frozen:
+            return
+        if frozen:  # remember what was trainable, so unfreezing restores exactly that
+            trainable = [p for p in self.student.parameters() if p.requires_grad]
+            object.__setattr__(self, "_unfrozen", trainable)
+            for p in trainable:
+                p.requires_grad_(False)
+        else:
+            for p in getattr(self, "_unfrozen", []):
+                p.requires_grad_(True)
+        object.__setattr__(self, "_student_frozen", frozen)
+        self.train(self.training)
 
     # -- the step --------------------------------------------------------------------------------
     def set_progress(self, epoch: float) -> None:
@@ -367,6 +413,12 @@ class Distiller(nn.Module):
         for term in self.terms:
             if not term.pending:
                 continue
+            context = dataclasses.replace(
+                context,
+                student_key=term.student_key,
+                teacher_key=term.teacher_key,
+                teacher_index=term.teacher_index or 0,
+            )
             s = _read(student_out, term.student_key, "student", term.name)
             t = None
             if term.uses_teacher:
@@ -378,12 +430,20 @@ class Distiller(nn.Module):
             if term.pending_state:
                 term.build_state(s, t, context)
 
-    def forward(self, batch: Any) -> tuple[Outputs, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Any, teacher_outputs: Sequence[Outputs] | None = None
+    ) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        """One step's losses. ``teacher_outputs`` (one dict per teacher), when given, are used
+        instead of running the teachers (a :class:`~protege.core.cohort.Cohort` runs them once
+        for all its students)."""
         inputs, target = self.task.split(batch)
         meta = self.task.meta(batch)
         # Teachers first: their activations are freed before the student's, which must live until
         # backward, are allocated. The other order measured ~8% slower per step on CPU.
-        teacher_outs = self.teacher_outputs(inputs, meta) if self._needs_teacher else []
+        if teacher_outputs is not None:
+            teacher_outs = list(teacher_outputs)
+        else:
+            teacher_outs = self.teacher_outputs(inputs, meta) if self._needs_teacher else []
         student_out = self.task.forward(self.student, inputs)
         student_out.update(self._student_taps.pop())
         losses = {

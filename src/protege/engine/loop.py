@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..analysis.cost import model_costs
+from ..core.cohort import Cohort
 from ..core.distiller import Distiller
 from ..errors import ProtegeError
 from ..tasks import Outputs, Task
@@ -92,7 +93,7 @@ def _mixed_precision(cfg: TrainConfig) -> str:
     return "no"
 
 
-def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+def _make_accelerator(cfg: TrainConfig, run_dir: Path, find_unused: bool = False) -> Accelerator:
     # A process may train several models in turn (teacher, baseline, student); Accelerate keeps
     # its precision settings in a singleton, so start each run from a clean one. The process
     # group (PartialState) is kept.
@@ -105,6 +106,11 @@ def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
             cpu=cfg.cpu,
             log_with=list(cfg.trackers) or None,
             project_dir=str(run_dir),
+            # Some methods leave parameters without a gradient in a step (FT's translator while
+            # the paraphraser trains, SimKD's unused student head): DDP must be told.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if find_unused
+            else None,
         )
     except (ValueError, ImportError) as e:  # e.g. fp16 on CPU, tracker not installed
         raise ProtegeError(f"cannot set up training: {e}") from None
@@ -142,7 +148,9 @@ def evaluate(
     for t in teachers:  # a teacher is only ever run frozen (BN running statistics, no dropout)
         t.eval()
     weights = list(teacher_weights or [1.0] * len(teachers))
-    evaluator = task.evaluator(with_teacher=bool(teachers))
+    # No teacher models but teacher weights: the teachers' outputs come in the batches (a cache).
+    cached = not teachers and bool(teacher_weights)
+    evaluator = task.evaluator(with_teacher=bool(teachers) or cached)
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     precision = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
@@ -162,6 +170,8 @@ def evaluate(
                         if teacher_cache is not None:
                             teacher_cache.append(t_logits.detach().float().cpu())
                     t_out = {"logits": t_logits}
+                elif cached and task.meta(batch).get("teacher_outputs"):
+                    t_out = {"logits": gather(ensemble_logits(task.meta(batch)["teacher_outputs"], weights))}
                 evaluator.update(s_out, gather(target) if target is not None else None, t_out)
     finally:
         student.train(was_training)
@@ -190,7 +200,7 @@ def _fmt(metrics: dict[str, float], keys: Sequence[str]) -> str:
 
 
 def fit(
-    distiller: Distiller,
+    distiller: Distiller | Cohort,
     train: DataLoader,
     val: DataLoader | None = None,
     cfg: TrainConfig | None = None,
@@ -218,7 +228,7 @@ def fit(
         raise ProtegeError("the training set yields no batch: check the data and batch_size")
 
     set_seed(cfg.seed)
-    accelerator = _make_accelerator(cfg, run_dir)
+    accelerator = _make_accelerator(cfg, run_dir, find_unused=_may_leave_params_unused(distiller))
     main = accelerator.is_main_process
     if distiller.needs_prepare:  # shape-dependent adapters must exist before the optimizer does
         distiller.to(accelerator.device).prepare(
@@ -321,16 +331,23 @@ def fit(
             record["lr"] = optimizer.param_groups[0]["lr"]
             last_epoch = epoch + 1 == cfg.epochs
             if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
-                metrics = evaluate(
-                    distiller.inference_model(),
-                    val_loader,
-                    task,
-                    teachers,
-                    distiller.teacher_weights,
-                    accelerator,
-                    teacher_cache,
-                )
-                record.update({f"val/{k}": v for k, v in metrics.items()})
+                predictors = _predictors(distiller)
+                scores = []
+                for name, predictor in predictors.items():
+                    metrics = evaluate(
+                        predictor,
+                        val_loader,
+                        task,
+                        teachers,
+                        distiller.teacher_weights,
+                        accelerator,
+                        teacher_cache,
+                    )
+                    prefix = f"val/{name}/" if name else "val/"
+                    record.update({f"{prefix}{k}": v for k, v in metrics.items()})
+                    scores.append(metrics[primary])
+                if len(predictors) > 1:  # a cohort: its best epoch is the one best on average
+                    record[f"val/{primary}"] = sum(scores) / len(scores)
             record["time_s"] = time.perf_counter() - t_start
             key = f"val/{primary}"
             if val_loader is None:  # nothing to choose by: the latest epoch is the best known
@@ -344,7 +361,8 @@ def fit(
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 unwrapped = accelerator.unwrap_model(model)
-                extra = {k: v for k, v in unwrapped.state_dict().items() if not k.startswith("student.")}
+                own = tuple(getattr(unwrapped, "student_prefixes", ("student.",)))
+                extra = {k: v for k, v in unwrapped.state_dict().items() if not k.startswith(own)}
                 save_checkpoint(
                     ckpt_root,
                     epoch,
@@ -386,16 +404,31 @@ def fit(
         "checkpoints": read_pointers(ckpt_root),
     }
     if main and cfg.measure_cost:
-        models = {"student": distiller.inference_model(), **({"teacher": teachers[0]} if teachers else {})}
+        predictors = _predictors(distiller)
+        models = {name or "student": m for name, m in predictors.items()}
+        models.update({"teacher": teachers[0]} if teachers else {})
         summary.update(model_costs(models, _example_input(train, task)))
         for key in ("speedup", "compression"):
-            if key in summary["student"]:
+            if key in summary.get("student", {}):
                 summary[key] = summary["student"][key]
     if main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     if cfg.trackers:
         accelerator.end_training()
     return summary
+
+
+def _may_leave_params_unused(distiller: nn.Module) -> bool:
+    """Whether a training step may leave some trainable parameter without a gradient."""
+    terms = [m for m in distiller.modules() if hasattr(m, "info") and hasattr(m, "state")]
+    return any(t.state is not None for t in terms) or bool(getattr(distiller, "student_frozen", False))
+
+
+def _predictors(distiller: nn.Module) -> dict[str, nn.Module]:
+    """What to evaluate: ``{"": predictor}`` for a Distiller, ``{name: predictor}`` for a Cohort."""
+    if hasattr(distiller, "inference_models"):
+        return distiller.inference_models()
+    return {"": distiller.inference_model()}
 
 
 def _num_samples(loader: DataLoader) -> int | None:

@@ -16,7 +16,8 @@ A loss is a pure function. Its positional arguments follow one convention, read 
 
 Losses that carry trainable state (a learnable temperature, a memory bank) name a ``state``
 module class: the term builds one instance, trains it with the student, and calls
-``state(progress)`` before each loss to get extra keyword arguments for ``fn``. ``progress`` is the
+``state(progress)`` before each loss to get extra keyword arguments for ``fn`` (make those
+keyword-only arguments without defaults in ``fn``, so they stay out of the documented ``params``). ``progress`` is the
 training position in epochs (a float).
 
 A state module whose shape depends on the tensors it will see (a memory bank sized by the
@@ -25,7 +26,9 @@ dataset, an embedding head sized by the features) sets ``pending = True`` until
 batch's tensors (lists of tensors when the term reads several taps) and a
 :class:`~protege.losses.registry.BuildContext` (number of training samples, the teacher models).
 A state module that changes what the trained student *is* (SimKD classifies with the teacher's
-head) defines ``inference(student) -> nn.Module``, used for evaluation and export.
+head) defines ``inference(student) -> nn.Module``, used for evaluation and export; a state that
+must know what its term reads defines ``bind_term(student_key, teacher_key)``, called when the term
+is built.
 
 A term may read several taps (``student=["layer1", "layer2"]``): the loss then receives a list of
 tensors in that order (``reads="feature-list"`` losses such as ReviewKD and FSP).
@@ -74,6 +77,11 @@ class BuildContext:
     num_samples: int | None = None
     #: the frozen teacher models, in order (SimKD borrows a teacher's classifier head)
     teachers: list[nn.Module] = field(default_factory=list)
+    #: what the term reads: its student and teacher keys (a tap path, "logits", or a list)
+    student_key: str | list[str] | None = None
+    teacher_key: str | list[str] | None = None
+    #: the teacher the term's state is built against
+    teacher_index: int = 0
 
 
 _LOSSES: dict[str, LossInfo] = {}

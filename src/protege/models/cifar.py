@@ -573,8 +573,10 @@ class ShuffleNetV2(_ZooModel):
 
 
 def _resnet(depth: int, widths: list[int]) -> Callable[..., nn.Module]:
-    def build(num_classes: int = 100, in_chans: int = 3) -> nn.Module:
-        return CifarResNet(depth, widths, num_classes=num_classes, in_chans=in_chans)
+    def build(num_classes: int = 100, in_chans: int = 3, widths: list[int] = widths) -> nn.Module:
+        """``widths``: channels of the stem and the three stages (e.g. ``[8, 8, 16, 32]`` for a
+        half-width net scaled to small data)."""
+        return CifarResNet(depth, list(widths), num_classes=num_classes, in_chans=in_chans)
 
     return build
 

@@ -1,0 +1,994 @@
+"""Teacher-output cache (offline KD): run the teacher once, distill from its stored outputs.
+
+``protege cache run.yaml`` (:func:`build_cache`) runs the run's teacher(s) over the training data
+and stores their outputs; ``protege distill run.yaml`` with ``cache: <path>`` in the config then
+trains from the cache (:func:`use_cache`) and never loads a teacher.
+
+**Views (augmentation-aware, as FKD).** A random crop of an image is not the crop the teacher saw,
+so instead of pretending, every training sample gets ``V`` augmentation parameter sets drawn
+once from a seeded generator (crop box, flip, shift; :mod:`protege.data.views`), the teacher's
+outputs are stored for each of those views, and training replays exactly those views: sample
+``i`` at epoch ``e`` is view ``(e + offset[i]) % V``, so every ``V`` epochs each view is seen
+once. Transforms without randomness have ``V = 1``.
+
+**What is stored.** Per view: the teacher's top-``k`` log-probabilities ``log p_j = z_j - LSE(z)``
+(``dtype``, fp16 by default), their class indices (the smallest integer type that holds
+``num_classes - 1``) and the log-sum-exp ``LSE(z)`` of the full logits (fp32), or the full logits
+when ``top_k`` is ``"all"`` or ≥ the number of classes; optionally named taps (``dtype``). The
+validation and test splits are stored too (no augmentation, full fp32 logits), so fidelity
+metrics (agreement, KL) are computed exactly as online. Storing log-probabilities rather than
+raw logits keeps fp16's precision where the probability mass is.
+
+**Dense logits from top-k** (:func:`dense_logits`): the ``k`` stored classes get their exact raw
+logits ``z_j = log p_j + LSE``; the remaining mass ``m = 1 - Σ_j p_j`` is spread uniformly over
+the other ``C - k`` classes, i.e. each gets ``LSE + log(m / (C - k))``. The softmax at ``T = 1`` is
+then exactly the teacher's top-``k`` probabilities plus a uniform tail (FKD's "marginal
+smoothing"); at ``T ≠ 1`` the tail is an approximation (its true shape is unknown), and losses
+reading raw logit values beyond the softmax (logit standardisation, DIST's correlations) see the
+flattened tail. With ``top_k: all`` the logits are stored whole and nothing is approximated.
+
+**Layout.** A cache is a directory::
+
+    index.json            format version, fingerprint and its parts, settings, per-split shards
+    train-00000.safetensors   samples [0, shard_size) of the training split, every view
+    train-00001.safetensors   ...
+    val-00000.safetensors     validation split (one view, full fp32 logits)
+    test-00000.safetensors
+
+Shard tensors (``j`` = teacher): ``params`` int16 (int32 if a value needs it) ``(n, V, P)``
+(the view parameters; absent when ``P = 0``), ``t{j}.logp`` ``(n, V, k)``, ``t{j}.index`` ``(n, V, k)``, ``t{j}.lse`` fp32
+``(n, V)`` or ``t{j}.logits`` ``(n, V, C)``, and ``t{j}.tap.<path>`` ``(n, V, ...)``. The index
+records each shard's file, sample range, byte size and SHA-256. A cache is written into a temp
+directory beside its destination, every file fsync'ed, then renamed into place: a crash leaves
+no half cache.
+
+**Fingerprint.** SHA-256 over four parts: ``teacher`` (model names, kwargs, and the SHA-256 of
+each weights *file*, so staleness is checked without building a teacher), ``data`` (source,
+options, split sizes and a cheap content hash of the raw samples), ``transform`` (the training
+transform's replayable steps and the evaluation transforms) and ``settings`` (views, seed,
+top-k, dtype, taps). A distill run recomputes the first three and refuses a cache whose parts
+differ, naming the part and the command to rebuild; shards are checked for presence and size
+always and for their SHA-256 when ``verify: sha256`` (the default: SHA-256 runs at about
+1.1 GB/s on the project's 2-core CPU box, i.e. ~7 ms for CIFAR-100 with 4 views and top-10, ~0.6 s
+for ImageNet-1k with 10 views and top-10). The ``settings`` part is not compared: a distill run
+uses the views and top-k the cache holds, whatever its config's ``cache:`` asks for building.
+
+**Scope.** Teachers run in fp32 (no autocast) on CUDA when available. A distill run reads the
+cache for one student (``student:``; a config with ``students:`` and ``cache:`` is refused);
+multi-stage runs (``stages:``) run their teachers online. Cache paths are local directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..core.taps import Taps
+from ..data.sources import DataSplits
+from ..data.views import Replay, content_hash, replay_for, sample_rng, split_index, view_offsets
+from ..errors import ProtegeError
+from .loaders import EpochShuffleSampler, make_loader
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CachedTeacherDataset",
+    "TeacherCache",
+    "ViewEpochSampler",
+    "build_cache",
+    "cache_loader",
+    "dense_logits",
+    "fingerprint_parts",
+    "index_dtype",
+    "use_cache",
+    "write_cache",
+]
+
+FORMAT = "protege-teacher-cache"
+FORMAT_VERSION = 1
+INDEX = "index.json"
+CHECKED_PARTS = ("teacher", "data", "transform")
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds class indices ``0 .. num_classes - 1``."""
+    if num_classes <= 256:
+        return torch.uint8
+    if num_classes <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def dense_logits(
+    logp: torch.Tensor, index: torch.Tensor, lse: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Full ``(..., C)`` logits from the top-``k`` log-probabilities of a teacher.
+
+    Args:
+        logp: ``(..., k)`` top-k log-probabilities ``z_j - LSE(z)`` (any float dtype).
+        index: ``(..., k)`` their class indices.
+        lse: ``(...)`` the log-sum-exp of the full logits ``z``.
+        num_classes: ``C`` (``≥ k``).
+
+    Returns:
+        float32 logits ``l`` with ``l_j = logp_j + lse = z_j`` on the stored classes and
+        ``lse + log(m / (C - k))`` elsewhere, where ``m = 1 - Σ_j exp(logp_j)`` is the mass outside
+        the top-k (clamped at the smallest positive float32: fp16 rounding can make the stored
+        probabilities sum to slightly more than 1). So ``softmax(l)`` gives exactly the stored
+        probabilities and spreads the rest uniformly; with ``k = C`` it is ``z`` itself.
+    """
+    if logp.shape != index.shape or logp.shape[:-1] != lse.shape:
+        raise ValueError(
+            f"top-k log-probabilities {tuple(logp.shape)}, indices {tuple(index.shape)} and log-sum-exp "
+            f"{tuple(lse.shape)} do not fit: expected (..., k), (..., k) and (...)"
+        )
+    k = logp.shape[-1]
+    if k > num_classes:
+        raise ValueError(f"{k} stored classes exceed num_classes={num_classes}")
+    logp = logp.float()
+    lse = lse.float().unsqueeze(-1)
+    out = torch.empty(*logp.shape[:-1], num_classes, dtype=torch.float32, device=logp.device)
+    if k < num_classes:
+        tail = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
+        out.copy_((tail / (num_classes - k)).log().expand_as(out))
+    out.scatter_(-1, index.long(), logp)
+    return out + lse
+
+
+# ---------------------------------------------------------------------------------- fingerprint
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_file(weights: str) -> Path:
+    """The file ``build_model(weights=...)`` reads: a run directory's best checkpoint, a checkpoint
+    directory's ``model.safetensors``, or the file itself."""
+    from ..pipeline import resolve_weights
+
+    path = Path(str(resolve_weights(weights))).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ProtegeError(f"teacher weights not found: {path}")
+    return path
+
+
+def _part(detail: Any) -> dict[str, Any]:
+    return {"sha256": _digest(detail), "detail": detail}
+
+
+def teacher_part(cfg: RunConfig) -> dict[str, Any]:
+    """The ``teacher`` fingerprint part: each teacher's model, kwargs and weights-file SHA-256.
+
+    Reads only the weights files, never builds a model. A teacher without weights is randomly
+    initialised from the run's seed after the student (what an online run would build), so its
+    part names the seed and the student instead.
+    """
+    detail = []
+    for spec in cfg.all_teachers():
+        entry: dict[str, Any] = {"model": spec.model, "kwargs": spec.kwargs}
+        if spec.weights is None:
+            entry["weights"] = None
+            entry["random_init"] = {"seed": cfg.seed, "student": _student_spec(cfg)}
+        else:
+            path = _weights_file(spec.weights)
+            entry["weights"] = str(path)
+            entry["weights_sha256"] = _sha256_file(path)
+        detail.append(entry)
+    return _part(detail)
+
+
+def _student_spec(cfg: RunConfig) -> Any:
+    students = getattr(cfg, "all_students", None)
+    if callable(students):
+        return {k: v.model_dump(mode="json") for k, v in students().items()}
+    return cfg.student.model_dump(mode="json") if cfg.student is not None else None
+
+
+def _eval_description(dataset: Any) -> str:
+    transform = getattr(dataset, "transform", None)
+    if transform is not None:
+        return repr(transform)
+    return f"{type(dataset).__name__}(shift={getattr(dataset, 'shift', 0)})"
+
+
+def fingerprint_parts(cfg: RunConfig, data: DataSplits) -> dict[str, dict[str, Any]]:
+    """The ``teacher``, ``data`` and ``transform`` parts of a cache's fingerprint for this run.
+
+    ``data``: the source's own fingerprint (source, options, split sizes, shapes) plus a cheap
+    content hash of each split's raw samples (:func:`protege.data.views.content_hash`).
+    ``transform``: the training transform's replayable steps and the evaluation transforms.
+    """
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    data_detail = {
+        "source": data.source,
+        "options": data.options,
+        "sizes": data.sizes(),
+        "splits_sha256": data.fingerprint(),
+        "content": {k: content_hash(v) for k, v in splits.items() if v is not None},
+    }
+    transform_detail = {
+        "train": replay_for(data.train).description,
+        "eval": {k: _eval_description(v) for k, v in splits.items() if v is not None and k != "train"},
+    }
+    return {"teacher": teacher_part(cfg), "data": _part(data_detail), "transform": _part(transform_detail)}
+
+
+def _fingerprint(parts: dict[str, dict[str, Any]]) -> str:
+    return _digest({k: v["sha256"] for k, v in sorted(parts.items())})
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _ShardWriter:
+    """Accumulates per-batch tensors of one split and writes ``<split>-NNNNN.safetensors`` shards."""
+
+    def __init__(self, root: Path, split: str, shard_size: int) -> None:
+        self.root, self.split, self.shard_size = root, split, shard_size
+        self.buffer: dict[str, list[torch.Tensor]] = {}
+        self.count = 0
+        self.start = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        n = len(next(iter(tensors.values())))
+        at = 0
+        while at < n:
+            take = min(n - at, self.shard_size - self.count)
+            for name, t in tensors.items():
+                self.buffer.setdefault(name, []).append(t[at : at + take])
+            self.count += take
+            at += take
+            if self.count == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        tensors = {k: torch.cat(v).contiguous() for k, v in self.buffer.items()}
+        stop = self.start + self.count
+        name = f"{self.split}-{len(self.shards):05d}.safetensors"
+        blob = save_tensors(
+            tensors, metadata={"split": self.split, "start": str(self.start), "stop": str(stop)}
+        )
+        _write_durable(self.root / name, blob)
+        self.shards.append(
+            {
+                "file": name,
+                "start": self.start,
+                "stop": stop,
+                "bytes": len(blob),
+                "sha256": hashlib.sha256(blob).hexdigest(),
+            }
+        )
+        self.buffer, self.count, self.start = {}, 0, stop
+
+
+class _Views(Dataset):
+    """Sample ``i`` → its ``V`` drawn views ``(V, ...)`` and their parameters ``(V, P)`` int32."""
+
+    def __init__(self, replay: Replay, views: int, seed: int) -> None:
+        self.replay, self.views, self.seed = replay, views, seed
+
+    def __len__(self) -> int:
+        return len(self.replay)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, _ = self.replay.raw(i)
+        rng = sample_rng(self.seed, i)
+        drawn = [self.replay.draw(raw, rng) for _ in range(self.views)]
+        params = torch.tensor([p for p, _ in drawn], dtype=torch.int32).reshape(self.views, -1)
+        return torch.stack([x for _, x in drawn]), params
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def _teacher_pass(
+    teachers: Sequence[nn.Module],
+    tap_paths: Sequence[str],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+    writer: _ShardWriter,
+    *,
+    storage: str,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    tap_shapes: dict[str, list[int]],
+) -> None:
+    """Run every teacher over ``(views (B, V, ...), params (B, V, P) | None)`` batches; store outputs."""
+    taps = [Taps(t, tap_paths) for t in teachers]
+    try:
+        for views, params in batches:
+            b, v = views.shape[:2]
+            x = views.flatten(0, 1).to(device)
+            out: dict[str, torch.Tensor] = {}
+            if params is not None and params.shape[-1] > 0:  # int16 where it fits (crop boxes < 32768)
+                small = params.numel() == 0 or int(params.abs().max()) < 32768
+                out["params"] = params.to(torch.int16 if small else torch.int32)
+            for j, (teacher, tap) in enumerate(zip(teachers, taps)):
+                logits = teacher(x)
+                if not isinstance(logits, torch.Tensor):
+                    logits = logits["logits"] if isinstance(logits, dict) else logits.logits
+                logits = logits.float().reshape(b, v, -1).cpu()
+                if storage == "full":
+                    out[f"t{j}.logits"] = logits.to(dtype)
+                else:
+                    lse = logits.logsumexp(-1)
+                    top, idx = logits.topk(k, dim=-1)
+                    out[f"t{j}.logp"] = (top - lse.unsqueeze(-1)).to(dtype)
+                    out[f"t{j}.index"] = idx.to(index_dtype(logits.shape[-1]))
+                    out[f"t{j}.lse"] = lse
+                for path, value in tap.pop().items():
+                    value = value.reshape(b, v, *value.shape[1:]).to(dtype).cpu()
+                    tap_shapes[path] = list(value.shape[2:])
+                    out[f"t{j}.tap.{path}"] = value
+            writer.add(out)
+    finally:
+        for tap in taps:
+            tap.remove()
+
+
+def _eval_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, None]]:
+    for batch in loader:
+        yield _inputs_of(batch).unsqueeze(1), None
+
+
+def write_cache(
+    out: str | Path,
+    data: DataSplits,
+    teachers: Sequence[nn.Module],
+    *,
+    views: int = 4,
+    top_k: int | str = 10,
+    taps: Sequence[str] = (),
+    dtype: str = "float16",
+    shard_size: int = 10_000,
+    seed: int = 0,
+    batch_size: int = 512,
+    num_workers: int = 0,
+    parts: dict[str, dict[str, Any]] | None = None,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Run ``teachers`` over ``data`` and write a cache directory at ``out``; return its index.
+
+    The Python API under :func:`build_cache` (which takes a run config): use it with your own
+    :class:`~protege.data.DataSplits` and teacher modules. ``views`` is forced to 1 when the
+    training transform draws nothing. ``parts`` are the fingerprint parts (``teacher``, ``data``,
+    ``transform``; see :func:`fingerprint_parts`); without them only the settings are
+    fingerprinted and :func:`use_cache` cannot check staleness.
+
+    Raises:
+        ProtegeError: ``out`` exists and ``overwrite`` is false; a setting is invalid; the training
+            transform has no replayable form.
+    """
+    t0 = time.perf_counter()
+    out = Path(out).expanduser()
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ProtegeError(
+            f"{out} already exists; pass --overwrite (overwrite=True) to rebuild it, or choose another path"
+        )
+    if dtype not in _DTYPES:
+        raise ProtegeError(f"cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if views < 1 or shard_size < 1 or batch_size < 1:
+        raise ProtegeError(
+            f"views, shard_size and batch_size must be ≥ 1 (got {views}, {shard_size}, {batch_size})"
+        )
+    if not teachers:
+        raise ProtegeError("a teacher-output cache needs at least one teacher (teacher: in the config)")
+    replay = replay_for(data.train)
+    views = views if replay.random else 1
+    num_classes = int(data.num_classes)
+    k = _parse_top_k(top_k)
+    storage = "full" if k is None or k >= num_classes else "topk"
+    k = num_classes if storage == "full" else k
+    settings = {
+        "views": views,
+        "seed": int(seed),
+        "top_k": "all" if storage == "full" else k,
+        "dtype": dtype,
+        "taps": list(taps),
+    }
+    parts = dict(parts or {})
+    parts["settings"] = _part(settings)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    moved = [t.to(dev).eval() for t in teachers]
+    for t in moved:
+        t.requires_grad_(False)
+    for path in taps:  # unknown paths fail here, before anything is written
+        Taps(moved[0], [path]).remove()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tap_shapes: dict[str, list[int]] = {}
+        per_step = max(1, batch_size // views)
+        loader = DataLoader(_Views(replay, views, seed), batch_size=per_step, num_workers=num_workers)
+        writer = _ShardWriter(tmp, "train", shard_size)
+        common = {"k": k, "device": dev, "tap_shapes": tap_shapes}
+        _teacher_pass(
+            moved, list(taps), iter(loader), writer, storage=storage, dtype=_DTYPES[dtype], **common
+        )
+        writer.flush()
+        splits: dict[str, Any] = {
+            "train": {
+                "samples": len(replay),
+                "views": views,
+                "storage": storage,
+                "dtype": dtype,
+                "shards": writer.shards,
+            }
+        }
+        for name in ("val", "test"):
+            dataset = getattr(data, name)
+            if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
+                continue
+            eval_loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+            w = _ShardWriter(tmp, name, shard_size)
+            _teacher_pass(
+                moved, [], _eval_batches(eval_loader), w, storage="full", dtype=torch.float32, **common
+            )
+            w.flush()
+            splits[name] = {
+                "samples": len(dataset),  # type: ignore[arg-type]
+                "views": 1,
+                "storage": "full",
+                "dtype": "float32",
+                "shards": w.shards,
+            }
+        train_bytes = sum(s["bytes"] for s in splits["train"]["shards"])
+        index = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "fingerprint": _fingerprint(parts),
+            "parts": parts,
+            "teachers": len(moved),
+            "num_classes": num_classes,
+            "top_k": settings["top_k"],
+            "dtype": dtype,
+            "index_dtype": str(index_dtype(num_classes)).removeprefix("torch."),
+            "views": views,
+            "view_seed": int(seed),
+            "view_params": list(replay.names),
+            "view_rule": "sample i, epoch e: view (e + offset[i]) % views; offsets = "
+            "protege.data.views.view_offsets(n, views, run seed); parameters drawn with "
+            "protege.data.views.sample_rng(view_seed, i), stored in the shards as 'params'",
+            "taps": tap_shapes,
+            "splits": splits,
+            "bytes": sum(s["bytes"] for sp in splits.values() for s in sp["shards"]),
+            "train_bytes_per_sample": train_bytes / max(len(replay), 1),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_durable(tmp / INDEX, json.dumps(index, indent=2).encode())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "cache")
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _parse_top_k(top_k: int | str | None) -> int | None:
+    """``None`` for all classes, else a positive int."""
+    if top_k is None or (isinstance(top_k, str) and top_k.strip().lower() == "all"):
+        return None
+    try:
+        k = int(top_k)
+        if k != float(top_k):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ProtegeError(f"top_k must be a positive integer or 'all', got {top_k!r}") from None
+    if k < 1:
+        raise ProtegeError(f"top_k must be a positive integer or 'all', got {k}")
+    return k
+
+
+def build_cache(
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    views: int | None = None,
+    top_k: int | str | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Build the teacher-output cache of a run config (what ``protege cache run.yaml`` does).
+
+    Settings come from the config's ``cache:`` section (:class:`protege.config.CacheConfig`);
+    ``out``, ``views`` and ``top_k`` override it. Returns the cache's index (see the module docs)
+    with its ``path``.
+    """
+    from ..config import CacheConfig
+    from ..pipeline import build_from, load_run_data
+
+    settings = cfg.cache
+    if settings is None:
+        if out is None:
+            raise ProtegeError(
+                "where should the cache go? add `cache: <path>` (or `cache: {path: ..., views: 4, top_k: 10}`) "
+                "to the config, or pass --out DIR"
+            )
+        settings = CacheConfig(path=str(out))
+    path = Path(out) if out is not None else Path(settings.path)
+    if (path.exists() or path.is_symlink()) and not overwrite:  # before any expensive work
+        raise ProtegeError(f"{path} already exists; pass --overwrite to rebuild it, or choose another path")
+    specs = cfg.all_teachers()
+    if not specs:
+        raise ProtegeError("the config has no teacher to cache: add `teacher: {model: ..., weights: ...}`")
+    data = load_run_data(cfg)
+    parts = fingerprint_parts(cfg, data)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    if any(s.weights is None for s in specs):  # built as an online run would: the student first
+        for spec in _student_spec_models(cfg):
+            build_from(spec, data)
+    teachers = [build_from(s, data) for s in specs]
+    dev = device or ("cpu" if cfg.cpu else None)
+    index = write_cache(
+        path,
+        data,
+        teachers,
+        views=views if views is not None else settings.views,
+        top_k=top_k if top_k is not None else settings.top_k,
+        taps=settings.taps,
+        dtype=settings.dtype,
+        shard_size=settings.shard_size,
+        seed=settings.seed,
+        batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        parts=parts,
+        overwrite=overwrite,
+        device=dev,
+    )
+    return {**index, "path": str(path)}
+
+
+def _student_spec_models(cfg: RunConfig) -> list[Any]:
+    students = getattr(cfg, "all_students", None)
+    if callable(students):
+        return list(students().values())
+    return [cfg.student] if cfg.student is not None else []
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+class TeacherCache:
+    """An opened, verified cache: its index and its tensors per split.
+
+    Use :meth:`open`; :meth:`check` compares its fingerprint with a run's; :meth:`dataset` makes
+    the dataset a distill run trains or evaluates on.
+    """
+
+    def __init__(
+        self, path: Path, index: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]
+    ) -> None:
+        self.path = path
+        self.index = index
+        self.tensors = tensors
+
+    @property
+    def views(self) -> int:
+        return int(self.index["views"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.index["num_classes"])
+
+    @property
+    def teachers(self) -> int:
+        return int(self.index["teachers"])
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.index.get("taps", {}))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.index["splits"])
+
+    @classmethod
+    def open(cls, path: str | Path, verify: str = "sha256") -> TeacherCache:
+        """Read and verify a cache directory.
+
+        Args:
+            path: the cache directory.
+            verify: ``"sha256"`` checks every shard's size and SHA-256; ``"size"`` only sizes.
+
+        Raises:
+            ProtegeError: no cache there, an unknown format version, or a shard that is missing,
+                truncated or corrupted (the message names the shard).
+        """
+        if verify not in ("sha256", "size"):
+            raise ProtegeError(f"cache verify must be 'sha256' or 'size', got {verify!r}")
+        path = Path(path).expanduser()
+        rebuild = "rebuild it with `protege cache <config> --overwrite`"
+        index_path = path / INDEX
+        if not index_path.is_file():
+            what = "does not exist" if not path.exists() else f"has no {INDEX}"
+            raise ProtegeError(
+                f"teacher-output cache {path} {what}: build it with `protege cache <config>` "
+                "(or fix the config's cache.path)"
+            )
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ProtegeError(f"{index_path} is corrupted ({e}); {rebuild}") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ProtegeError(f"{path} is not a protege teacher-output cache ({INDEX} has no format tag)")
+        if index.get("version") != FORMAT_VERSION:
+            raise ProtegeError(
+                f"cache {path} has format version {index.get('version')}, this protege reads version "
+                f"{FORMAT_VERSION}; {rebuild}"
+            )
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for split, info in index["splits"].items():
+            parts: dict[str, list[torch.Tensor]] = {}
+            expected_start = 0
+            for shard in info["shards"]:
+                file = path / shard["file"]
+                where = f"cache shard {file}"
+                if not file.is_file():
+                    raise ProtegeError(f"{where} is missing; {rebuild}")
+                size = file.stat().st_size
+                if size != shard["bytes"]:
+                    state = "truncated" if size < shard["bytes"] else "corrupted"
+                    raise ProtegeError(
+                        f"{where} is {state}: {size} bytes, expected {shard['bytes']}; {rebuild}"
+                    )
+                blob = file.read_bytes()
+                if verify == "sha256" and hashlib.sha256(blob).hexdigest() != shard["sha256"]:
+                    raise ProtegeError(f"{where} is corrupted (SHA-256 mismatch); {rebuild}")
+                try:
+                    loaded = load_tensors(blob)
+                except Exception as e:  # a damaged header that the size check could not see
+                    raise ProtegeError(f"{where} is corrupted ({type(e).__name__}: {e}); {rebuild}") from None
+                n = shard["stop"] - shard["start"]
+                if shard["start"] != expected_start or any(len(t) != n for t in loaded.values()):
+                    raise ProtegeError(
+                        f"{where} does not hold samples {shard['start']}..{shard['stop']}; {rebuild}"
+                    )
+                expected_start = shard["stop"]
+                for name, t in loaded.items():
+                    parts.setdefault(name, []).append(t)
+            if expected_start != info["samples"]:
+                raise ProtegeError(
+                    f"cache {path}: the {split} shards hold {expected_start} samples, the index says "
+                    f"{info['samples']}; {rebuild}"
+                )
+            tensors[split] = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+        return cls(path, index, tensors)
+
+    def check(self, expected: dict[str, dict[str, Any]]) -> None:
+        """Refuse the cache if a fingerprint part differs from ``expected`` (see :func:`fingerprint_parts`).
+
+        Raises:
+            ProtegeError: naming each changed part and how to rebuild.
+        """
+        stored = self.index.get("parts", {})
+        changed = []
+        for name in CHECKED_PARTS:
+            if name not in expected:
+                continue
+            if name not in stored:
+                changed.append(f"{name}: the cache was built without a {name} fingerprint")
+            elif stored[name]["sha256"] != expected[name]["sha256"]:
+                changed.append(
+                    f"{name}: {_what_changed(name, stored[name]['detail'], expected[name]['detail'])}"
+                )
+        if changed:
+            lines = "\n  ".join(changed)
+            raise ProtegeError(
+                f"teacher-output cache {self.path} is stale; it no longer matches this run:\n  {lines}\n"
+                "Rebuild it with `protege cache <config> --overwrite` (or point cache.path elsewhere)."
+            )
+
+    def dataset(self, split: str, dataset: Any, seed: int = 0) -> CachedTeacherDataset:
+        """The dataset a distill run reads: ``dataset``'s samples with the cached teacher outputs."""
+        return CachedTeacherDataset(self, split, dataset, seed=seed)
+
+
+def _what_changed(part: str, old: Any, new: Any) -> str:
+    """One line naming what differs between two fingerprint details."""
+    if part == "teacher" and isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return f"the run has {len(new)} teacher(s), the cache {len(old)}"
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a.get("model") != b.get("model") or a.get("kwargs") != b.get("kwargs"):
+                return f"teacher {i} is now {b.get('model')!r} {b.get('kwargs') or ''}, the cache has {a.get('model')!r}"
+            if a.get("weights_sha256") != b.get("weights_sha256") or a.get("weights") != b.get("weights"):
+                return (
+                    f"teacher {i}'s weights changed ({b.get('weights') or 'random init'}: sha256 "
+                    f"{str(b.get('weights_sha256'))[:12]}…, the cache was built from "
+                    f"{a.get('weights') or 'random init'}: {str(a.get('weights_sha256'))[:12]}…)"
+                )
+        return "the teacher's random initialisation (seed or student) changed"
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if keys:
+            return f"{', '.join(keys)} changed (now {_short(new.get(keys[0]))}, cached {_short(old.get(keys[0]))})"
+    return "changed"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class CachedTeacherDataset(Dataset):
+    """A split's samples with their cached teacher outputs: ``(x, y, {"teacher_outputs": [...], "index": i})``.
+
+    ``teacher_outputs`` holds one dict per teacher with ``"logits"`` (float32 ``(C,)``, dense, see
+    :func:`dense_logits`) and the cached taps (float32). On the training split, sample ``i`` at
+    epoch ``e`` is the stored view ``(e + offset[i]) % V``, replayed exactly; the epoch comes in
+    the index (``e * n + i``, as :class:`ViewEpochSampler` yields them) or from :meth:`set_epoch`
+    for plain indices. Evaluation splits are the dataset's own items (one view).
+    """
+
+    def __init__(self, cache: TeacherCache, split: str, dataset: Any, seed: int = 0) -> None:
+        if split not in cache.index["splits"]:
+            raise ProtegeError(
+                f"cache {cache.path} has no {split!r} split (it has: {', '.join(cache.splits)})"
+            )
+        info = cache.index["splits"][split]
+        self.cache, self.split, self.dataset = cache, split, dataset
+        self.n = int(info["samples"])
+        if len(dataset) != self.n:
+            raise ProtegeError(
+                f"the {split} split has {len(dataset)} samples, its cache {self.n}: the data changed; "
+                "rebuild the cache with `protege cache <config> --overwrite`"
+            )
+        self.views = int(info["views"])
+        self.full = info["storage"] == "full"
+        self.num_classes = cache.num_classes
+        t = cache.tensors[split]
+        self.teachers = [
+            {
+                "logits": t.get(f"t{j}.logits"),
+                "logp": t.get(f"t{j}.logp"),
+                "index": t.get(f"t{j}.index"),
+                "lse": t.get(f"t{j}.lse"),
+                "taps": {k.split(".tap.", 1)[1]: v for k, v in t.items() if k.startswith(f"t{j}.tap.")},
+            }
+            for j in range(cache.teachers)
+        ]
+        self.replay: Replay | None = None
+        self.params: torch.Tensor | None = None
+        if split == "train":
+            self.replay = replay_for(dataset)
+            names = list(cache.index["view_params"])
+            if list(self.replay.names) != names:
+                raise ProtegeError(
+                    f"the training transform draws {list(self.replay.names)}, the cache stored views with "
+                    f"{names}: rebuild the cache with `protege cache <config> --overwrite`"
+                )
+            self.params = t.get("params", torch.zeros(self.n, self.views, 0)).to(torch.int32)
+        self.offsets = view_offsets(self.n, self.views, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch plain indices ``i < n`` are read at."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def view_of(self, epoch: int, i: int) -> int:
+        return int((epoch + self.offsets[i]) % self.views)
+
+    def teacher_outputs(self, i: int, v: int) -> list[dict[str, torch.Tensor]]:
+        """The cached outputs of every teacher for sample ``i``, view ``v``."""
+        outs = []
+        for t in self.teachers:
+            if self.full:
+                logits = t["logits"][i, v].float()
+            else:
+                logits = dense_logits(t["logp"][i, v], t["index"][i, v], t["lse"][i, v], self.num_classes)
+            outs.append({"logits": logits, **{k: x[i, v].float() for k, x in t["taps"].items()}})
+        return outs
+
+    def _sample(self, index: int) -> tuple[Any, Any, int, int]:
+        epoch, i = split_index(index, self.n, self.epoch)
+        if self.replay is None:
+            x, y = self.dataset[i][:2]
+            return x, y, i, 0
+        v = self.view_of(epoch, i)
+        raw, y = self.replay.raw(i)
+        assert self.params is not None
+        return self.replay.apply(raw, self.params[i, v].tolist()), y, i, v
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, dict[str, Any]]:
+        x, y, i, v = self._sample(index)
+        return x, y, {"teacher_outputs": self.teacher_outputs(i, v), "index": i}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, dict[str, Any]]]:
+        """A batch of items (what ``DataLoader`` fetches): the teachers' dense logits are made for
+        the whole batch at once, which is most of the cost of reading a cache."""
+        if self.replay is None:
+            samples = [self._sample(index) for index in indices]
+            i = torch.tensor([s[2] for s in samples])
+            v = torch.tensor([s[3] for s in samples])
+            xs: Sequence[Any] = [s[0] for s in samples]
+            ys = [s[1] for s in samples]
+        else:
+            pairs = [split_index(index, self.n, self.epoch) for index in indices]
+            i = torch.tensor([p[1] for p in pairs])
+            v = torch.tensor([self.view_of(e, k) for e, k in pairs])
+            assert self.params is not None
+            xs, ys = zip(*self.replay.views(i.tolist(), self.params[i, v]))
+        per_teacher = []
+        for t in self.teachers:
+            if self.full:
+                logits = t["logits"][i, v].float()
+            else:
+                logits = dense_logits(t["logp"][i, v], t["index"][i, v], t["lse"][i, v], self.num_classes)
+            taps = {k: x[i, v].float() for k, x in t["taps"].items()}
+            per_teacher.append((logits, taps))
+        return [
+            (
+                x,
+                y,
+                {
+                    "teacher_outputs": [
+                        {"logits": logits[r], **{k: tap[r] for k, tap in taps.items()}}
+                        for logits, taps in per_teacher
+                    ],
+                    "index": idx,
+                },
+            )
+            for r, (x, y, idx) in enumerate(zip(xs, ys, i.tolist()))
+        ]
+
+
+class ViewEpochSampler(EpochShuffleSampler):
+    """:class:`~protege.engine.loaders.EpochShuffleSampler`'s permutation, with each index ``i``
+    yielded as ``epoch * n + i`` so that a :class:`CachedTeacherDataset` knows the epoch even in
+    worker processes and under distributed sharding (the same batch order as ``make_loader``)."""
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.n
+        return (offset + i for i in super().__iter__())
+
+
+def cache_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """:func:`~protege.engine.loaders.make_loader` for a :class:`CachedTeacherDataset`: the training
+    loader passes the epoch to the dataset through :class:`ViewEpochSampler`."""
+    if not shuffle:
+        return make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ViewEpochSampler(dataset, seed),
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+# ------------------------------------------------------------------------------- distill runs
+
+
+def _teacher_taps_needed(cfg: RunConfig) -> list[str]:
+    from ..losses import get_loss
+
+    needed: list[str] = []
+    for term in cfg.terms:
+        if not get_loss(term.loss).uses_teacher:
+            continue
+        keys = [term.teacher] if isinstance(term.teacher, str) else list(term.teacher)
+        needed += [k for k in keys if k != "logits" and k not in needed]
+    return needed
+
+
+def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCache]:
+    """Open and verify ``cfg.cache`` for a distill run, and return the splits that read it.
+
+    The training split yields the stored views with the teachers' outputs; validation and test
+    yield their items with the cached teacher logits (for fidelity metrics). Load the training
+    split with :func:`cache_loader`, and build the Distiller with ``cached_teachers=cache.teachers``.
+
+    Raises:
+        ProtegeError: no cache, a stale one (teacher weights, data or transforms changed), a
+            damaged shard, or a cache that lacks a tap a term reads.
+    """
+    settings = cfg.cache
+    if settings is None:
+        raise ProtegeError("the config has no `cache:` section")
+    cache = TeacherCache.open(settings.path, verify=settings.verify)
+    cache.check(fingerprint_parts(cfg, data))
+    n = len(cfg.all_teachers())
+    if cache.teachers != n:
+        raise ProtegeError(f"cache {cache.path} holds {cache.teachers} teacher(s)' outputs, the run has {n}")
+    missing = [t for t in _teacher_taps_needed(cfg) if t not in cache.taps]
+    if missing:
+        raise ProtegeError(
+            f"terms read the teacher taps {', '.join(missing)}, which cache {cache.path} does not hold "
+            f"(it has: {', '.join(cache.taps) or 'logits only'}); add them to cache.taps and rebuild with "
+            "`protege cache <config> --overwrite`"
+        )
+    splits = dataclasses.replace(
+        data,
+        train=cache.dataset("train", data.train, seed=cfg.seed),
+        val=cache.dataset("val", data.val) if "val" in cache.splits else data.val,
+        test=cache.dataset("test", data.test)
+        if data.test is not None and "test" in cache.splits
+        else data.test,
+    )
+    return splits, cache

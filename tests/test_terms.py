@@ -1,0 +1,34 @@
+"""The short term constructors build the registered loss with the papers' default weights."""
+
+from __future__ import annotations
+
+import pytest
+
+import protege as pg
+
+
+@pytest.mark.parametrize(
+    ("term", "loss", "weight", "student"),
+    [
+        (pg.sp("layer3", "layer3"), "sp", 3000.0, "layer3"),
+        (pg.rkd(), "rkd", 1.0, "fc:in"),
+        (pg.pkt(), "pkt", 30000.0, "fc:in"),
+        (pg.vid("layer2", "layer2"), "vid", 1.0, "layer2"),
+        (pg.ft("layer3", "layer3", phase="paraphrase"), "ft", 500.0, "layer3"),
+        (pg.fsp(["layer1", "layer2"], ["layer1", "layer2"]), "fsp", 1.0, ["layer1", "layer2"]),
+        (pg.ab("layer2.0", "layer2.1"), "ab", 3e-3, "layer2.0"),
+        (pg.crd(), "crd", 0.8, "fc:in"),
+        (pg.reviewkd(["layer1", "fc:in"], ["layer1", "fc:in"]), "reviewkd", 1.0, ["layer1", "fc:in"]),
+        (pg.simkd("layer3", "layer3"), "simkd", 1.0, "layer3"),
+    ],
+)
+def test_constructors(term, loss, weight, student):
+    assert term.loss == loss and term.weight == weight and term.student_key == student
+    assert term.info is pg.get_loss(loss)
+
+
+def test_constructor_params_reach_the_loss():
+    assert pg.ft("a", "b", phase="paraphrase").params["phase"] == "paraphrase"
+    assert pg.ab("a", "b").adapter_kind == "conv_bn"
+    assert pg.reviewkd(["a"], ["b"]).warmup == 20.0
+    assert pg.simkd("a", "b", head="classifier").state.head_path == "classifier"
