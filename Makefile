@@ -25,6 +25,8 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/quickstart_seeds.py
+	$(BIN)/python benchmarks/cache.py
+	$(BIN)/python benchmarks/method_table.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
