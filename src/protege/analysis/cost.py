@@ -31,13 +31,14 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     Counted by PyTorch's ``FlopCounterMode`` (matmuls and convolutions; cheap element-wise ops are
     not counted), divided by the batch size of ``example``.
     """
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restore each module's own mode afterwards
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(example.to(_model_device(model)))
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.train(mode)
     return int(counter.get_total_flops() // max(len(example), 1))
 
 
@@ -56,7 +57,7 @@ def measure_latencies(
     rounds. Returns, per model, ``{"ms": median, "ms_p90": …, "batch": n, "device": …,
     "threads": …, "runs": …}``.
     """
-    modes = {name: m.training for name, m in models.items()}
+    modes = {sub: sub.training for m in models.values() for sub in m.modules()}
     devices = {name: _model_device(m) for name, m in models.items()}
     inputs = {name: example.to(d) for name, d in devices.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -82,8 +83,8 @@ def measure_latencies(
                 if time.perf_counter() - start > max_seconds:
                     break
     finally:
-        for name, m in models.items():
-            m.train(modes[name])
+        for sub, mode in modes.items():  # each module's own mode, as it was
+            sub.train(mode)
     result = {}
     for name, ts in times.items():
         ts.sort()
