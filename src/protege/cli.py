@@ -126,6 +126,41 @@ def evaluate(
 
 
 @app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="search YAML (see configs/search/)")],
+    overrides: SetOpt = None,
+    distill_winner: Annotated[
+        bool, typer.Option("--distill", help="then distill the winner (its distill.yaml)")
+    ] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="output directory (default: output_dir/name)")
+    ] = None,
+) -> None:
+    """Rank a space's students by a training-free proxy under budgets; write search.json/png and distill.yaml."""
+    from .search import load_search_config
+    from .search import search as run_search
+
+    result = run_search(load_search_config(config, overrides or []), out_dir=out_dir, distill=distill_winner)
+    table = Table(title=f"{result.summary['name']} — {result.summary['proxy']}, best first")
+    for col in ("rank", "id", "score", "params", "MFLOPs", "latency ms"):
+        table.add_column(col, justify="left" if col == "id" else "right")
+    for rank, cand in enumerate(result.history.ranked[:10], start=1):
+        latency = f"{cand.latency_ms:.3f}" if cand.latency_ms is not None else "—"
+        table.add_row(
+            str(rank), cand.id, f"{cand.score:.5g}", f"{cand.params:,}", f"{cand.flops / 1e6:.2f}", latency
+        )
+    out.print(table)
+    counts = result.summary["counts"]
+    out.print(
+        f"{counts['scored']} scored, {counts['over_budget']} over budget, {counts['failed']} failed "
+        f"({result.summary['candidates_per_minute']:.1f} candidates/min); results in {result.out_dir}",
+        soft_wrap=True,
+    )
+    if result.distill_summary is not None:
+        _print_run(result.distill_summary, result.run_config.run_dir)
+
+
+@app.command()
 def quickstart(
     fast: Annotated[bool, typer.Option("--fast", help="a much shorter run (for CI)")] = False,
     output_dir: Annotated[Path, typer.Option(help="where runs/quickstart goes")] = Path("runs"),

@@ -115,6 +115,7 @@ def list_models(pattern: str | None = None, *, external: bool = True) -> list[st
     Returns:
         The matching names.
     """
+    _load_search_builders()
     names = sorted(_ZOO)
     if external:
         zoo = set(_ZOO)
@@ -133,6 +134,12 @@ def list_models(pattern: str | None = None, *, external: bool = True) -> list[st
 def _bare(name: str) -> str:
     prefix, sep, rest = name.partition(":")
     return rest.lower() if sep and prefix.lower() in _PREFIXES else name.lower()
+
+
+def _load_search_builders() -> None:
+    """Register the search spaces' architecture builders (``resnet_depth``, ``nb201``), so a run
+    config written by ``protege search`` builds its winner in any process."""
+    from ..search import spaces  # noqa: F401  (registers on import; imported lazily: it imports this module)
 
 
 def build_model(
@@ -158,6 +165,7 @@ def build_model(
     Raises:
         ProtegeError: unknown name, bad constructor arguments, unreadable or unfitting weights.
     """
+    _load_search_builders()
     if not isinstance(name, str) or not name.strip():
         raise ProtegeError(f"model name must be a non-empty string, got {name!r}")
     if kwargs.pop("pretrained", False):
