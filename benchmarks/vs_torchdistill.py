@@ -49,6 +49,13 @@ Commands (from the repository root):
 Options: ``--epochs 5 --seeds 0 1 2 --methods kd at rkd [sp] --teacher-epochs 8
 --output runs/bench-vs-torchdistill --threads 2 --json FILE``.
 
+``--with-cache`` adds a third side, clearly apart from the like-for-like comparison: protege's
+offline KD (``protege.engine.cache``: the teacher run once over the data, its logits and the taps
+the method reads stored in fp32, training reads them; building the cache is inside the timing).
+torchdistill 1.1.5 has no equivalent.
+
+    .venv-torchdistill/bin/python benchmarks/vs_torchdistill.py --threads 1 --with-cache --json runs/bench-vs-torchdistill/result-with-cache.json
+
 Where the time goes (per-step time of each framework against the bare compute, teacher forward
 and student step timed by hand, in interleaved one-epoch rounds; then a cProfile of one epoch
 of each framework, saved under ``OUTPUT/profile/``):
@@ -284,10 +291,47 @@ def train_torchdistill(
     return elapsed
 
 
+TAPS = {"kd": [], "at": list(AT_LAYERS), "rkd": ["avgpool"], "sp": ["layer3"]}
+
+
+def train_protege_cached(
+    method: str, teacher: nn.Module, student: nn.Module, data: pg.DataSplits, epochs: int, seed: int
+) -> tuple[float, float]:
+    """protege's offline KD (``--with-cache``; an extra row, not the like-for-like comparison):
+    write the teacher-output cache (full fp32 logits and the taps the method reads, one view since
+    the inputs are not augmented), then ``pg.fit`` from it with no teacher. Building the cache,
+    which runs the teacher over train, val and test once, is timed too."""
+    from protege.engine.cache import TeacherCache, cache_loader, write_cache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock()
+        write_cache(
+            Path(tmp) / "cache", data, [teacher], views=1, top_k="all", taps=TAPS[method], dtype="float32"
+        )
+        train_set = TeacherCache.open(Path(tmp) / "cache").dataset("train", data.train, seed=seed)
+        distiller = pg.Distiller(student, None, protege_terms(method), cached_teachers=1)
+        loader = cache_loader(train_set, BATCH, shuffle=True, seed=seed)
+        cfg = pg.TrainConfig(
+            epochs=epochs,
+            optim={"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+            schedule={"name": "cosine"},
+            mixed_precision="no",
+            cpu=True,
+            seed=seed,
+            progress=False,
+            measure_cost=False,
+        )
+        pg.fit(distiller, loader, None, cfg, run_dir=Path(tmp) / "run")
+        elapsed = clock.read()
+    distiller.close()
+    return elapsed
+
+
 TRAINERS: dict[str, Callable[..., tuple[float, float]]] = {
     "protege": train_protege,
     "torchdistill": train_torchdistill,
 }
+EXTRA = {"protege+cache": train_protege_cached}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -398,7 +442,11 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         for r in runs:
             if r["method"] == method:
                 paired.setdefault(r["seed"], {})[r["framework"]] = r["samples_per_s"]
-        row["paired_ratios"] = [x["protege"] / x["torchdistill"] for x in paired.values() if len(x) == 2]
+        row["paired_ratios"] = [
+            x["protege"] / x["torchdistill"]
+            for x in paired.values()
+            if "protege" in x and "torchdistill" in x
+        ]
         out[method] = row
     return out
 
@@ -417,6 +465,23 @@ def table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {_pm(p['samples_per_s'], 0)} | {_pm(t['samples_per_s'], 0)} | {row['ratio']:.3f} "
             f"| {_pm(p['test_acc'], 2)} | {_pm(t['test_acc'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def cache_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = [
+        "| method | protege+cache samples/s | ratio to torchdistill | samples/CPU-s | ratio (CPU time) | acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, row in summary.items():
+        rs = [r for r in runs if r["method"] == method and r["framework"] == "protege+cache"]
+        sps, cps = mean_std([r["samples_per_s"] for r in rs]), mean_std([r["samples_per_cpu_s"] for r in rs])
+        acc = mean_std([r["test_acc"] for r in rs])
+        t = row["torchdistill"]
+        lines.append(
+            f"| {method} | {_pm(sps, 0)} | {sps[0] / t['samples_per_s'][0]:.3f} | {_pm(cps, 0)} "
+            f"| {cps[0] / t['samples_per_cpu_s'][0]:.3f} | {_pm(acc, 2)} |"
         )
     return "\n".join(lines)
 
@@ -595,6 +660,11 @@ def main() -> None:
         "(interleaved one-epoch rounds), and a cProfile of one epoch each (files under OUTPUT/profile/)",
     )
     parser.add_argument("--profile-rounds", type=int, default=3)
+    parser.add_argument(
+        "--with-cache",
+        action="store_true",
+        help="add a third side: protege from its teacher-output cache (offline KD; cache build timed)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.teacher_epochs = 1, [0], 1
@@ -635,12 +705,16 @@ def main() -> None:
     k = 0
     for seed in args.seeds:
         for method in args.methods:
-            order = ["protege", "torchdistill"] if k % 2 == 0 else ["torchdistill", "protege"]
+            sides = list(TRAINERS) + (list(EXTRA) if args.with_cache else [])
+            order = sides[k % len(sides) :] + sides[: k % len(sides)]
+            if len(sides) == 3 and (k // 3) % 2:  # with three sides, alternate the direction as well
+                order.reverse()
             k += 1
             for fw in order:
                 student = copy.deepcopy(students[seed])
                 torch.manual_seed(seed)
-                seconds, cpu = TRAINERS[fw](method, fresh_teacher(teacher0), student, data, args.epochs, seed)
+                trainer = TRAINERS.get(fw) or EXTRA[fw]
+                seconds, cpu = trainer(method, fresh_teacher(teacher0), student, data, args.epochs, seed)
                 acc = test_accuracy(student, data.test)
                 sps = args.epochs * len(data.train) / seconds
                 runs.append(
@@ -656,7 +730,7 @@ def main() -> None:
                     }
                 )
                 print(
-                    f"{method:>4} seed {seed} {fw:>12}: {seconds:6.1f} s  {sps:6.1f} samples/s  test acc {acc:.2f}%",
+                    f"{method:>4} seed {seed} {fw:>13}: {seconds:6.1f} s  {sps:6.1f} samples/s  test acc {acc:.2f}%",
                     flush=True,
                 )
 
@@ -666,6 +740,9 @@ def main() -> None:
     print(table(summary))
     print()
     print(cpu_table(summary))
+    if args.with_cache:
+        print()
+        print(cache_table(runs, summary))
     print(
         f"\nratio = protege / torchdistill samples per second (mean over seeds); wall time {wall / 60:.1f} min"
     )
@@ -690,6 +767,7 @@ def main() -> None:
             "wall_s": wall,
             "table": table(summary),
             "cpu_table": cpu_table(summary),
+            "cache_table": cache_table(runs, summary) if args.with_cache else None,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -111,6 +111,8 @@ def test_checkpoint_is_safetensors_and_loads_into_build_model(tmp_path, digits):
     reloaded = pg.build_model("mlp_s", num_classes=10, in_chans=1, input_size=8, weights=str(ckpt))
     x = torch.randn(5, 1, 8, 8)
     assert torch.allclose(reloaded.eval()(x), d.student.eval()(x))
+    from_run = pg.build_model("mlp_s", num_classes=10, in_chans=1, input_size=8, weights=tmp_path / "run")
+    assert torch.allclose(from_run.eval()(x), reloaded(x))  # a run directory means its best checkpoint
     assert set(load_file(ckpt / "model.safetensors")) == set(d.student.state_dict())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best"]["val/acc"] >= summary["final"]["val/acc"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -431,7 +432,7 @@ def load_weights(
     """Load a local state dict into ``model`` strictly, with a readable error on mismatch.
 
     Accepted files: ``.safetensors``; a protege checkpoint directory containing
-    ``model.safetensors``; ``.pt``/``.pth``/``.bin``/``.ckpt``/``.tar`` read with
+    ``model.safetensors``; a protege run directory (its best checkpoint); ``.pt``/``.pth``/``.bin``/``.ckpt``/``.tar`` read with
     ``torch.load(..., weights_only=True)``, holding a state dict or a dict with the state dict
     under ``state_dict``/``model``/``model_state_dict``/``student`` (so RepDistiller and mdistiller
     teacher checkpoints load). A ``module.``/``student.``/``_orig_mod.`` prefix shared by all
@@ -453,6 +454,14 @@ def load_weights(
     path = Path(weights).expanduser()
     if not path.exists():
         raise ProtegeError(f"weights file not found: {path}")
+    pointers = path / "checkpoints" / "pointers.json"
+    if path.is_dir() and not (path / "model.safetensors").exists() and pointers.is_file():
+        # a protege run directory stands for its best checkpoint (its last, if it kept no best)
+        marks = json.loads(pointers.read_text())
+        which = marks.get("best") or marks.get("last")
+        if which is None:
+            raise ProtegeError(f"the run {path} has no checkpoint yet (did it finish an epoch?)")
+        path = path / "checkpoints" / which
     raw = _strip_prefixes(_read_state_dict(path))
     translate = getattr(model, "translate_legacy_keys", None)
     state_dict = dict(translate(raw)) if callable(translate) else dict(raw)
