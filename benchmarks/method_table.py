@@ -53,6 +53,8 @@ PAIRS: dict[str, dict[str, Any]] = {
         "s_maps": ["layer1", "layer2"],
         "t_pre": ["layer2.1", "layer3.1"],  # BatchNorm outputs, before the ReLU
         "s_pre": ["layer1.0", "layer2.0"],  # conv outputs, before the ReLU
+        # the ConvNet classifies a hidden fc layer's output, not its pooled last map
+        "simkd": ("fc:in", "fc:in"),
     },
     "resnet-cnn": {
         "teacher": {"model": "resnet14", "kwargs": {"widths": [8, 8, 16, 32]}},
@@ -130,8 +132,9 @@ def method_spec(method: str, p: dict[str, Any], epochs: int) -> dict[str, Any] |
                 },
             ]
         }
-    if method == "simkd":
-        return {"terms": [{"loss": "simkd", "weight": 1.0, "student": s_last, "teacher": t_last}]}
+    if method == "simkd":  # the teacher tap must be what the teacher's classifier reads (pooled)
+        s_tap, t_tap = p.get("simkd", (s_last, t_last))
+        return {"terms": [{"loss": "simkd", "weight": 1.0, "student": s_tap, "teacher": t_tap}]}
     if method == "ft":
         ft = {"loss": "ft", "name": "ft", "student": s_last, "teacher": t_last}
         return {
