@@ -19,14 +19,33 @@ reported in one message that names the key, the problem and the closest valid sp
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .engine.options import OptimConfig, ScheduleConfig, TrainConfig
 from .errors import ProtegeError, closest
+
+
+def _plain_dir_name(v: str) -> str:
+    if not v or "/" in v or v in (".", ".."):
+        raise ValueError("must be a plain directory name (no '/')")
+    return v
+
+
+#: a name used as a directory name (of a run, a stage, a search)
+DirName = Annotated[str, AfterValidator(_plain_dir_name)]
 
 
 class DataConfig(BaseModel):
@@ -105,7 +124,7 @@ class StageConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="the stage's name; its outputs go to runs/<run>/stages/<name>/")
+    name: DirName = Field(description="the stage's name; its outputs go to runs/<run>/stages/<name>/")
     epochs: int | None = Field(None, gt=0)
     optim: OptimConfig | None = None
     schedule: ScheduleConfig | None = None
@@ -114,13 +133,6 @@ class StageConfig(BaseModel):
         False,
         description="train only the terms' own modules (e.g. FT's paraphraser); the student stays fixed",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", ".."):
-            raise ValueError("must be a plain directory name (no '/')")
-        return v
 
 
 class CacheConfig(BaseModel):
@@ -173,7 +185,7 @@ class CacheConfig(BaseModel):
 class RunConfig(TrainConfig):
     """A whole run: data, teacher(s), student, loss terms, and the training options."""
 
-    name: str = Field("run", description="the run's directory name under output_dir")
+    name: DirName = Field("run", description="the run's directory name under output_dir")
     output_dir: str = "runs"
     task: str = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -197,13 +209,6 @@ class RunConfig(TrainConfig):
         default_factory=list,
         description="run as consecutive stages (each overrides epochs/optim/schedule/terms)",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", ".."):
-            raise ValueError("must be a plain directory name (no '/')")
-        return v
 
     @model_validator(mode="after")
     def _one_teacher_key(self) -> RunConfig:
@@ -335,18 +340,29 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ProtegeError(format_validation_error(e, source)) from None
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(
+    error: ValidationError,
+    source: str,
+    valid_keys: Callable[[list[str]], list[str]] | None = None,
+    messages: Mapping[str, str] | None = None,
+) -> str:
+    """One readable message for a pydantic error: every problem on its own line, with the valid
+    keys (from ``valid_keys(section_location)``, default: the run config's) and a "did you mean"
+    for unknown ones. ``messages`` replaces pydantic's text for given error types."""
+    valid_keys = valid_keys or _valid_keys
     lines = [f"{source}: {error.error_count()} problem(s)"]
     for err in error.errors():
         loc = [str(x) for x in err["loc"]]
         where = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1])
+            valid = valid_keys(loc[:-1])
             near = closest(loc[-1], valid)
             hint = f" did you mean {near[0]!r}?" if near else ""
             lines.append(f"  {where}: unknown key.{hint} Valid keys here: {', '.join(valid)}")
         elif err["type"] == "missing":
             lines.append(f"  {where}: required, but missing")
+        elif messages and err["type"] in messages:
+            lines.append(f"  {where}: {messages[err['type']]}")
         else:
             got = err.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ProtegeError
 from ..losses.logits import kd as kd_loss
 from ..tasks import ClassificationTask, Outputs, Task
-from .distiller import Distiller, TeacherSpec, Term, _as_teacher_dict
+from .distiller import Distiller, TeacherSpec, Term, _as_teacher_dict, run_teachers
 from .taps import Taps
 
 
@@ -163,12 +163,7 @@ class Cohort(nn.Module):
 
     # -- the step --------------------------------------------------------------------------------
     def _run_teachers(self, inputs: Any, count: bool = True) -> list[Outputs]:
-        outs = []
-        with torch.no_grad():
-            for teacher, taps in zip(self._teachers.values(), self._teacher_taps):
-                out = self.task.forward(teacher, inputs)
-                out.update(taps.pop())
-                outs.append(out)
+        outs = run_teachers(self.task, list(self._teachers.values()), self._teacher_taps, inputs)
         if count and outs:
             self.teacher_forwards += 1
         return outs

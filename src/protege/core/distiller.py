@@ -226,6 +226,19 @@ class Term(nn.Module):
         return f"{self.name!r}, weight={self.weight}" + (f", {params}" if params else "")
 
 
+def run_teachers(
+    task: Task, teachers: Sequence[nn.Module], taps: Sequence[Taps], inputs: Any
+) -> list[Outputs]:
+    """Each frozen teacher's outputs on ``inputs`` (no grad), with the taps its hooks recorded."""
+    outs = []
+    with torch.no_grad():
+        for teacher, teacher_taps in zip(teachers, taps):
+            out = task.forward(teacher, inputs)
+            out.update(teacher_taps.pop())
+            outs.append(out)
+    return outs
+
+
 def _read(outputs: Outputs, key: str | list[str], who: str, term: str) -> Any:
     if not isinstance(key, str):
         return [_read(outputs, k, who, term) for k in key]
@@ -376,13 +389,7 @@ class Distiller(nn.Module):
                     f"the batch carries outputs of {len(cached)} teacher(s), expected {self.cached_teachers}"
                 )
             return [dict(o) for o in cached]
-        outs = []
-        with torch.no_grad():
-            for teacher, taps in zip(self._teachers.values(), self._teacher_taps):
-                out = self.task.forward(teacher, inputs)
-                out.update(taps.pop())
-                outs.append(out)
-        return outs
+        return run_teachers(self.task, list(self._teachers.values()), self._teacher_taps, inputs)
 
     @property
     def needs_prepare(self) -> bool:

@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..config import DataConfig, ModelConfig, RunConfig, apply_overrides, format_validation_error
-from ..errors import ProtegeError, closest
+from ..config import DataConfig, DirName, ModelConfig, RunConfig, apply_overrides, format_validation_error
+from ..errors import ProtegeError
 from .spaces import NB201_OPS, ModelListSpace, MultiplierSpace, NB201Space, ResNetDepthSpace, SearchSpace
 
 __all__ = ["AlgorithmConfig", "BudgetConfig", "SearchConfig", "load_search_config", "validate_search_config"]
@@ -121,7 +121,7 @@ class SearchConfig(BaseModel):
     """A whole search: data for the proxy, the teacher, the space, the proxy, budgets and algorithm."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("search", description="the search's directory name under output_dir")
+    name: DirName = Field("search", description="the search's directory name under output_dir")
     output_dir: str = "runs/search"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: ModelConfig | None = Field(
@@ -144,13 +144,6 @@ class SearchConfig(BaseModel):
         },
         description="run-config keys of the winner's distill.yaml (terms, epochs, optim, schedule, ...)",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", ".."):
-            raise ValueError("must be a plain directory name (no '/')")
-        return v
 
     @field_validator("distill")
     @classmethod
@@ -183,7 +176,14 @@ def validate_search_config(data: dict[str, Any], source: str = "search config") 
     try:
         cfg = SearchConfig.model_validate(data)
     except ValidationError as e:
-        raise ProtegeError(_format(e, source)) from None
+        raise ProtegeError(
+            format_validation_error(
+                e,
+                source,
+                _valid_keys,
+                {"union_tag_invalid": "kind must be one of resnet_depth, nb201, models, multiplier"},
+            )
+        ) from None
     cfg.run_config({"model": "placeholder"})  # the distill: keys must make a valid run config
     return cfg
 
@@ -202,27 +202,6 @@ def load_search_config(path: str | Path, overrides: list[str] | None = None) -> 
     if overrides:
         data = apply_overrides(data, overrides)
     return validate_search_config(data, str(p))
-
-
-def _format(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: {error.error_count()} problem(s)"]
-    for err in error.errors():
-        loc = [str(x) for x in err["loc"]]
-        where = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1])
-            near = closest(loc[-1], valid)
-            hint = f" did you mean {near[0]!r}?" if near else ""
-            lines.append(f"  {where}: unknown key.{hint} Valid keys here: {', '.join(valid)}")
-        elif err["type"] == "missing":
-            lines.append(f"  {where}: required, but missing")
-        elif err["type"] == "union_tag_invalid":
-            lines.append(f"  {where}: kind must be one of resnet_depth, nb201, models, multiplier")
-        else:
-            got = err.get("input")
-            shown = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
-            lines.append(f"  {where}: {err['msg']}{shown}")
-    return "\n".join(lines)
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
