@@ -289,26 +289,20 @@ def _ms(values: list[float]) -> str:
 
 def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     pairs = list(results)
-    print(f"\nTest accuracy (%), last epoch, mean ± std over {args.seeds} seeds; {args.epochs} epochs\n")
     head = [f"{pair}: {PAIRS[pair]['teacher']['model']}→{PAIRS[pair]['student']['model']}" for pair in pairs]
-    print("| method | " + " | ".join(head) + " |")
-    print("|---|" + "---|" * len(pairs))
     rows = ["teacher", *[m for m in METHODS if any(m in results[p] for p in pairs)]]
-    for row in rows:
-        cells = []
-        for pair in pairs:
-            cell = results[pair].get(row)
-            cells.append("—" if cell is None else cell.get("note") or _ms(cell["acc"]))
-        print(f"| {row} | " + " | ".join(cells) + " |")
-    print("\nBest-epoch (by validation) test accuracy:\n")
-    print("| method | " + " | ".join(head) + " |")
-    print("|---|" + "---|" * len(pairs))
-    for row in rows:
-        cells = []
-        for pair in pairs:
-            cell = results[pair].get(row)
-            cells.append("—" if cell is None else cell.get("note") or _ms(cell["best"]))
-        print(f"| {row} | " + " | ".join(cells) + " |")
+    titles = {
+        "acc": f"Test accuracy (%), last epoch, mean ± std over {args.seeds} seeds; {args.epochs} epochs",
+        "best": "Best-epoch (by validation) test accuracy:",
+    }
+    for key, title in titles.items():
+        print(f"\n{title}\n")
+        print("| method | " + " | ".join(head) + " |")
+        print("|---|" + "---|" * len(pairs))
+        for row in rows:
+            cells = [results[pair].get(row) for pair in pairs]
+            shown = ["—" if c is None else c.get("note") or _ms(c[key]) for c in cells]
+            print(f"| {row} | " + " | ".join(shown) + " |")
 
 
 if __name__ == "__main__":

@@ -929,16 +929,8 @@ def cache_loader(
 ) -> DataLoader:
     """:func:`~protege.engine.loaders.make_loader` for a :class:`CachedTeacherDataset`: the training
     loader passes the epoch to the dataset through :class:`ViewEpochSampler`."""
-    if not shuffle:
-        return make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, drop_last=drop_last)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=ViewEpochSampler(dataset, seed),
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+    return make_loader(
+        dataset, batch_size, shuffle, seed, num_workers, drop_last, sampler_cls=ViewEpochSampler
     )
 
 

@@ -38,9 +38,13 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    sampler_cls: type[EpochShuffleSampler] | None = None,
 ) -> DataLoader:
-    """A ``DataLoader`` with a seeded per-epoch shuffle (train) or fixed order (evaluation)."""
-    sampler = EpochShuffleSampler(dataset, seed) if shuffle else None
+    """A ``DataLoader`` with a seeded per-epoch shuffle (train) or fixed order (evaluation).
+
+    ``sampler_cls`` replaces the shuffling sampler by a subclass (the teacher-output cache's
+    sampler also tells the dataset the epoch)."""
+    sampler = (sampler_cls or EpochShuffleSampler)(dataset, seed) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -67,18 +67,32 @@ __all__ = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_maps(student: Tensor, teacher: Tensor, loss: str) -> None:
-    """Both tensors are (N, C, H, W) feature maps with the same batch size."""
-    if student.dim() != 4 or teacher.dim() != 4:
+def check_features(
+    student: Tensor, teacher: Tensor, loss: str, ranks: tuple[int, ...] = (4,), same_rank: bool = True
+) -> None:
+    """Student and teacher features have an accepted rank (``ranks``; the same one when
+    ``same_rank``) and the same batch size N; otherwise a ``ValueError`` naming both shapes."""
+    if (
+        student.dim() not in ranks
+        or teacher.dim() not in ranks
+        or (same_rank and student.dim() != teacher.dim())
+    ):
+        kinds = " or ".join(
+            {2: "(N, D) vectors", 4: "feature maps (N, C, H, W)"}.get(r, f"{r}-d") for r in ranks
+        )
         raise ValueError(
-            f"{loss}: expected feature maps of shape (N, C, H, W), got student {tuple(student.shape)} "
-            f"and teacher {tuple(teacher.shape)}"
+            f"{loss}: expected {kinds}, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
         )
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(
             f"{loss}: student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
             "must have the same batch size N"
         )
+
+
+def _check_maps(student: Tensor, teacher: Tensor, loss: str) -> None:
+    """Both tensors are (N, C, H, W) feature maps with the same batch size."""
+    check_features(student, teacher, loss)
 
 
 def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,16 +301,7 @@ def ickd(student_features: Tensor, teacher_features: Tensor, normalize: bool = T
 
 def _as_maps(student: Tensor, teacher: Tensor, loss: str) -> tuple[Tensor, Tensor]:
     """Two (N, C, H, W) maps, or two (N, D) vectors viewed as (N, D, 1, 1) maps; same N."""
-    if student.dim() not in (2, 4) or student.dim() != teacher.dim():
-        raise ValueError(
-            f"{loss}: expected student and teacher feature maps (N, C, H, W) (or two (N, D) vectors), got "
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
-        )
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"{loss}: student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
-            "must have the same batch size N"
-        )
+    check_features(student, teacher, loss, ranks=(4, 2))
     if student.dim() == 2:
         return student[:, :, None, None], teacher[:, :, None, None]
     return student, teacher

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ProtegeError, closest
+from .features import check_features
 from .registry import BuildContext, register_loss
 
 __all__ = ["SimKDProjector", "SimKDStudent", "align_spatial", "simkd", "simkd_projector"]
@@ -42,16 +43,7 @@ def _check_pair(student: Any, teacher: Any) -> None:
             "simkd reads one student tap and one teacher tap (the last feature maps), got "
             f"{type(student).__name__} and {type(teacher).__name__}"
         )
-    if student.dim() not in (2, 4) or teacher.dim() not in (2, 4):
-        raise ValueError(
-            f"simkd: expected feature maps (N, C, H, W) or vectors (N, D), got student "
-            f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}"
-        )
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"simkd: student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
-            "must have the same batch size N"
-        )
+    check_features(student, teacher, "simkd", ranks=(4, 2), same_rank=False)
 
 
 def align_spatial(student: Tensor, teacher_size: tuple[int, int]) -> Tensor:
