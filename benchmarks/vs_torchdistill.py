@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import platform
@@ -231,10 +232,19 @@ class Clock:
 
 
 def train_protege(
-    method: str, teacher: nn.Module, student: nn.Module, data: pg.DataSplits, epochs: int, seed: int
+    method: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    data: pg.DataSplits,
+    epochs: int,
+    seed: int,
+    fold_teacher_bn: bool = True,
 ) -> tuple[float, float]:
-    """Train with ``pg.fit``; return the seconds the whole call took (wall clock, process CPU)."""
-    distiller = pg.Distiller(student, teacher, protege_terms(method))
+    """Train with ``pg.fit``; return the seconds the whole call took (wall clock, process CPU).
+
+    The teacher's BatchNorms are folded into its convolutions (``fold_teacher_bn``), as
+    ``protege.run`` does for the teachers it builds; the teacher is a private copy per run."""
+    distiller = pg.Distiller(student, teacher, protege_terms(method), fold_teacher_bn=fold_teacher_bn)
     loader = pg.make_loader(data.train, BATCH, shuffle=True, seed=seed)
     cfg = pg.TrainConfig(
         epochs=epochs,
@@ -331,7 +341,10 @@ TRAINERS: dict[str, Callable[..., tuple[float, float]]] = {
     "protege": train_protege,
     "torchdistill": train_torchdistill,
 }
-EXTRA = {"protege+cache": train_protege_cached}
+EXTRA = {
+    "protege+cache": train_protege_cached,
+    "protege-unfolded": functools.partial(train_protege, fold_teacher_bn=False),
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -438,6 +451,15 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         p, t = row["protege"], row["torchdistill"]
         row["ratio"] = p["samples_per_s"][0] / t["samples_per_s"][0]
         row["ratio_cpu"] = p["samples_per_cpu_s"][0] / t["samples_per_cpu_s"][0]
+        unfolded = [r for r in runs if r["method"] == method and r["framework"] == "protege-unfolded"]
+        if unfolded:  # protege without teacher BN folding: the plumbing alone
+            u = {
+                k: mean_std([r[k] for r in unfolded])
+                for k in ("samples_per_s", "samples_per_cpu_s", "test_acc")
+            }
+            row["protege-unfolded"] = u
+            row["ratio_unfolded"] = u["samples_per_s"][0] / t["samples_per_s"][0]
+            row["ratio_unfolded_cpu"] = u["samples_per_cpu_s"][0] / t["samples_per_cpu_s"][0]
         paired: dict[int, dict[str, float]] = {}
         for r in runs:
             if r["method"] == method:
@@ -661,6 +683,11 @@ def main() -> None:
     )
     parser.add_argument("--profile-rounds", type=int, default=3)
     parser.add_argument(
+        "--with-unfolded",
+        action="store_true",
+        help="also time protege without folding the teacher's BatchNorms (the like-for-like plumbing)",
+    )
+    parser.add_argument(
         "--with-cache",
         action="store_true",
         help="add a third side: protege from its teacher-output cache (offline KD; cache build timed)",
@@ -705,7 +732,8 @@ def main() -> None:
     k = 0
     for seed in args.seeds:
         for method in args.methods:
-            sides = list(TRAINERS) + (list(EXTRA) if args.with_cache else [])
+            sides = list(TRAINERS) + (["protege+cache"] if args.with_cache else [])
+            sides += ["protege-unfolded"] if args.with_unfolded else []
             order = sides[k % len(sides) :] + sides[: k % len(sides)]
             if len(sides) == 3 and (k // 3) % 2:  # with three sides, alternate the direction as well
                 order.reverse()

@@ -133,10 +133,20 @@ def build_distiller(
     task = build_task(cfg.task)
     if cfg.students:
         mutual = cfg.mutual or MutualConfig(weight=0.0)
-        return Cohort(models, teachers or None, terms, weights, mutual.weight, mutual.T, task)
+        return Cohort(
+            models, teachers or None, terms, weights, mutual.weight, mutual.T, task, fold_teacher_bn=not stage
+        )
     n_cached = len(cfg.all_teachers()) if cached and not teachers else 0
     return Distiller(
-        student, teachers or None, terms, teacher_weights=weights, task=task, cached_teachers=n_cached
+        student,
+        teachers or None,
+        terms,
+        teacher_weights=weights,
+        task=task,
+        cached_teachers=n_cached,
+        # the teachers are ours (built here): fold their BatchNorms for a cheaper forward; not in
+        # multi-stage runs, whose stages share the teachers but may tap different layers
+        fold_teacher_bn=not stage and bool(teachers),
     )
 
 

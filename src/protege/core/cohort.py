@@ -34,6 +34,7 @@ from ..errors import ProtegeError
 from ..losses.logits import kd as kd_loss
 from ..tasks import ClassificationTask, Outputs, Task
 from .distiller import Distiller, TeacherSpec, Term, _as_teacher_dict, run_teachers
+from .fold import fold_batchnorm
 from .taps import Taps
 
 
@@ -49,6 +50,7 @@ class Cohort(nn.Module):
         mutual: weight of the deep-mutual-learning term (0 = students do not teach each other).
         mutual_T: its temperature.
         task: how batches are read and models run (default: classification).
+        fold_teacher_bn: fold the teachers' BatchNorms into their convolutions (see Distiller).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Cohort(nn.Module):
         mutual: float = 0.0,
         mutual_T: float = 1.0,
         task: Task | None = None,
+        fold_teacher_bn: bool = False,
     ) -> None:
         super().__init__()
         named = (
@@ -102,6 +105,9 @@ class Cohort(nn.Module):
         self.mutual = float(mutual)
         self.mutual_T = float(mutual_T)
         teacher_taps = [k for d in self.members.values() for term in d.terms for k in term.taps[1]]
+        if fold_teacher_bn:  # see Distiller
+            for t in teachers.values():
+                fold_batchnorm(t, keep=teacher_taps)
         object.__setattr__(self, "_teacher_taps", [Taps(t, teacher_taps) for t in teachers.values()])
         self._needs_teacher = any(t.uses_teacher for d in self.members.values() for t in d.terms)
         #: teacher forward passes run so far (one per training batch, however many students)

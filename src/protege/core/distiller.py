@@ -25,6 +25,7 @@ from ..losses import BuildContext, get_loss
 from ..tasks import ClassificationTask, Outputs, Task
 from .adapters import KINDS as ADAPTER_KINDS
 from .adapters import build_adapter
+from .fold import fold_batchnorm
 from .taps import Taps
 
 LOGIT_KEYS = frozenset({"logits"})
@@ -267,6 +268,10 @@ class Distiller(nn.Module):
         cached_teachers: with no teacher models, the number of teachers whose outputs every
             training batch carries (``meta["teacher_outputs"]``, read from a teacher-output cache
             by :class:`protege.engine.cache.CachedTeacherDataset`); the teachers are never loaded.
+        fold_teacher_bn: fold each teacher's BatchNorms into the preceding convolutions, in
+            place (same function, a cheaper forward; see :mod:`protege.core.fold`). It changes
+            the teacher modules you pass, so it is off by default; ``protege.run`` turns it on
+            for the teachers it builds.
     """
 
     def __init__(
@@ -278,6 +283,7 @@ class Distiller(nn.Module):
         task: Task | None = None,
         example: Any = None,
         cached_teachers: int = 0,
+        fold_teacher_bn: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -321,6 +327,9 @@ class Distiller(nn.Module):
         self._needs_teacher = needs_teacher
         student_taps = [k for t in self.terms for k in t.taps[0]]
         teacher_taps = [k for t in self.terms for k in t.taps[1]]
+        if fold_teacher_bn:
+            for t in teachers.values():
+                fold_batchnorm(t, keep=teacher_taps)
         object.__setattr__(self, "_student_taps", Taps(student, student_taps))
         object.__setattr__(self, "_teacher_taps", [Taps(t, teacher_taps) for t in teachers.values()])
         self.progress = 0.0
