@@ -231,6 +231,20 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+def train_config(epochs: int, seed: int) -> pg.TrainConfig:
+    """protege's side of the shared recipe: SGD, cosine per step, fp32 on the CPU, no extras."""
+    return pg.TrainConfig(
+        epochs=epochs,
+        optim={"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+        schedule={"name": "cosine"},
+        mixed_precision="no",
+        cpu=True,
+        seed=seed,
+        progress=False,
+        measure_cost=False,
+    )
+
+
 def train_protege(
     method: str,
     teacher: nn.Module,
@@ -246,16 +260,7 @@ def train_protege(
     ``protege.run`` does for the teachers it builds; the teacher is a private copy per run."""
     distiller = pg.Distiller(student, teacher, protege_terms(method), fold_teacher_bn=fold_teacher_bn)
     loader = pg.make_loader(data.train, BATCH, shuffle=True, seed=seed)
-    cfg = pg.TrainConfig(
-        epochs=epochs,
-        optim={"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
-        schedule={"name": "cosine"},
-        mixed_precision="no",
-        cpu=True,
-        seed=seed,
-        progress=False,
-        measure_cost=False,
-    )
+    cfg = train_config(epochs, seed)
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
         pg.fit(distiller, loader, None, cfg, run_dir=Path(tmp) / "run")
@@ -321,16 +326,7 @@ def train_protege_cached(
         train_set = TeacherCache.open(Path(tmp) / "cache").dataset("train", data.train, seed=seed)
         distiller = pg.Distiller(student, None, protege_terms(method), cached_teachers=1)
         loader = cache_loader(train_set, BATCH, shuffle=True, seed=seed)
-        cfg = pg.TrainConfig(
-            epochs=epochs,
-            optim={"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
-            schedule={"name": "cosine"},
-            mixed_precision="no",
-            cpu=True,
-            seed=seed,
-            progress=False,
-            measure_cost=False,
-        )
+        cfg = train_config(epochs, seed)
         pg.fit(distiller, loader, None, cfg, run_dir=Path(tmp) / "run")
         elapsed = clock.read()
     distiller.close()

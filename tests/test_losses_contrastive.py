@@ -28,16 +28,9 @@ from protege.engine.options import TrainConfig
 from protege.errors import ProtegeError
 from protege.losses import BuildContext, get_loss, list_losses
 from protege.losses.contrastive import CRDMemory, crd, crd_nce, crd_normalizer, pool_features
+from references import rand, t64
 
 N_DATA, FEAT, K = 64, 8, 16
-
-
-def t64(a, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=grad)
-
-
-def rand(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=shape)
 
 
 # --------------------------------------------------------------------------- references (loops)

@@ -18,15 +18,7 @@ import protege.losses.relations  # noqa: F401  (registers on import)
 from protege.losses.features import at, attention_map, fitnet, ickd, match_spatial, nst
 from protege.losses.registry import get_loss
 from protege.losses.relations import cc, correlation_matrix, pkt, rkd, sp
-
-
-def t64(a: np.ndarray, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(a, dtype=torch.float64, requires_grad=grad)
-
-
-def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=shape) * scale
-
+from references import np_adaptive_pool, rand, t64
 
 # Tiny feature maps: N=3, C=2, H=W=2 (teacher with 3 channels where channels may differ).
 FS = rand(3, 2, 2, 2, seed=1)
@@ -41,18 +33,6 @@ def unit(v: list[float]) -> list[float]:
 
 def dot(a, b) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
-
-
-def np_adaptive_pool(f: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Adaptive average pooling by its definition: window [floor(i*H/o), ceil((i+1)*H/o))."""
-    n, c, h, w = f.shape
-    out = np.zeros((n, c, out_h, out_w))
-    for i in range(out_h):
-        h0, h1 = (i * h) // out_h, -(-((i + 1) * h) // out_h)
-        for j in range(out_w):
-            w0, w1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
-            out[:, :, i, j] = f[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
-    return out
 
 
 # --------------------------------------------------------------------------- FitNets

@@ -25,34 +25,13 @@ from protege.errors import ProtegeError
 from protege.losses.registry import BuildContext, get_loss
 from protege.losses.reuse import SimKDProjector, SimKDStudent, simkd, simkd_projector
 from protege.losses.review import ReviewFusion, hcl, reviewkd
+from references import np_adaptive_pool, rand, t64
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def t64(a: np.ndarray, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(a, dtype=torch.float64, requires_grad=grad)
-
-
-def rand(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=shape)
-
-
 def np_map(f: np.ndarray) -> np.ndarray:
     return f.reshape(*f.shape, 1, 1) if f.ndim == 2 else f
-
-
-def np_pool(f: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Adaptive average pooling by its definition: window [floor(i*H/o), ceil((i+1)*H/o))."""
-    n, c, h, w = f.shape
-    out = np.zeros((n, c, out_h, out_w))
-    for i in range(out_h):
-        h0, h1 = (i * h) // out_h, -(-((i + 1) * h) // out_h)
-        for j in range(out_w):
-            w0, w1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
-            for a in range(n):
-                for b in range(c):
-                    out[a, b, i, j] = f[a, b, h0:h1, w0:w1].sum() / ((h1 - h0) * (w1 - w0))
-    return out
 
 
 def np_mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,7 +117,9 @@ def np_hcl(students: list[np.ndarray], teachers: list[np.ndarray], levels=(4, 2,
         for level in levels:
             if level < min(h, w_):
                 weight /= 2
-                terms.append(weight * np_mse(np_pool(s, level, level), np_pool(t, level, level)))
+                terms.append(
+                    weight * np_mse(np_adaptive_pool(s, level, level), np_adaptive_pool(t, level, level))
+                )
                 weights.append(weight)
         total += sum(terms) / sum(weights)
     return total
@@ -279,9 +260,9 @@ def np_simkd(s: np.ndarray, t: np.ndarray, weight: np.ndarray) -> float:
     s, t = np_map(s), np_map(t)
     h, w_ = min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3])
     if s.shape[2:] != (h, w_):
-        s = np_pool(s, h, w_)
+        s = np_adaptive_pool(s, h, w_)
     if t.shape[2:] != (h, w_):
-        t = np_pool(t, h, w_)
+        t = np_adaptive_pool(t, h, w_)
     return np_mse(np_conv(s, weight), t)
 
 

@@ -36,37 +36,11 @@ from protege.losses.features import (
     vid_nll,
 )
 from protege.losses.registry import get_loss
+from references import np_adaptive_pool, rand, t64
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to oversubscription on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def t64(a: np.ndarray, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(a, dtype=torch.float64, requires_grad=grad)
-
-
-def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=shape) * scale
-
-
-def np_adaptive_pool(f: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Adaptive average pooling by its definition: window [floor(i*H/o), ceil((i+1)*H/o))."""
-    n, c, h, w = f.shape
-    out = np.zeros((n, c, out_h, out_w))
-    for i in range(out_h):
-        h0, h1 = (i * h) // out_h, -(-((i + 1) * h) // out_h)
-        for j in range(out_w):
-            w0, w1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
-            out[:, :, i, j] = f[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dot(a, b) -> float:

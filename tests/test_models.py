@@ -34,14 +34,7 @@ LITERATURE_PARAMS = {
     "shufflenetv2": 1.36e6,
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to oversubscription on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BIG = {"resnet110", "resnet32x4", "vgg11", "vgg13", "wrn_40_2"}
