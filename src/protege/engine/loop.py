@@ -154,15 +154,19 @@ def evaluate(
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     precision = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    # An accelerator's loader places the batches; a plain loader's batches go where the student is.
+    device = None if accelerator is not None else next(student.parameters()).device
     try:
         with precision:
             for i, batch in enumerate(loader):
+                if device is not None:
+                    batch = send_to_device(batch, device)
                 inputs, target = task.split(batch)
                 s_out = {"logits": gather(task.forward(student, inputs)["logits"])}
                 t_out = None
                 if teachers:
                     if use_cache:
-                        t_logits = teacher_cache[i]
+                        t_logits = teacher_cache[i].to(s_out["logits"].device)
                     else:
                         t_logits = gather(
                             ensemble_logits([task.forward(t, inputs) for t in teachers], weights)
