@@ -20,7 +20,9 @@ framework differs.
   default).
 - **protege side**: ``pg.fit(pg.Distiller(student, teacher, terms), train_loader, None, cfg)``,
   the whole call timed (Accelerate set-up, per-epoch safetensors checkpoint, loss logging and
-  NaN check included; progress bar off).
+  NaN check included; progress bar off). With protege's defaults: the frozen teacher's BatchNorms
+  folded into its convolutions (as ``protege.run`` does) and, on the CPU, ``fit`` training in the
+  channels_last memory format (``memory_format: auto``); both keep fp32 arithmetic.
 - **torchdistill side**: its real machinery: ``get_distillation_box`` built from a config dict
   (``WeightedSumLoss`` of its registered ``KDLoss`` / ``ATLoss`` / ``RKDLoss`` / ``SPKDLoss`` and
   ``CrossEntropyLoss`` via ``SimpleLossWrapper``, its forward hooks and io_dicts, its SGD and
@@ -47,7 +49,17 @@ Commands (from the repository root):
     .venv-torchdistill/bin/python benchmarks/vs_torchdistill.py --threads 1 --json runs/bench-vs-torchdistill/result.json
 
 Options: ``--epochs 5 --seeds 0 1 2 --methods kd at rkd [sp] --teacher-epochs 8
---output runs/bench-vs-torchdistill --threads 2 --json FILE``.
+--output runs/bench-vs-torchdistill --threads 2 --json FILE``; extra sides: ``--teacher-precision
+bf16``, ``--with-contiguous``, ``--with-td-channels-last``, ``--with-unfolded``, ``--with-cache``.
+
+``--teacher-precision bf16`` adds a side ``protege-bf16``: protege with ``teacher_precision: bf16``
+(the frozen teacher's forward under bf16 autocast, the losses fed float32), an opt-in that is not
+like-for-like; the fp32 side still runs beside it. ``--with-contiguous`` adds protege with
+``memory_format: contiguous`` (its CPU default off) and ``--with-td-channels-last`` torchdistill
+with both models converted to channels_last by hand, so the layout's share of the ratio shows:
+
+    .venv-torchdistill/bin/python benchmarks/vs_torchdistill.py --threads 1 --teacher-precision bf16 \
+        --with-contiguous --with-td-channels-last --json runs/bench-vs-torchdistill/result-bf16-cl.json
 
 ``--with-cache`` adds a third side, clearly apart from the like-for-like comparison: protege's
 offline KD (``protege.engine.cache``: the teacher run once over the data, its logits and the taps
@@ -231,10 +243,12 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def train_config(epochs: int, seed: int) -> pg.TrainConfig:
-    """protege's side of the shared recipe: SGD, cosine per step, fp32 on the CPU, no extras."""
+def train_config(epochs: int, seed: int, memory_format: str = "auto") -> pg.TrainConfig:
+    """protege's side of the shared recipe: SGD, cosine per step, fp32 on the CPU, no extras.
+    ``memory_format`` is protege's default (``auto``: channels_last on the CPU) unless a side says."""
     return pg.TrainConfig(
         epochs=epochs,
+        memory_format=memory_format,
         optim={"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
         schedule={"name": "cosine"},
         mixed_precision="no",
@@ -253,14 +267,24 @@ def train_protege(
     epochs: int,
     seed: int,
     fold_teacher_bn: bool = True,
+    teacher_precision: str = "fp32",
+    memory_format: str = "auto",
 ) -> tuple[float, float]:
     """Train with ``pg.fit``; return the seconds the whole call took (wall clock, process CPU).
 
     The teacher's BatchNorms are folded into its convolutions (``fold_teacher_bn``), as
-    ``protege.run`` does for the teachers it builds; the teacher is a private copy per run."""
-    distiller = pg.Distiller(student, teacher, protege_terms(method), fold_teacher_bn=fold_teacher_bn)
+    ``protege.run`` does for the teachers it builds; the teacher is a private copy per run.
+    ``teacher_precision="bf16"`` runs the frozen teacher under bf16 autocast (an opt-in side, not
+    like-for-like); ``memory_format`` is fit's (default ``auto``: channels_last on the CPU)."""
+    distiller = pg.Distiller(
+        student,
+        teacher,
+        protege_terms(method),
+        fold_teacher_bn=fold_teacher_bn,
+        teacher_precision=teacher_precision,  # type: ignore[arg-type]
+    )
     loader = pg.make_loader(data.train, BATCH, shuffle=True, seed=seed)
-    cfg = train_config(epochs, seed)
+    cfg = train_config(epochs, seed, memory_format)
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
         pg.fit(distiller, loader, None, cfg, run_dir=Path(tmp) / "run")
@@ -288,13 +312,23 @@ def td_train_one_epoch(box: Any, epoch: int, log_freq: int) -> None:
 
 
 def train_torchdistill(
-    method: str, teacher: nn.Module, student: nn.Module, data: pg.DataSplits, epochs: int, seed: int
+    method: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    data: pg.DataSplits,
+    epochs: int,
+    seed: int,
+    channels_last: bool = False,
 ) -> tuple[float, float]:
     """Train with a torchdistill DistillationBox; return the seconds from box construction to the
-    end (wall clock, process CPU)."""
+    end (wall clock, process CPU). ``channels_last``: both models converted by hand first (what a
+    torchdistill user can do in two lines; torchdistill itself does not)."""
     steps = math.ceil(len(data.train) / BATCH)
     config = td_train_config(method, epochs, seed, steps)
     clock = Clock()
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
     box = get_distillation_box(teacher, student, {"train": data.train}, config, DEVICE, None, False, 1)
     for epoch in range(box.num_epochs):
         box.pre_epoch_process(epoch=epoch)
@@ -340,6 +374,9 @@ TRAINERS: dict[str, Callable[..., tuple[float, float]]] = {
 EXTRA = {
     "protege+cache": train_protege_cached,
     "protege-unfolded": functools.partial(train_protege, fold_teacher_bn=False),
+    "protege-bf16": functools.partial(train_protege, teacher_precision="bf16"),
+    "protege-contiguous": functools.partial(train_protege, memory_format="contiguous"),
+    "torchdistill-cl": functools.partial(train_torchdistill, channels_last=True),
 }
 
 
@@ -447,15 +484,17 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         p, t = row["protege"], row["torchdistill"]
         row["ratio"] = p["samples_per_s"][0] / t["samples_per_s"][0]
         row["ratio_cpu"] = p["samples_per_cpu_s"][0] / t["samples_per_cpu_s"][0]
-        unfolded = [r for r in runs if r["method"] == method and r["framework"] == "protege-unfolded"]
-        if unfolded:  # protege without teacher BN folding: the plumbing alone
-            u = {
-                k: mean_std([r[k] for r in unfolded])
-                for k in ("samples_per_s", "samples_per_cpu_s", "test_acc")
-            }
-            row["protege-unfolded"] = u
-            row["ratio_unfolded"] = u["samples_per_s"][0] / t["samples_per_s"][0]
-            row["ratio_unfolded_cpu"] = u["samples_per_cpu_s"][0] / t["samples_per_cpu_s"][0]
+        for side in EXTRA:  # each extra side against torchdistill (as it runs by default)
+            rs = [r for r in runs if r["method"] == method and r["framework"] == side]
+            if rs:
+                u = {
+                    k: mean_std([r[k] for r in rs])
+                    for k in ("samples_per_s", "samples_per_cpu_s", "test_acc")
+                }
+                suffix = side.split("-", 1)[-1] if side != "protege+cache" else "cache"
+                row[side] = u
+                row[f"ratio_{suffix}"] = u["samples_per_s"][0] / t["samples_per_s"][0]
+                row[f"ratio_{suffix}_cpu"] = u["samples_per_cpu_s"][0] / t["samples_per_cpu_s"][0]
         paired: dict[int, dict[str, float]] = {}
         for r in runs:
             if r["method"] == method:
@@ -504,6 +543,34 @@ def cache_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ratios(side: dict[str, Any], ref: dict[str, Any]) -> str:
+    """``side``'s throughput over ``ref``'s, by wall clock and by CPU time."""
+    wall = side["samples_per_s"][0] / ref["samples_per_s"][0]
+    return f"{wall:.3f} / {side['samples_per_cpu_s'][0] / ref['samples_per_cpu_s'][0]:.3f}"
+
+
+def sides_table(summary: dict[str, Any]) -> str:
+    """Every protege side (and torchdistill by hand in channels_last, if run) against torchdistill
+    as it runs by default, from the same interleaved run; with ``torchdistill-cl``, also against it."""
+    with_cl = any("torchdistill-cl" in row for row in summary.values())
+    head = "| method | side | samples/s | ÷ torchdistill (wall / CPU) |" + (
+        " ÷ torchdistill-cl (wall / CPU) |" if with_cl else ""
+    )
+    lines = [head + " acc |", "|---|---|---|---|" + ("---|" if with_cl else "") + "---|"]
+    for method, row in summary.items():
+        t, cl = row["torchdistill"], row.get("torchdistill-cl")
+        for side in ["protege", *EXTRA]:
+            if side not in row or side == "protege+cache":  # the cache has its own table
+                continue
+            v = row[side]
+            cells = [method, side, _pm(v["samples_per_s"], 0), _ratios(v, t)]
+            if with_cl:
+                cells.append(_ratios(v, cl) if cl else "")
+            cells.append(_pm(v["test_acc"], 2))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cpu_table(summary: dict[str, Any]) -> str:
     lines = [
         "| method | protege samples/CPU-s | torchdistill samples/CPU-s | ratio (CPU time) | paired wall ratios |",
@@ -526,23 +593,29 @@ def time_components(
     teacher0: nn.Module, student0: nn.Module, data: pg.DataSplits, seed: int
 ) -> dict[str, Any]:
     """ms per step (wall, CPU) of the bare compute, hand-timed over one epoch: the teacher's forward
-    (eval, no_grad) and the student's forward + CE + backward + SGD step. The frameworks do this
-    plus the distillation loss and their plumbing."""
+    (eval, no_grad) and the student's forward + CE + backward + SGD step, the latter also with the
+    student in channels_last (``student_step_cl``, a copy trained beside it). The frameworks do
+    this plus the distillation loss and their plumbing."""
     teacher, student = fresh_teacher(teacher0), copy.deepcopy(student0).train()
-    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    totals = {"teacher_fwd": [0.0, 0.0], "student_step": [0.0, 0.0]}
+    student_cl = copy.deepcopy(student).to(memory_format=torch.channels_last)
+    opts = [
+        torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        for m in (student, student_cl)
+    ]
+    totals = {"teacher_fwd": [0.0, 0.0], "student_step": [0.0, 0.0], "student_step_cl": [0.0, 0.0]}
     n = 0
     for x, y in pg.make_loader(data.train, BATCH, shuffle=True, seed=seed):
         clock = Clock()
         with torch.no_grad():
             teacher(x)
-        t = clock.read()
-        clock = Clock()
-        nn.functional.cross_entropy(student(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        s = clock.read()
-        for key, (wall, cpu) in (("teacher_fwd", t), ("student_step", s)):
+        steps = [("teacher_fwd", clock.read())]
+        for key, model, opt in (("student_step", student, opts[0]), ("student_step_cl", student_cl, opts[1])):
+            clock = Clock()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps.append((key, clock.read()))
+        for key, (wall, cpu) in steps:
             totals[key][0] += wall
             totals[key][1] += cpu
         n += 1
@@ -573,6 +646,10 @@ def teacher_variants(teacher0: nn.Module, data: pg.DataSplits, rounds: int) -> d
         "fp32 conv+BN folded, inference_mode": (folded, "inference"),
         "bf16 autocast, inference_mode": (base, "bf16"),
         "bf16 autocast, conv+BN folded": (folded, "bf16"),
+        "bf16 autocast, folded, channels_last": (
+            copy.deepcopy(folded).to(memory_format=torch.channels_last),
+            "bf16",
+        ),
     }
     batches = [x for i, (x, _) in zip(range(20), DataLoader(data.train, batch_size=BATCH))]
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
@@ -607,7 +684,7 @@ def profile(args: argparse.Namespace, data: pg.DataSplits, teacher0: nn.Module, 
     out_dir = Path(args.output) / "profile"
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"threads": torch.get_num_threads()}
-    parts = ("teacher_fwd", "student_step", "protege", "torchdistill")
+    parts = ("teacher_fwd", "student_step", "student_step_cl", "protege", "torchdistill")
     variants = teacher_variants(teacher0, data, max(args.profile_rounds, 3))
     result["teacher_variants"] = variants
     print(f"frozen teacher ({TEACHER}) forward, ms per batch of {BATCH} (median, interleaved rounds):")
@@ -641,7 +718,8 @@ def profile(args: argparse.Namespace, data: pg.DataSplits, teacher0: nn.Module, 
                 f"{med['teacher_fwd'][i]:.1f} + student fwd/CE/bwd/step {med['student_step'][i]:.1f} = bare "
                 f"{bare:.1f}; protege {med['protege'][i]:.1f} ({med['protege'][i] / bare:.3f}× bare), "
                 f"torchdistill {med['torchdistill'][i]:.1f} ({med['torchdistill'][i] / bare:.3f}× bare); "
-                f"teacher share of bare {med['teacher_fwd'][i] / bare:.0%}",
+                f"teacher share of bare {med['teacher_fwd'][i] / bare:.0%}; student step in "
+                f"channels_last {med['student_step_cl'][i]:.1f} ({med['student_step_cl'][i] / med['student_step'][i]:.3f}×)",
                 flush=True,
             )
         for side in TRAINERS:
@@ -682,6 +760,23 @@ def main() -> None:
         "--with-unfolded",
         action="store_true",
         help="also time protege without folding the teacher's BatchNorms (the like-for-like plumbing)",
+    )
+    parser.add_argument(
+        "--teacher-precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: add a side 'protege-bf16', protege with teacher_precision bf16 (the frozen teacher "
+        "under bf16 autocast), next to the like-for-like fp32 side",
+    )
+    parser.add_argument(
+        "--with-contiguous",
+        action="store_true",
+        help="also time protege with memory_format contiguous (without its CPU default, channels_last)",
+    )
+    parser.add_argument(
+        "--with-td-channels-last",
+        action="store_true",
+        help="also time torchdistill with both models converted to channels_last by hand",
     )
     parser.add_argument(
         "--with-cache",
@@ -730,8 +825,11 @@ def main() -> None:
         for method in args.methods:
             sides = list(TRAINERS) + (["protege+cache"] if args.with_cache else [])
             sides += ["protege-unfolded"] if args.with_unfolded else []
+            sides += ["protege-bf16"] if args.teacher_precision == "bf16" else []
+            sides += ["protege-contiguous"] if args.with_contiguous else []
+            sides += ["torchdistill-cl"] if args.with_td_channels_last else []
             order = sides[k % len(sides) :] + sides[: k % len(sides)]
-            if len(sides) == 3 and (k // 3) % 2:  # with three sides, alternate the direction as well
+            if len(sides) >= 3 and (k // len(sides)) % 2:  # with 3+ sides, alternate the direction too
                 order.reverse()
             k += 1
             for fw in order:
@@ -764,6 +862,9 @@ def main() -> None:
     print(table(summary))
     print()
     print(cpu_table(summary))
+    if len({r["framework"] for r in runs} - {"protege+cache"}) > 2:
+        print()
+        print(sides_table(summary))
     if args.with_cache:
         print()
         print(cache_table(runs, summary))
@@ -792,6 +893,7 @@ def main() -> None:
             "table": table(summary),
             "cpu_table": cpu_table(summary),
             "cache_table": cache_table(runs, summary) if args.with_cache else None,
+            "sides_table": sides_table(summary),
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -33,7 +33,15 @@ from torch import nn
 from ..errors import ProtegeError
 from ..losses.logits import kd as kd_loss
 from ..tasks import ClassificationTask, Outputs, Task
-from .distiller import Distiller, TeacherSpec, Term, _as_teacher_dict, run_teachers
+from .distiller import (
+    Distiller,
+    TeacherPrecision,
+    TeacherSpec,
+    Term,
+    _as_teacher_dict,
+    check_teacher_precision,
+    run_teachers,
+)
 from .fold import fold_batchnorm
 from .taps import Taps
 
@@ -51,6 +59,8 @@ class Cohort(nn.Module):
         mutual_T: its temperature.
         task: how batches are read and models run (default: classification).
         fold_teacher_bn: fold the teachers' BatchNorms into their convolutions (see Distiller).
+        teacher_precision: ``"fp32"`` or ``"bf16"``: the precision of the shared teacher forward
+            (see Distiller).
     """
 
     def __init__(
@@ -63,8 +73,10 @@ class Cohort(nn.Module):
         mutual_T: float = 1.0,
         task: Task | None = None,
         fold_teacher_bn: bool = False,
+        teacher_precision: TeacherPrecision = "fp32",
     ) -> None:
         super().__init__()
+        self.teacher_precision = check_teacher_precision(teacher_precision)
         named = (
             dict(students)
             if isinstance(students, Mapping)
@@ -169,7 +181,9 @@ class Cohort(nn.Module):
 
     # -- the step --------------------------------------------------------------------------------
     def _run_teachers(self, inputs: Any, count: bool = True) -> list[Outputs]:
-        outs = run_teachers(self.task, list(self._teachers.values()), self._teacher_taps, inputs)
+        outs = run_teachers(
+            self.task, list(self._teachers.values()), self._teacher_taps, inputs, self.teacher_precision
+        )
         if count and outs:
             self.teacher_forwards += 1
         return outs
