@@ -20,12 +20,34 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+#: a model's input: one tensor, or keyword tensors (``model(**example)``, e.g. an LM's input_ids and mask)
+Example = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _to(example: Example, device: torch.device) -> Example:
+    if isinstance(example, Mapping):
+        return {k: v.to(device) for k, v in example.items()}
+    return example.to(device)
+
+
+def _call(model: nn.Module, example: Example) -> Any:
+    return model(**example) if isinstance(example, Mapping) else model(example)
+
+
+def _batch(example: Example) -> int:
+    return len(next(iter(example.values()))) if isinstance(example, Mapping) else len(example)
+
+
+def _first(example: Example) -> Example:
+    return {k: v[:1] for k, v in example.items()} if isinstance(example, Mapping) else example[:1]
+
+
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+def count_flops(model: nn.Module, example: Example) -> int:
     """FLOPs of one forward pass on ``example`` (a multiply-add counts 2), per sample.
 
     Counted by PyTorch's ``FlopCounterMode`` (matmuls and convolutions; cheap element-wise ops are
@@ -35,16 +57,16 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example.to(_model_device(model)))
+            _call(model, _to(example, _model_device(model)))
     finally:
         for m, mode in modes.items():
             m.train(mode)
-    return int(counter.get_total_flops() // max(len(example), 1))
+    return int(counter.get_total_flops() // max(_batch(example), 1))
 
 
 def measure_latencies(
     models: Mapping[str, nn.Module],
-    example: torch.Tensor,
+    example: Example,
     warmup: int = 10,
     iters: int = 50,
     max_seconds: float = 10.0,
@@ -59,12 +81,12 @@ def measure_latencies(
     """
     modes = {sub: sub.training for m in models.values() for sub in m.modules()}
     devices = {name: _model_device(m) for name, m in models.items()}
-    inputs = {name: example.to(d) for name, d in devices.items()}
+    inputs = {name: _to(example, d) for name, d in devices.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
 
     def run(name: str) -> float:
         t0 = time.perf_counter()
-        models[name](inputs[name])
+        _call(models[name], inputs[name])
         if devices[name].type == "cuda":
             torch.cuda.synchronize(devices[name])
         return time.perf_counter() - t0
@@ -91,7 +113,7 @@ def measure_latencies(
         result[name] = {
             "ms": 1000 * statistics.median(ts),
             "ms_p90": 1000 * ts[min(len(ts) - 1, int(0.9 * len(ts)))],
-            "batch": len(example),
+            "batch": _batch(example),
             "device": str(devices[name]),
             "threads": torch.get_num_threads(),
             "runs": len(ts),
@@ -100,21 +122,21 @@ def measure_latencies(
 
 
 def measure_latency(
-    model: nn.Module, example: torch.Tensor, warmup: int = 10, iters: int = 50, max_seconds: float = 10.0
+    model: nn.Module, example: Example, warmup: int = 10, iters: int = 50, max_seconds: float = 10.0
 ) -> dict[str, Any]:
     """Median forward latency (ms) of one model; see :func:`measure_latencies`."""
     return measure_latencies({"model": model}, example, warmup, iters, max_seconds)["model"]
 
 
 def model_costs(
-    models: Mapping[str, nn.Module], example: torch.Tensor, latency: bool = True
+    models: Mapping[str, nn.Module], example: Example, latency: bool = True
 ) -> dict[str, dict[str, Any]]:
     """Params, FLOPs per sample and (optionally) batch-1 latency, measured side by side, per model.
 
     With a ``"teacher"`` among ``models``, every other entry also gets ``"speedup"`` (teacher
     latency / its latency) and ``"compression"`` (teacher params / its params).
     """
-    one = example[:1]
+    one = _first(example)
     costs: dict[str, dict[str, Any]] = {
         name: {"params": count_params(m), "flops": count_flops(m, one)} for name, m in models.items()
     }

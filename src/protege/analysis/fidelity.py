@@ -36,22 +36,36 @@ def nll(logits: torch.Tensor, target: torch.Tensor) -> float:
     return F.cross_entropy(logits.double(), target).item()
 
 
-def ece(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error (Guo et al., ICML 2017), equal-width confidence bins.
+def reliability(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, torch.Tensor]:
+    """The data of a reliability diagram (Guo et al., ICML 2017): per equal-width confidence bin.
 
-    ECE = Σ_b (|B_b| / N) · |acc(B_b) − conf(B_b)|, where bin b holds the samples whose top-1
-    confidence falls in ((b−1)/n_bins, b/n_bins].
+    Bin b holds the samples whose top-1 confidence falls in ((b−1)/n_bins, b/n_bins]. Returns
+    float64 tensors of length ``n_bins``: ``"count"`` (samples in the bin), ``"acc"`` (their
+    accuracy) and ``"conf"`` (their mean confidence), the latter two 0 for an empty bin; and
+    ``"edges"`` (length ``n_bins + 1``).
     """
     probs = logits.double().softmax(-1)
     conf, pred = probs.max(-1)
     correct = (pred == target).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            total += in_bin.double().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
-    return total.item()
+    # bucketize with right=False puts conf in bin i where edges[i-1] < conf <= edges[i]
+    index = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(conf))
+    hits = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, correct)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, conf)
+    safe = count.clamp_min(1)
+    return {"edges": edges, "count": count, "acc": hits / safe, "conf": conf_sum / safe}
+
+
+def ece(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error (Guo et al., ICML 2017), equal-width confidence bins.
+
+    ECE = Σ_b (|B_b| / N) · |acc(B_b) − conf(B_b)|, where bin b holds the samples whose top-1
+    confidence falls in ((b−1)/n_bins, b/n_bins] (see :func:`reliability`).
+    """
+    bins = reliability(logits, target, n_bins)
+    weight = bins["count"] / bins["count"].sum()
+    return (weight * (bins["acc"] - bins["conf"]).abs()).sum().item()
 
 
 def classification_report(
