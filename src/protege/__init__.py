@@ -13,6 +13,7 @@ from .analysis.cost import count_flops, count_params, measure_latency
 from .config import RunConfig, load_config
 from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
+from .core.on_policy import OnPolicy
 from .core.taps import Taps
 from .data import DataSplits, load_data
 from .engine import TrainConfig, evaluate, fit, make_loader
@@ -60,6 +61,7 @@ __all__ = [
     "fitnet",
     "DataSplits",
     "Distiller",
+    "OnPolicy",
     "ProtegeError",
     "RunConfig",
     "Taps",

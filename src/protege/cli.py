@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the run-config schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+analyze_app = typer.Typer(help="Analyses of distillation beyond one run's report.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 # Tables are wide; outside a terminal rich would wrap them at 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -80,11 +82,40 @@ def cache(
     cfg = load_config(config, overrides or [])
     index = build_cache(cfg, out=out_dir, views=views, top_k=top_k, overwrite=overwrite)
     train = index["splits"]["train"]
+    if index.get("task") == "lm":
+        out.print(
+            f"cache {index['path']}: {train['samples']} training sequences, {train['tokens']} tokens, "
+            f"top-k {index['top_k']} ({index['dtype']}), {len(train['shards'])} shard(s); "
+            f"{index['bytes'] / 1e6:.2f} MB in all, {index['train_bytes_per_token']:.1f} bytes per training "
+            f"token; built in {index['build_seconds']:.1f} s",
+            soft_wrap=True,
+        )
+        return
     out.print(
         f"cache {index['path']}: {train['samples']} training samples x {index['views']} view(s), "
         f"top-k {index['top_k']} ({index['dtype']}), {len(train['shards'])} shard(s); "
         f"{index['bytes'] / 1e6:.2f} MB in all, {index['train_bytes_per_sample']:.0f} bytes per training "
         f"sample; built in {index['build_seconds']:.1f} s",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def generate(
+    config: Annotated[
+        Path, typer.Argument(help="generation YAML: model, prompts, out (see protege.generate)")
+    ],
+    overrides: SetOpt = None,
+) -> None:
+    """Complete a prompt file with the teacher into prompt-completion jsonl (sequence-level KD data);
+    resumable: prompts already in the output are skipped."""
+    from .generate import generate as run_generation
+    from .generate import load_generate_config
+
+    result = run_generation(load_generate_config(config, overrides or []))
+    out.print(
+        f"{result['out']}: {result['generated']} prompt(s) generated, {result['skipped']} already there "
+        f"({result['prompts']} distinct); {result['seconds']:.1f} s, {result['tokens_per_second']:.1f} tokens/s",
         soft_wrap=True,
     )
 
@@ -126,6 +157,92 @@ def evaluate(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory, e.g. runs/mnist-kd")],
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="run directory of the same student trained without KD (default: found beside the run)"
+        ),
+    ] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="default: <run_dir>/report.html")] = None,
+    probes: Annotated[bool, typer.Option(help="run the probes of what got distilled")] = True,
+    max_images: Annotated[int, typer.Option(help="images for CKA and the probes")] = 500,
+    latency: Annotated[
+        bool, typer.Option(help="measure the models' latency again, side by side (default: the run's)")
+    ] = False,
+) -> None:
+    """Write a run's report.html: summary, curves, calibration, CKA, probes, gradient variance."""
+    from .analysis.report import build_report
+
+    path = build_report(
+        run_dir, baseline=baseline, out=out_file, probes=probes, max_images=max_images, latency=latency
+    )
+    out.print(f"report: {path}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run directories")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="default: compare.html in the runs' common parent")
+    ] = None,
+) -> None:
+    """Put several runs side by side in one HTML page (table, fidelity-vs-accuracy scatter, curves)."""
+    from .analysis.report import compare_runs
+
+    out.print(f"comparison: {compare_runs(run_dirs, out=out_file)}")
+
+
+@analyze_app.command("gradvar")
+def gradvar(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    lambdas: Annotated[str, typer.Option(help="KD weights to sweep, comma-separated")] = "0,0.25,0.5,0.75,1",
+    epochs: Annotated[int | None, typer.Option(help="epochs per λ (default: the config's)")] = None,
+    batches: Annotated[int, typer.Option(help="minibatches the variance is estimated from")] = 32,
+    temperature: Annotated[
+        float | None, typer.Option("--T", help="KD temperature (default: the config's)")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="default: runs/<name>/gradvar")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Variance of the student's stochastic gradient with and without the KD term, across a sweep of λ."""
+    from .analysis.gradvar import gradvar_sweep, relative_variance
+    from .config import load_config
+
+    try:
+        values = [float(v) for v in lambdas.split(",") if v.strip()]
+    except ValueError:
+        raise ProtegeError(
+            f"--lambdas takes numbers separated by commas, e.g. 0,0.5,1; got {lambdas!r}"
+        ) from None
+    cfg = load_config(config, overrides or [])
+    result = gradvar_sweep(
+        cfg, values, T=temperature, epochs=epochs, n_batches=batches, out_dir=out_dir, overwrite=overwrite
+    )
+    table = Table(title=f"{cfg.name}: gradient variance, (1-λ)·CE + λ·KD (T={result['T']:g})")
+    for col in ("λ", "final acc", "var with KD", "var CE only", "ratio", "relative with KD", "relative CE"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        ratio = r["var_kd_final"] / r["var_ce_final"] if r["var_ce_final"] > 0 else float("nan")
+        table.add_row(
+            f"{r['lambda']:g}",
+            f"{100 * r['acc']:.2f}%",
+            f"{r['var_kd_final']:.4g}",
+            f"{r['var_ce_final']:.4g}",
+            f"{ratio:.3f}",
+            f"{relative_variance(r, 'kd'):.4g}",
+            f"{relative_variance(r, 'ce'):.4g}",
+        )
+    out.print(table)
+    where = Path(result["rows"][0]["run_dir"]).parent
+    out.print(
+        f"least variance at λ = {result['argmin_lambda']:g}; results in {where}/gradvar.json and gradvar.html"
+    )
+
+
+@app.command()
 def search(
     config: Annotated[Path, typer.Argument(help="search YAML (see configs/search/)")],
     overrides: SetOpt = None,
@@ -158,6 +275,38 @@ def search(
     )
     if result.distill_summary is not None:
         _print_run(result.distill_summary, result.run_config.run_dir)
+
+
+@app.command()
+def federate(
+    config: Annotated[Path, typer.Argument(help="federation YAML (see configs/fed-*.yaml)")],
+    overrides: SetOpt = None,
+    deploy: Annotated[
+        bool,
+        typer.Option(
+            "--deploy",
+            help="run in Flower's deployment engine: a SuperLink + one SuperNode per client on loopback",
+        ),
+    ] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="--deploy without TLS (plain HTTP)")] = False,
+) -> None:
+    """Run a federation (KnFu, FedMD, FedDF, FedAvg, local) in Flower's simulation engine, or with
+    --deploy as real SuperLink/SuperNode processes (TLS with generated certificates)."""
+    from .federated import deploy as run_deployed
+    from .federated import federate as run_federation
+    from .federated import load_federation_config
+
+    if insecure and not deploy:
+        raise ProtegeError("--insecure only applies to --deploy (the simulation engine has no network)")
+    cfg = load_federation_config(config, overrides or [])
+    summary = run_deployed(cfg, tls=not insecure) if deploy else run_federation(cfg)
+    glob = summary["global_acc"]
+    out.print(
+        f"{summary['strategy']}: ALMA {summary['alma']:.4f}"
+        + (f", global model acc {glob:.4f}" if glob is not None else "")
+        + f", {summary['rejected']} rejected replies; results in {cfg.run_dir}",
+        soft_wrap=True,
+    )
 
 
 @app.command()

@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from .core.distiller import TeacherPrecision
 from .engine.options import OptimConfig, ScheduleConfig, TrainConfig
 from .errors import ProtegeError, closest
 
@@ -116,6 +117,27 @@ class MutualConfig(BaseModel):
     T: float = Field(1.0, gt=0, description="temperature of the peer KL")
 
 
+class OnPolicyConfig(BaseModel):
+    """On-policy distillation (GKD, ``protege.core.on_policy``): some training batches are the
+    student's own samples after each prompt, scored by the teacher (task ``lm``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    lam: float = Field(
+        0.5,
+        alias="lambda",
+        ge=0,
+        le=1,
+        description="fraction of training batches the student generates (GKD's λ)",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated after each prompt (fewer at EOS)")
+    temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (0: greedy)")
+    prompt_length: int | None = Field(
+        None,
+        ge=1,
+        description="prompt tokens kept from examples without a prompt (packed text); default half",
+    )
+
+
 class StageConfig(BaseModel):
     """One stage of a multi-stage run (e.g. FT's paraphraser pre-training, then distillation).
 
@@ -160,6 +182,13 @@ class CacheConfig(BaseModel):
     )
     shard_size: int = Field(10_000, gt=0, description="samples per shard file")
     seed: int = Field(0, description="seed of the drawn augmentation parameters")
+    levels: int | None = Field(
+        96,
+        ge=1,
+        le=255,
+        description="lm caches: each stored probability's square root quantized to this many levels (one "
+        "byte), entries below the first level merged into the rest bucket; null: fp16 log-probabilities",
+    )
     verify: Literal["sha256", "size"] = Field(
         "sha256", description="check shards' SHA-256 on open (else only their sizes)"
     )
@@ -201,9 +230,25 @@ class RunConfig(TrainConfig):
     mutual: MutualConfig | None = Field(
         None, description="students also teach each other (deep mutual learning)"
     )
+    baseline: str | None = Field(
+        None,
+        description="run directory of the same student trained without distillation (protege train), "
+        "the report's reference; default: looked for among the runs beside this one",
+    )
     terms: list[TermConfig] = Field(default_factory=lambda: [TermConfig(loss="ce")])
     cache: CacheConfig | None = Field(
         None, description="read the teachers' outputs from this cache (protege cache) instead of running them"
+    )
+    on_policy: OnPolicyConfig | None = Field(
+        None,
+        description="on-policy distillation (GKD): with probability lambda the student generates the batch",
+    )
+    teacher_precision: TeacherPrecision = Field(
+        "fp32",
+        description="fp32: the frozen teachers run as they are; bf16: their forward in training steps "
+        "runs under bfloat16 autocast (CPU or CUDA; ~40% less teacher time on a CPU with bf16 support), "
+        "the losses still get float32 tensors; evaluation's fidelity reference stays fp32. 'protege "
+        "cache' uses it for the training views",
     )
     stages: list[StageConfig] = Field(
         default_factory=list,
@@ -309,24 +354,28 @@ def _index(part: str, node: list[Any], where: str) -> int:
     return int(part)
 
 
+def read_yaml_mapping(path: str | Path, what: str, keys: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; a clear error for a missing file, bad YAML or another type
+    (``what``: the kind of file, ``keys``: examples of its keys, both for the messages)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProtegeError(f"{what} not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProtegeError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ProtegeError(f"{p} must hold a mapping of keys ({keys}), not a {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any
 ) -> RunConfig:
     """Read a run YAML (or start from ``defaults``), apply ``--set`` overrides, and validate."""
     data: dict[str, Any] = dict(defaults)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ProtegeError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ProtegeError(f"{p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ProtegeError(
-                f"{p} must hold a mapping of keys (name:, data:, student: …), not a {type(loaded).__name__}"
-            )
-        data.update(loaded)
+        data.update(read_yaml_mapping(path, "config file", "name:, data:, student: …"))
     source = str(path) if path else "config"
     if overrides:  # overrides apply to the resolved config, so defaults (e.g. terms) can be set too
         data = apply_overrides(validate_config(data, source).model_dump(mode="json"), overrides)

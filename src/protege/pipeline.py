@@ -7,10 +7,14 @@ API (``pg.run(cfg)``), so nothing is possible from the CLI that is not possible 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import send_to_device, set_seed
 from safetensors.torch import load_file
 from torch import nn
@@ -19,9 +23,10 @@ from .analysis.cost import model_costs
 from .config import ModelConfig, MutualConfig, RunConfig, dump_config, load_config
 from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
+from .core.on_policy import OnPolicy
 from .data import DataSplits, WithIndex, load_data
 from .engine import checkpoint_dir, evaluate, fit, make_loader
-from .engine.cache import CachedTeacherDataset, cache_loader, use_cache
+from .engine.cache import CachedTeacherDataset, _replace_dir, cache_loader, use_cache
 from .engine.checkpoint import (
     atomic_save_tensors,
     atomic_write_text,
@@ -33,7 +38,7 @@ from .engine.loop import console
 from .errors import ProtegeError
 from .losses import get_loss
 from .models import build_model
-from .tasks import build_task
+from .tasks import Task, build_task
 
 Mode = Literal["train", "distill"]
 
@@ -50,6 +55,13 @@ def resolve_weights(weights: str | None) -> str | None:
 
 def load_run_data(cfg: RunConfig) -> DataSplits:
     d = cfg.data
+    own = build_task(cfg.task).load_data(  # e.g. text read through the models' tokenizer
+        d.model_dump(),
+        [t.model_dump() for t in cfg.all_teachers()],
+        [s.model_dump() for s in cfg.all_students().values()],
+    )
+    if own is not None:
+        return own
     return load_data(
         d.source,
         root=d.root,
@@ -63,12 +75,14 @@ def load_run_data(cfg: RunConfig) -> DataSplits:
 
 
 def build_from(spec: ModelConfig, data: DataSplits) -> nn.Module:
+    """The model ``spec`` names, built by the task that read ``data`` when it builds its own (LMs)."""
+    weights = resolve_weights(spec.weights)
+    task = build_task(getattr(data, "task", "classification"))
+    own = task.build_model(spec.model, weights, spec.kwargs, data)
+    if own is not None:
+        return own
     return build_model(
-        spec.model,
-        num_classes=data.num_classes,
-        in_chans=data.in_chans,
-        weights=resolve_weights(spec.weights),
-        **spec.kwargs,
+        spec.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights, **spec.kwargs
     )
 
 
@@ -76,7 +90,7 @@ def build_teachers(cfg: RunConfig, data: DataSplits) -> dict[str, nn.Module]:
     """The configured teachers, by name (``teacher``, or ``teacher0``, ``teacher1``, …)."""
     specs = cfg.all_teachers()
     for spec in specs:
-        if spec.weights is None:
+        if spec.weights is None and not hasattr(data, "task"):  # a task's own models load pretrained
             console.print(
                 f"[yellow]warning: teacher {spec.model!r} has no weights: it is randomly initialised"
             )
@@ -126,6 +140,8 @@ def build_distiller(
     cached = mode == "distill" and cfg.cache is not None
     if cached and cfg.students:
         raise ProtegeError("a teacher-output cache trains one student: use 'student', or remove 'cache'")
+    if cfg.on_policy is not None and (cfg.students or stage):
+        raise ProtegeError("on_policy trains one student in one stage: use 'student' without 'stages'")
     if teachers is None:
         teachers = {} if cached else build_teachers(cfg, data)
     weights = [s.weight for s in cfg.all_teachers()] or None
@@ -134,9 +150,18 @@ def build_distiller(
     if cfg.students:
         mutual = cfg.mutual or MutualConfig(weight=0.0)
         return Cohort(
-            models, teachers or None, terms, weights, mutual.weight, mutual.T, task, fold_teacher_bn=not stage
+            models,
+            teachers or None,
+            terms,
+            weights,
+            mutual.weight,
+            mutual.T,
+            task,
+            fold_teacher_bn=not stage,
+            teacher_precision=cfg.teacher_precision,
         )
     n_cached = len(cfg.all_teachers()) if cached and not teachers else 0
+    on_policy = cfg.on_policy if mode == "distill" else None
     return Distiller(
         student,
         teachers or None,
@@ -147,7 +172,24 @@ def build_distiller(
         # the teachers are ours (built here): fold their BatchNorms for a cheaper forward; not in
         # multi-stage runs, whose stages share the teachers but may tap different layers
         fold_teacher_bn=not stage and bool(teachers),
+        teacher_precision=cfg.teacher_precision,
+        on_policy=None
+        if on_policy is None
+        else OnPolicy(
+            lam=on_policy.lam,
+            max_new_tokens=on_policy.max_new_tokens,
+            temperature=on_policy.temperature,
+            prompt_length=on_policy.prompt_length,
+            seed=cfg.seed,
+            eos_token_ids=_eos_ids(data),
+        ),
     )
+
+
+def _eos_ids(data: DataSplits) -> tuple[int, ...]:
+    """The EOS token of the data's tokenizer (what ends a generated completion), if it has one."""
+    eos = getattr(getattr(data, "tokenizer", None), "eos_token_id", None)
+    return () if eos is None else (int(eos),)
 
 
 def _loaders(cfg: RunConfig, data: DataSplits, distiller: Distiller | Cohort) -> tuple[Any, Any]:
@@ -166,16 +208,21 @@ def _loaders(cfg: RunConfig, data: DataSplits, distiller: Distiller | Cohort) ->
 
 
 def run(
-    cfg: RunConfig, mode: Mode = "distill", resume: bool = False, overwrite: bool = False
+    cfg: RunConfig,
+    mode: Mode = "distill",
+    resume: bool = False,
+    overwrite: bool = False,
+    report: bool = True,
 ) -> dict[str, Any]:
     """Train (``mode="train"``: plain CE) or distill as ``cfg`` says; write ``runs/<name>/``.
 
     After training, the last and the best (by validation) checkpoints are evaluated on the test
     split, and their metrics join ``summary.json`` under ``"test"``. A config with ``stages``
-    runs them one after another (see :func:`run_stages`).
+    runs them one after another (see :func:`run_stages`). A distillation then writes
+    ``report.html`` (see :func:`protege.analysis.report.build_report`; ``report=False``: not).
     """
     if cfg.stages:
-        return run_stages(cfg, mode, resume, overwrite)
+        return run_stages(cfg, mode, resume, overwrite, report)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, overwrite)  # before anything is written over
     data = load_run_data(cfg)
@@ -193,9 +240,45 @@ def run(
         summary["test"] = test_checkpoints(distiller, data, cfg)
     if isinstance(distiller, Cohort) and summary["checkpoints"]:
         summary["students"] = export_students(distiller, cfg)
+    elif summary["checkpoints"] and PartialState().is_main_process:
+        exported = export_model(distiller, data, cfg)
+        if exported is not None:
+            summary["export"] = exported
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     distiller.close()
+    if report and mode == "distill":
+        _write_report(cfg)
     return summary
+
+
+def _write_report(cfg: RunConfig) -> None:
+    """``report.html`` at the end of a distillation; a failure only warns: the run is saved.
+
+    Not for a run distilled from a teacher-output cache (the report would load the teacher the
+    cache exists to avoid) nor for tasks the report does not cover: those say how to write it."""
+    from .analysis.report import build_report  # the report reads runs back through this module
+
+    run_dir = cfg.run_dir
+    if not PartialState().is_main_process:
+        return
+    if cfg.task != "classification":
+        console.print(
+            f"report: the run report covers classification runs; task {cfg.task!r} has its own metrics"
+        )
+        return
+    if cfg.cache is not None:
+        console.print(
+            f"report: not written automatically for a run distilled from a cache (it loads the teacher); "
+            f"write it with: protege report {run_dir}"
+        )
+        return
+    try:
+        console.print(f"report: {build_report(run_dir)}")
+    except Exception as e:  # whatever went wrong, the finished run must stand
+        console.print(
+            f"[yellow]warning: no report ({type(e).__name__}: {e}); the run is complete. "
+            f"Retry with: protege report {run_dir}"
+        )
 
 
 def _stage_dirs(cfg: RunConfig) -> list[Path]:
@@ -204,7 +287,11 @@ def _stage_dirs(cfg: RunConfig) -> list[Path]:
 
 
 def run_stages(
-    cfg: RunConfig, mode: Mode = "distill", resume: bool = False, overwrite: bool = False
+    cfg: RunConfig,
+    mode: Mode = "distill",
+    resume: bool = False,
+    overwrite: bool = False,
+    report: bool = True,
 ) -> dict[str, Any]:
     """A multi-stage run: one :func:`fit` per stage on the same student (and teachers).
 
@@ -298,6 +385,8 @@ def run_stages(
         summary["test"] = test_checkpoints(distiller, data, cfg)
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
     distiller.close()
+    if report and mode == "distill" and summary.get("test"):
+        _write_report(cfg)
     return summary
 
 
@@ -326,6 +415,29 @@ def _load_carried(distiller: Distiller, carried: dict[str, dict[str, torch.Tenso
                 f"different modules, so its state cannot carry over ({str(e).splitlines()[0]}); "
                 "give it another name to start it fresh"
             ) from None
+
+
+def export_model(distiller: Distiller, data: DataSplits, cfg: RunConfig) -> str | None:
+    """Write the best checkpoint's student to ``runs/<run>/model/`` in its own library's format
+    when the task has one (an LM: ``save_pretrained`` + tokenizer, which
+    ``AutoModelForCausalLM.from_pretrained`` loads); ``None`` when it has not. The directory
+    appears complete or not at all (written beside it, then renamed)."""
+    if type(distiller.task).export is Task.export:
+        return None
+    device = next(distiller.student.parameters()).device
+    best = checkpoint_dir(cfg.run_dir, "best") / "model.safetensors"
+    distiller.student.load_state_dict(load_file(best, device=str(device)))
+    out = cfg.run_dir / "model"
+    tmp = Path(tempfile.mkdtemp(dir=cfg.run_dir, prefix=".model."))
+    try:
+        if not distiller.task.export(distiller.export(), data, tmp):
+            shutil.rmtree(tmp)
+            return None
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
 
 
 def export_students(cohort: Cohort, cfg: RunConfig) -> dict[str, str]:
@@ -377,6 +489,48 @@ def test_checkpoints(
     return results
 
 
+@dataclass
+class LoadedRun:
+    """A finished run's config, data, trained student (ready to predict) and teachers."""
+
+    cfg: RunConfig
+    data: DataSplits
+    student: nn.Module
+    teachers: list[nn.Module]
+    task: Task
+
+
+def load_run(run_dir: str | Path, which: Literal["last", "best"] = "best") -> LoadedRun:
+    """Rebuild a finished one-student run from its directory: its ``which`` checkpoint's student
+    (through the method's own trained modules where it predicts with them, e.g. SimKD), its
+    teachers with their configured weights, its data and task."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ProtegeError(f"{run_dir} is not a protege run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.student is None:
+        raise ProtegeError(
+            f"{run_dir} trained several students: their test metrics are in its summary.json, and "
+            f"each student's weights in {run_dir / 'students'}/<name>/ (use them as a run's 'weights')"
+        )
+    if not read_pointers(run_dir / "checkpoints"):
+        raise ProtegeError(f"{run_dir} has no checkpoint yet: train it first (or resume it)")
+    data = load_run_data(cfg)
+    where = checkpoint_dir(run_dir, which)
+    student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
+    teachers = [build_from(s, data) for s in cfg.all_teachers()]
+    task = build_task(cfg.task)
+    final_cfg = cfg.stage_config(len(cfg.stages) - 1) if cfg.stages else cfg
+    terms = [Term(**t.model_dump()) for t in final_cfg.terms]
+    if (where / "distiller.safetensors").is_file() and any(hasattr(t.state, "inference") for t in terms):
+        # the method predicts through trained modules of its own (SimKD: projector + teacher head)
+        n_teachers = max(len(cfg.all_teachers()), 1)  # the same terms, so state keys line up
+        holder = Distiller(student, None, terms, task=task, cached_teachers=n_teachers)
+        holder.load_state_dict(load_file(where / "distiller.safetensors"), strict=False)
+        student = holder.inference_model()
+    return LoadedRun(cfg, data, student, teachers, task)
+
+
 def evaluate_run(
     run_dir: str | Path,
     split: Literal["val", "test"] = "test",
@@ -388,32 +542,12 @@ def evaluate_run(
     Returns accuracy, top-5, NLL, ECE, agreement and KL(teacher‖student) for the student, the
     teacher's own accuracy, and params, FLOPs and batch-1 latency of both.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ProtegeError(f"{run_dir} is not a protege run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    data = load_run_data(cfg)
+    loaded = load_run(run_dir, which)
+    cfg, data, student, teachers, task = loaded.cfg, loaded.data, loaded.student, loaded.teachers, loaded.task
     dataset = data.test if split == "test" else data.val
     if dataset is None:
         raise ProtegeError(f"the data source {data.source!r} has no {split} split")
-    if cfg.student is None:
-        raise ProtegeError(
-            f"{run_dir} trained several students: their test metrics are in its summary.json, and "
-            f"each student's weights in {run_dir / 'students'}/<name>/ (use them as a run's 'weights')"
-        )
-    where = checkpoint_dir(run_dir, which)
-    student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
-    teachers = [build_from(s, data) for s in cfg.all_teachers()]
     loader = make_loader(dataset, cfg.data.eval_batch_size, shuffle=False)
-    task = build_task(cfg.task)
-    final_cfg = cfg.stage_config(len(cfg.stages) - 1) if cfg.stages else cfg
-    terms = [Term(**t.model_dump()) for t in final_cfg.terms]
-    if (where / "distiller.safetensors").is_file() and any(hasattr(t.state, "inference") for t in terms):
-        # the method predicts through trained modules of its own (SimKD: projector + teacher head)
-        n_teachers = max(len(cfg.all_teachers()), 1)  # the same terms, so state keys line up
-        holder = Distiller(student, None, terms, task=task, cached_teachers=n_teachers)
-        holder.load_state_dict(load_file(where / "distiller.safetensors"), strict=False)
-        student = holder.inference_model()
     result: dict[str, Any] = {
         "run": str(run_dir),
         "split": split,

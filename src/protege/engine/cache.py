@@ -53,13 +53,16 @@ always and for their SHA-256 when ``verify: sha256`` (the default: SHA-256 runs 
 for ImageNet-1k with 10 views and top-10). The ``settings`` part is not compared: a distill run
 uses the views and top-k the cache holds, whatever its config's ``cache:`` asks for building.
 
-**Scope.** Teachers run in fp32 (no autocast) on CUDA when available. A distill run reads the
+**Scope.** Teachers run in fp32 (no autocast) on CUDA when available, or with the run's
+``teacher_precision: bf16`` under bfloat16 autocast for the training views (validation and test
+outputs, the fidelity reference, stay fp32 as online). A distill run reads the
 cache for one student (``student:``; a config with ``students:`` and ``cache:`` is refused);
 multi-stage runs (``stages:``) run their teachers online. Cache paths are local directories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -77,6 +80,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.distiller import TeacherPrecision, check_teacher_precision, teacher_autocast
 from ..core.taps import Taps
 from ..data.sources import DataSplits
 from ..data.views import Replay, content_hash, replay_for, sample_rng, split_index, view_offsets
@@ -197,7 +201,12 @@ def teacher_part(cfg: RunConfig) -> dict[str, Any]:
     detail = []
     for spec in cfg.all_teachers():
         entry: dict[str, Any] = {"model": spec.model, "kwargs": spec.kwargs}
-        if spec.weights is None:
+        local = _model_files(spec.model)
+        if local:  # a model directory or file (a transformers LM): its files are its weights
+            entry["model_files_sha256"] = {str(p): _sha256_file(p) for p in local}
+        if spec.weights is None and local:
+            entry["weights"] = None
+        elif spec.weights is None:
             entry["weights"] = None
             entry["random_init"] = {"seed": cfg.seed, "student": _student_spec(cfg)}
         else:
@@ -206,6 +215,22 @@ def teacher_part(cfg: RunConfig) -> dict[str, Any]:
             entry["weights_sha256"] = _sha256_file(path)
         detail.append(entry)
     return _part(detail)
+
+
+_MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _model_files(model: str) -> list[Path]:
+    """The weight and config files of a model given as a local path (a file, or a directory such as
+    ``save_pretrained`` writes); empty for a model name."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(
+            p for p in path.iterdir() if p.is_file() and (p.suffix in _MODEL_FILES or p.name == "config.json")
+        )
+    return []
 
 
 def _student_spec(cfg: RunConfig) -> Any:
@@ -291,10 +316,14 @@ class _ShardWriter:
             if self.count == self.shard_size:
                 self.flush()
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The buffered samples as the tensors of one shard (a subclass may encode them)."""
+        return {k: torch.cat(v) for k, v in self.buffer.items()}
+
     def flush(self) -> None:
         if not self.count:
             return
-        tensors = {k: torch.cat(v).contiguous() for k, v in self.buffer.items()}
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
         stop = self.start + self.count
         name = f"{self.split}-{len(self.shards):05d}.safetensors"
         blob = save_tensors(
@@ -346,8 +375,11 @@ def _teacher_pass(
     dtype: torch.dtype,
     device: torch.device,
     tap_shapes: dict[str, list[int]],
+    precision: TeacherPrecision = "fp32",
 ) -> None:
-    """Run every teacher over ``(views (B, V, ...), params (B, V, P) | None)`` batches; store outputs."""
+    """Run every teacher over ``(views (B, V, ...), params (B, V, P) | None)`` batches; store outputs.
+
+    ``precision="bf16"``: each teacher's forward under bfloat16 autocast (see ``teacher_precision``)."""
     taps = [Taps(t, tap_paths) for t in teachers]
     try:
         for views, params in batches:
@@ -358,7 +390,8 @@ def _teacher_pass(
                 small = params.numel() == 0 or int(params.abs().max()) < 32768
                 out["params"] = params.to(torch.int16 if small else torch.int32)
             for j, (teacher, tap) in enumerate(zip(teachers, taps)):
-                logits = teacher(x)
+                with teacher_autocast(teacher, precision):
+                    logits = teacher(x)
                 if not isinstance(logits, torch.Tensor):
                     logits = logits["logits"] if isinstance(logits, dict) else logits.logits
                 logits = logits.float().reshape(b, v, -1).cpu()
@@ -401,6 +434,7 @@ def write_cache(
     parts: dict[str, dict[str, Any]] | None = None,
     overwrite: bool = False,
     device: str | torch.device | None = None,
+    teacher_precision: TeacherPrecision = "fp32",
 ) -> dict[str, Any]:
     """Run ``teachers`` over ``data`` and write a cache directory at ``out``; return its index.
 
@@ -408,7 +442,9 @@ def write_cache(
     :class:`~protege.data.DataSplits` and teacher modules. ``views`` is forced to 1 when the
     training transform draws nothing. ``parts`` are the fingerprint parts (``teacher``, ``data``,
     ``transform``; see :func:`fingerprint_parts`); without them only the settings are
-    fingerprinted and :func:`use_cache` cannot check staleness.
+    fingerprinted and :func:`use_cache` cannot check staleness. ``teacher_precision="bf16"`` runs
+    the teachers under bfloat16 autocast over the training views (as a distill run's
+    ``teacher_precision``); validation and test outputs stay fp32.
 
     Raises:
         ProtegeError: ``out`` exists and ``overwrite`` is false; a setting is invalid; the training
@@ -428,6 +464,7 @@ def write_cache(
         )
     if not teachers:
         raise ProtegeError("a teacher-output cache needs at least one teacher (teacher: in the config)")
+    check_teacher_precision(teacher_precision)
     replay = replay_for(data.train)
     views = views if replay.random else 1
     num_classes = int(data.num_classes)
@@ -440,6 +477,7 @@ def write_cache(
         "top_k": "all" if storage == "full" else k,
         "dtype": dtype,
         "taps": list(taps),
+        "teacher_precision": teacher_precision,
     }
     parts = dict(parts or {})
     parts["settings"] = _part(settings)
@@ -454,16 +492,21 @@ def write_cache(
     for path in taps:  # unknown paths fail here, before anything is written
         Taps(moved[0], [path]).remove()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with _staged(out) as tmp:
         tap_shapes: dict[str, list[int]] = {}
         per_step = max(1, batch_size // views)
         loader = DataLoader(_Views(replay, views, seed), batch_size=per_step, num_workers=num_workers)
         writer = _ShardWriter(tmp, "train", shard_size)
         common = {"k": k, "device": dev, "tap_shapes": tap_shapes}
         _teacher_pass(
-            moved, list(taps), iter(loader), writer, storage=storage, dtype=_DTYPES[dtype], **common
+            moved,
+            list(taps),
+            iter(loader),
+            writer,
+            storage=storage,
+            dtype=_DTYPES[dtype],
+            precision=teacher_precision,
+            **common,
         )
         writer.flush()
         splits: dict[str, Any] = {
@@ -511,18 +554,40 @@ def write_cache(
             "protege.data.views.sample_rng(view_seed, i), stored in the shards as 'params'",
             "taps": tap_shapes,
             "splits": splits,
-            "bytes": sum(s["bytes"] for sp in splits.values() for s in sp["shards"]),
+            **_totals(splits, t0),
             "train_bytes_per_sample": train_bytes / max(len(replay), 1),
-            "build_seconds": round(time.perf_counter() - t0, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_durable(tmp / INDEX, json.dumps(index, indent=2).encode())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out)
+        _commit(tmp, out, index)
+    return index
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new directory beside ``out`` to write a cache into (then :func:`_commit` it); removed on failure,
+    so a crash leaves no half cache."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return index
+
+
+def _totals(splits: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The index's size and build-time fields."""
+    return {
+        "bytes": sum(s["bytes"] for sp in splits.values() for s in sp["shards"]),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _commit(tmp: Path, out: Path, index: dict[str, Any]) -> None:
+    """Write ``index`` into the finished ``tmp`` directory, then move it to ``out`` (atomically)."""
+    _write_durable(tmp / INDEX, json.dumps(index, indent=2).encode())
+    _fsync_dir(tmp)
+    _replace_dir(tmp, out)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -584,6 +649,8 @@ def build_cache(
     if not specs:
         raise ProtegeError("the config has no teacher to cache: add `teacher: {model: ..., weights: ...}`")
     data = load_run_data(cfg)
+    if getattr(data, "task", None) == "lm":
+        return _build_lm_cache(cfg, data, path, top_k, overwrite, device)
     parts = fingerprint_parts(cfg, data)
     from accelerate.utils import set_seed
 
@@ -608,6 +675,33 @@ def build_cache(
         parts=parts,
         overwrite=overwrite,
         device=dev,
+        teacher_precision=cfg.teacher_precision,
+    )
+    return {**index, "path": str(path)}
+
+
+def _build_lm_cache(
+    cfg: RunConfig, data: Any, path: Path, top_k: int | str | None, overwrite: bool, device: str | None
+) -> dict[str, Any]:
+    from ..pipeline import build_from
+    from .lm_cache import lm_fingerprint_parts, write_lm_cache
+
+    settings = cfg.cache
+    if len(cfg.all_teachers()) != 1:
+        raise ProtegeError("an lm teacher-output cache holds one teacher's outputs: give the run one teacher")
+    parts = lm_fingerprint_parts(cfg, data)
+    index = write_lm_cache(
+        path,
+        data,
+        build_from(cfg.all_teachers()[0], data),
+        top_k=top_k if top_k is not None else (settings.top_k if settings is not None else 128),
+        levels=settings.levels if settings is not None else 96,
+        shard_size=settings.shard_size if settings is not None else 10_000,
+        batch_size=cfg.data.eval_batch_size,
+        parts=parts,
+        overwrite=overwrite,
+        device=device or ("cpu" if cfg.cpu else None),
+        teacher_precision=cfg.teacher_precision,
     )
     return {**index, "path": str(path)}
 
@@ -710,10 +804,18 @@ class TeacherCache:
                     raise ProtegeError(f"{where} is corrupted (SHA-256 mismatch); {rebuild}")
                 try:
                     loaded = load_tensors(blob)
-                except Exception as e:  # a damaged header that the size check could not see
+                    if info.get("storage") == "lm-topk":  # one compressed top-k stream per shard
+                        from .lm_cache import decode_shard
+
+                        loaded = decode_shard(loaded)
+                except Exception as e:  # a damaged header or stream that the size check could not see
                     raise ProtegeError(f"{where} is corrupted ({type(e).__name__}: {e}); {rebuild}") from None
                 n = shard["stop"] - shard["start"]
-                if shard["start"] != expected_start or any(len(t) != n for t in loaded.values()):
+                # per-token rows ("tok.*") follow the samples' token counts, everything else the samples
+                tokens = int(loaded["tokens"].sum()) if "tokens" in loaded else 0
+                if shard["start"] != expected_start or any(
+                    len(t) != (tokens if name.startswith("tok.") else n) for name, t in loaded.items()
+                ):
                     raise ProtegeError(
                         f"{where} does not hold samples {shard['start']}..{shard['stop']}; {rebuild}"
                     )
@@ -765,6 +867,16 @@ def _what_changed(part: str, old: Any, new: Any) -> str:
         for i, (a, b) in enumerate(zip(old, new)):
             if a.get("model") != b.get("model") or a.get("kwargs") != b.get("kwargs"):
                 return f"teacher {i} is now {b.get('model')!r} {b.get('kwargs') or ''}, the cache has {a.get('model')!r}"
+            if a.get("model_files_sha256") != b.get("model_files_sha256"):
+                changed = sorted(
+                    set(a.get("model_files_sha256") or {}) ^ set(b.get("model_files_sha256") or {})
+                    | {
+                        f
+                        for f, h in (b.get("model_files_sha256") or {}).items()
+                        if (a.get("model_files_sha256") or {}).get(f) != h
+                    }
+                )
+                return f"teacher {i}'s model files changed ({', '.join(Path(f).name for f in changed[:3])})"
             if a.get("weights_sha256") != b.get("weights_sha256") or a.get("weights") != b.get("weights"):
                 return (
                     f"teacher {i}'s weights changed ({b.get('weights') or 'random init'}: sha256 "
@@ -963,7 +1075,13 @@ def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCach
     settings = cfg.cache
     if settings is None:
         raise ProtegeError("the config has no `cache:` section")
+    if getattr(data, "task", None) == "lm":  # top-k next-token rows (protege.engine.lm_cache)
+        from .lm_cache import use_lm_cache
+
+        return use_lm_cache(cfg, data)
     cache = TeacherCache.open(settings.path, verify=settings.verify)
+    if cache.index.get("task") == "lm":
+        raise ProtegeError(f"cache {cache.path} holds a language model's outputs; this run is not an lm run")
     cache.check(fingerprint_parts(cfg, data))
     n = len(cfg.all_teachers())
     if cache.teachers != n:

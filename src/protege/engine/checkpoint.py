@@ -46,6 +46,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, each with storage of its own: tensors sharing storage
+    (tied weights, e.g. an LM's input and output embeddings) are copied, since safetensors refuses
+    shared storage; loading the copies back restores the tie."""
+    seen: set[int] = set()
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        plain[key] = value.clone() if value.numel() and ptr in seen else value
+        seen.add(ptr)
+    return plain
+
+
 def atomic_save_tensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
@@ -54,7 +68,7 @@ def atomic_save_tensors(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_storable(tensors), tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -135,15 +149,11 @@ def save_checkpoint(
     name = f"epoch_{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.items()}, tmp / "model.safetensors")
+        save_file(_storable(student), tmp / "model.safetensors")
         if extra:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "distiller.safetensors"
-            )
+            save_file(_storable(extra), tmp / "distiller.safetensors")
         opt_tensors, opt_meta = _split_optimizer(optimizer)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}, tmp / "optimizer.safetensors"
-        )
+        save_file(_storable(opt_tensors), tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")

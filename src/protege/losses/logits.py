@@ -106,7 +106,15 @@ def ce(student_logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> 
 
     ``target`` holds class indices of shape (N,); a float (N, C) tensor of class probabilities
     (soft labels, e.g. from mixup) is also accepted, as by :func:`torch.nn.functional.cross_entropy`.
+    Token logits ``(B, L, C)`` with next-token targets ``(B, L)`` (a language model's) are scored per
+    token, ignoring targets of ``-100`` (prompt and padding), the mean over the scored tokens.
     """
+    if (
+        student_logits.dim() == 3
+        and not target.is_floating_point()
+        and target.shape == student_logits.shape[:2]
+    ):
+        student_logits, target = student_logits.flatten(0, 1), target.flatten()
     if student_logits.dim() != 2:
         raise ValueError(f"ce: expected logits of shape (N, C), got {tuple(student_logits.shape)}")
     if not 0.0 <= label_smoothing <= 1.0:

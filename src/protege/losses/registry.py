@@ -156,4 +156,4 @@ def list_losses() -> list[LossInfo]:
 
 
 def _load_builtin() -> None:
-    from . import contrastive, diswot, features, logits, relations, reuse, review  # noqa: F401  (register on import)
+    from . import contrastive, diswot, features, logits, relations, reuse, review, sequence  # noqa: F401  (register on import)

@@ -3,8 +3,9 @@
 from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
+from .lm import LMTask
 
-_TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
+_TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "lm": LMTask}
 
 
 def build_task(name: str) -> Task:
@@ -15,4 +16,4 @@ def build_task(name: str) -> Task:
         raise unknown("task", name, _TASKS) from None
 
 
-__all__ = ["ClassificationTask", "Evaluator", "Outputs", "Task", "build_task"]
+__all__ = ["ClassificationTask", "Evaluator", "LMTask", "Outputs", "Task", "build_task"]

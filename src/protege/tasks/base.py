@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,8 +39,39 @@ class Task:
     def batch_size(self, inputs: Any) -> int:
         return len(inputs)
 
+    def rollout(self, model: nn.Module, batch: Any, settings: Any) -> Any:
+        """The batch with its targets replaced by ``model``'s own generations (on-policy distillation,
+        GKD; ``settings``: a :class:`~protege.core.on_policy.OnPolicy`). Only generative tasks have one."""
+        from ..errors import ProtegeError
+
+        raise ProtegeError(f"on_policy needs a generative task (lm); task {self.name!r} does not generate")
+
     def evaluator(self, with_teacher: bool) -> Evaluator:
         raise NotImplementedError
+
+    # -- what a run builds: tasks whose data or models need more than the generic builders ------
+    def load_data(
+        self,
+        data: Mapping[str, Any],
+        teachers: Sequence[Mapping[str, Any]],
+        students: Sequence[Mapping[str, Any]],
+    ) -> Any:
+        """The run's :class:`~protege.data.DataSplits` when the task reads its data itself (text
+        through the models' tokenizer), else ``None``: :func:`protege.data.load_data` reads it.
+        ``data`` is the run config's data section, ``teachers``/``students`` its model sections."""
+        return None
+
+    def build_model(
+        self, name: str, weights: str | None, kwargs: Mapping[str, Any], data: Any
+    ) -> nn.Module | None:
+        """A model the task builds itself (a ``transformers`` LM), else ``None``:
+        :func:`protege.models.build_model` builds it."""
+        return None
+
+    def export(self, model: nn.Module, data: Any, directory: Path) -> bool:
+        """Write ``model`` into the (new, empty) ``directory`` in the format its own library loads
+        (an LM's ``save_pretrained`` with its tokenizer); ``False``: the checkpoints are the export."""
+        return False
 
 
 class Evaluator:
