@@ -216,7 +216,7 @@ def run_one(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
         summary = json.loads(done.read_text())
         if "test" in summary:
             return summary
-    return pg.run(cfg, mode=mode, overwrite=True)
+    return pg.run(cfg, mode=mode, overwrite=True, report=False)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def main() -> None:
         for method, mode in (("baseline", "train"), ("distilled", "distill")):
             cfg = {**base[method], "seed": seed, "name": f"{method}-s{seed}"}
             overrides = args.overrides + (args.distill_overrides if method == "distilled" else [])
-            summary = pg.run(pg.load_config(None, overrides, **cfg), mode=mode)
+            summary = pg.run(pg.load_config(None, overrides, **cfg), mode=mode, report=False)
             for which in ("last", "best"):
                 results[method][which].append(summary["test"][which]["acc"])
     report = {

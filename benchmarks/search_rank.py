@@ -150,7 +150,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-params", type=int, default=None, help="search budget (default: see --help)")
     ap.add_argument("--redo-search", action="store_true", help="re-run searches stored in results.json")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads per process")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="ground truth: train in this many processes at once (one GPU or many CPU cores); each "
+        "writes its records to its own shard file, merged into ground_truth.json when all are done",
+    )
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "I/N": internal, one worker
     ap.add_argument(
         "--output-dir", default=None, help="default runs/search-rank (quick: runs/search-rank-quick)"
     )
@@ -194,8 +202,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    if args.seeds < 1 or args.batches < 1 or args.epochs < 1:
-        ap.error("--seeds, --batches and --epochs must be at least 1")
+    if args.seeds < 1 or args.batches < 1 or args.epochs < 1 or args.workers < 1:
+        ap.error("--seeds, --batches, --epochs and --workers must be at least 1")
+    if args.shard is not None:
+        i, _, n = args.shard.partition("/")
+        args.shard = (int(i), int(n))
     return args
 
 
@@ -331,7 +342,7 @@ def run_one(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
         summary = json.loads(done.read_text())
         if "test" in summary and summary.get("status") == "completed":
             return summary
-    return pg.run(cfg, mode=mode, overwrite=True)  # type: ignore[arg-type]
+    return pg.run(cfg, mode=mode, overwrite=True, report=False)  # type: ignore[arg-type]
 
 
 def teacher_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -421,8 +432,14 @@ def part_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
             for arch in arch_list(args, space_name, space):
                 for mode in ("kd", "ce"):
                     jobs.append((space_name, space, arch, mode, seed))
-    todo = sum(gt.key(s, sp.encode(a), m, seed) not in gt.runs for s, sp, a, m, seed in jobs)
-    print(f"ground truth: {len(jobs)} runs, {todo} to train", flush=True)
+    todo = [j for j in jobs if gt.key(j[0], j[1].encode(j[2]), j[3], j[4]) not in gt.runs]
+    if args.shard is None:
+        print(f"ground truth: {len(jobs)} runs, {len(todo)} to train", flush=True)
+    if args.shard is not None:  # one worker of --workers: every n-th run still to do
+        jobs = todo[args.shard[0] :: args.shard[1]]
+    elif args.workers > 1 and len(todo) > 1:
+        run_workers(args, gt, min(args.workers, len(todo)))
+        return summarize_gt(args, gt)
     for i, (space_name, space, arch, mode, seed) in enumerate(jobs):
         known = gt.key(space_name, space.encode(arch), mode, seed) in gt.runs
         rec = gt_run(args, gt, space_name, space, arch, mode, seed)
@@ -433,6 +450,50 @@ def part_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
                 flush=True,
             )
     return summarize_gt(args, gt)
+
+
+def _shard_path(out: Path, index: int) -> Path:
+    return out / "shards" / f"ground_truth.{index}.json"
+
+
+def run_workers(args: argparse.Namespace, gt: GroundTruth, n: int) -> None:
+    """Train the runs still to do in ``n`` processes of this script (``--shard i/n``), then merge.
+
+    Each worker records into its own shard file (a ground truth with the same settings and teacher),
+    so no two processes write one file; the shards are merged into ``gt`` (and removed) even when a
+    worker failed, and what a failed worker did not finish is trained by the next invocation."""
+    import subprocess
+
+    out = Path(args.output_dir)
+    for i in range(n):  # a shard left by an interrupted invocation is merged first
+        merge_shard(gt, _shard_path(out, i))
+    argv = [a for a in sys.argv[1:]]
+    procs = []
+    for i in range(n):
+        shard = GroundTruth(_shard_path(out, i), gt.data["settings"])
+        shard.data["teacher"] = gt.data["teacher"]
+        shard.data["runs"] = dict(gt.runs)  # what is done already, so the worker skips it
+        shard.save()
+        cmd = [sys.executable, __file__, *argv, "--part", "gt", "--shard", f"{i}/{n}", "--json", ""]
+        procs.append(subprocess.Popen(cmd))
+    print(f"ground truth: {n} workers started", flush=True)
+    codes = [p.wait() for p in procs]
+    for i in range(n):
+        merge_shard(gt, _shard_path(out, i))
+    failed = [i for i, c in enumerate(codes) if c != 0]
+    if failed:
+        raise SystemExit(f"ground-truth workers {failed} failed (see their output above); their finished "
+                         "runs are kept: run the same command again to train the rest")  # fmt: skip
+
+
+def merge_shard(gt: GroundTruth, path: Path) -> None:
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    if data.get("fingerprint") == gt.data["fingerprint"]:
+        gt.runs.update(data.get("runs", {}))
+        gt.save()
+    path.unlink()
 
 
 def summarize_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
@@ -971,10 +1032,12 @@ def throughput_table(section: dict[str, Any], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.shard is not None:  # a worker of --workers: its runs into its own shard file, nothing else
+        part_gt(args, GroundTruth(_shard_path(out, args.shard[0]), settings(args)))
+        return
     gt = GroundTruth(out / "ground_truth.json", settings(args))
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}

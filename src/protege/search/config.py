@@ -20,10 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..config import DataConfig, DirName, ModelConfig, RunConfig, apply_overrides, format_validation_error
+from ..config import (
+    DataConfig,
+    DirName,
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+    format_validation_error,
+    read_yaml_mapping,
+)
 from ..errors import ProtegeError
 from .spaces import NB201_OPS, ModelListSpace, MultiplierSpace, NB201Space, ResNetDepthSpace, SearchSpace
 
@@ -191,14 +198,7 @@ def validate_search_config(data: dict[str, Any], source: str = "search config") 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
     """Read a search YAML, apply ``--set key=value`` overrides, and validate."""
     p = Path(path)
-    if not p.is_file():
-        raise ProtegeError(f"search config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProtegeError(f"{p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ProtegeError(f"{p} must hold a mapping of keys (space:, proxy:, budget: ...)")
+    data = read_yaml_mapping(p, "search config", "space:, proxy:, budget: ...")
     if overrides:
         data = apply_overrides(data, overrides)
     return validate_search_config(data, str(p))
