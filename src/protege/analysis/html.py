@@ -66,12 +66,25 @@ def pyplot() -> Any:
 
 
 def log_scale(ax: Any) -> None:
-    """A log y axis whose ticks read as plain numbers (0.5, 2, 10), not powers of ten."""
-    from matplotlib.ticker import FormatStrFormatter
+    """A log y axis whose ticks read as plain numbers (0.5, 2, 10), not powers of ten.
+
+    Minor ticks are labelled only as far as they fit: all of them within one decade, the 2s and 5s
+    over up to two decades, none beyond (labels 0.06, 0.07, 0.08 would run into each other)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _pos: int) -> str:
+        if value <= 0:
+            return ""
+        low, high = ax.get_ylim()
+        decades = math.log10(max(high, low) / max(min(high, low), 1e-300))
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        if mantissa != 1 and (decades > 2 or (decades > 1 and mantissa not in (2, 5))):
+            return ""
+        return f"{value:g}"
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
