@@ -205,3 +205,27 @@ def test_evaluate_runs_teachers_frozen(digits):
         frozen = teacher.eval()(torch.cat(xs))
     assert metrics["teacher_acc"] == pytest.approx((frozen.argmax(-1) == torch.cat(ys)).float().mean().item())
     assert torch.equal(teacher[2].running_mean, before)
+
+
+def test_evaluate_keeps_teacher_logits_only_within_the_memory_cap(digits, monkeypatch):
+    from protege.engine import loop
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    loader = pg.make_loader(digits.val, 64, shuffle=False)
+    reference = pg.evaluate(student, loader, ClassificationTask(), [teacher])
+    n = len(calls)
+    cache: list[torch.Tensor] = []
+    assert pg.evaluate(student, loader, ClassificationTask(), [teacher], teacher_cache=cache) == reference
+    assert len(cache) == n and len(calls) == 2 * n  # filled on first use
+    assert pg.evaluate(student, loader, ClassificationTask(), [teacher], teacher_cache=cache) == reference
+    assert len(calls) == 2 * n  # read back: the teacher did not run
+    monkeypatch.setattr(loop, "TEACHER_CACHE_BYTES", 64 * 10 * 4 + 1)  # room for one batch only
+    small: list[torch.Tensor] = []
+    assert pg.evaluate(student, loader, ClassificationTask(), [teacher], teacher_cache=small) == reference
+    assert small == []  # dropped once over the cap; the next evaluation runs the teacher again
+    assert pg.evaluate(student, loader, ClassificationTask(), [teacher], teacher_cache=small) == reference
+    assert len(calls) == 4 * n

@@ -130,6 +130,10 @@ def ensemble_logits(outputs: Sequence[Outputs], weights: Sequence[float]) -> tor
     return probs.clamp_min(1e-12).log()
 
 
+#: the most bytes of teacher evaluation logits :func:`evaluate` keeps between evaluations
+TEACHER_CACHE_BYTES = 512 * 2**20
+
+
 @torch.no_grad()
 def evaluate(
     student: nn.Module,
@@ -144,6 +148,8 @@ def evaluate(
 
     ``teacher_cache``, when given, is filled with the teachers' evaluation logits on first use
     and read afterwards: teachers are frozen, so their outputs never change between evaluations.
+    It holds at most :data:`TEACHER_CACHE_BYTES`; past that (e.g. a language model's logits over a
+    large vocabulary) it is dropped and the teachers run at every evaluation instead.
     """
     was_training = student.training
     student.eval()
@@ -154,6 +160,7 @@ def evaluate(
     cached = not teachers and bool(teacher_weights)
     evaluator = task.evaluator(with_teacher=bool(teachers) or cached)
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
+    filling, stored = teacher_cache is not None and not use_cache, 0
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     precision = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     # An accelerator's loader places the batches; a plain loader's batches go where the student is.
@@ -173,8 +180,14 @@ def evaluate(
                         t_logits = gather(
                             ensemble_logits([task.forward(t, inputs) for t in teachers], weights)
                         )
-                        if teacher_cache is not None:
-                            teacher_cache.append(t_logits.detach().float().cpu())
+                        if filling:
+                            kept = t_logits.detach().float().cpu()
+                            stored += kept.numel() * kept.element_size()
+                            if stored > TEACHER_CACHE_BYTES:  # too large to keep: recompute each time
+                                teacher_cache.clear()  # type: ignore[union-attr]
+                                filling = False
+                            else:
+                                teacher_cache.append(kept)  # type: ignore[union-attr]
                     t_out = {"logits": t_logits}
                 elif cached and task.meta(batch).get("teacher_outputs"):
                     t_out = {"logits": gather(ensemble_logits(task.meta(batch)["teacher_outputs"], weights))}
