@@ -52,16 +52,32 @@ CELL_ORDER = [
 ]
 
 
-def run_config(strategy: str, alpha: float, size: str, seed: int, rounds: int, models: list[str], out: str):
+#: per dataset: the public transfer set and the global test set (the rest is cut among the clients);
+#: digits has 1,797 images, so both are smaller there (~120 images per client are left)
+DATASETS = {
+    "mnist5k": {"transfer_size": 500, "global_test_size": 1000},
+    "digits": {"transfer_size": 300, "global_test_size": 300},
+}
+
+
+def run_config(
+    strategy: str,
+    alpha: float,
+    size: str,
+    seed: int,
+    rounds: int,
+    models: list[str],
+    out: str,
+    dataset: str = "mnist5k",
+):
     tag = f"{strategy}-a{alpha:g}-{size}-s{seed}" + ("-hetero" if len(models) > 1 else "")
     data: dict[str, Any] = {
         "name": tag,
         "output_dir": out,
-        "dataset": "mnist5k",
+        "dataset": dataset,
         "clients": 10,
         "partition": {"scheme": "dirichlet", "alpha": alpha, "samples_per_client": SIZES[size]},
-        "transfer_size": 500,
-        "global_test_size": 1000,
+        **DATASETS[dataset],
         "models": models,
         "strategy": STRATEGY_SPECS[strategy],
         "rounds": rounds,
@@ -78,15 +94,16 @@ def grid(
     out: str,
     cells: list[tuple[float, str]] | None = None,
     strategies: list[str] | None = None,
+    dataset: str = "mnist5k",
 ) -> list[tuple[dict[str, Any], Any]]:
     jobs = []
     strategies = strategies or list(STRATEGIES)
     for seed, (alpha, size), strategy in itertools.product(seeds, cells or CELL_ORDER, strategies):
-        tag, cfg = run_config(strategy, alpha, size, seed, rounds, ["mlp_s"], out)
+        tag, cfg = run_config(strategy, alpha, size, seed, rounds, ["mlp_s"], out, dataset)
         jobs.append(({"tag": tag, "strategy": strategy, "alpha": alpha, "size": size, "seed": seed}, cfg))
     hetero = []
     for strategy in ("knfu", "feddf"):
-        tag, cfg = run_config(strategy, 0.5, "large", seeds[0], rounds, HETERO_MODELS, out)
+        tag, cfg = run_config(strategy, 0.5, "large", seeds[0], rounds, HETERO_MODELS, out, dataset)
         key = {"tag": tag, "strategy": strategy, "alpha": 0.5, "size": "large", "seed": seeds[0]}
         hetero.append(({**key, "hetero": True}, cfg))
     first = 4 * len(strategies)  # hetero after the extreme cells of the first seed
@@ -168,8 +185,13 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="all three seeds (90 + 2 runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--output", default="runs/bench-federated")
-    parser.add_argument("--results", default="benchmarks/results/federated-mnist5k.jsonl")
+    parser.add_argument(
+        "--dataset", default="mnist5k", choices=sorted(DATASETS), help="digits: use --no-hetero (8x8 images)"
+    )
+    parser.add_argument("--output", default=None, help="default runs/bench-federated[-digits]")
+    parser.add_argument(
+        "--results", default=None, help="default benchmarks/results/federated-<dataset>.jsonl"
+    )
     parser.add_argument("--table-only", action="store_true", help="print the table of the results file")
     parser.add_argument(
         "--cells",
@@ -187,12 +209,15 @@ def main() -> None:
     if cells and any(size not in SIZES for _, size in cells):
         parser.error(f"a cell is ALPHA:SIZE with SIZE one of {sorted(SIZES)}")
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
-    path = Path(args.results)
+    suffix = "" if args.dataset == "mnist5k" else f"-{args.dataset}"
+    args.output = args.output or f"runs/bench-federated{suffix}"
+    path = Path(args.results or f"benchmarks/results/federated-{args.dataset}.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         done = {r["tag"] for r in load_results(path) if r.get("rounds") == args.rounds}
         start = time.perf_counter()
-        for key, cfg in grid(seeds, args.rounds, str(Path(args.output).resolve()), cells, args.strategies):
+        out = str(Path(args.output).resolve())
+        for key, cfg in grid(seeds, args.rounds, out, cells, args.strategies, args.dataset):
             if key["tag"] in done or (args.no_hetero and key.get("hetero")):
                 continue
             t = time.perf_counter()
