@@ -725,6 +725,31 @@ class _HFImages(Dataset[tuple[Any, int]]):
         return row[self.image_column], int(row[self.label_column])
 
 
+def open_saved_dataset(root: Path, extra: str) -> tuple[Any, dict[str, Any], bool]:
+    """A HuggingFace dataset saved with ``save_to_disk``: ``(datasets module, splits, single)``.
+
+    ``splits`` has ``"train"`` and, for a ``DatasetDict``, ``"val"`` (its ``validation``/``val``/
+    ``valid`` split) and ``"test"`` when present; ``single`` is true for a plain ``Dataset`` (whose
+    rows are all under ``"train"``). ``extra`` names the pip extra that installs ``datasets``."""
+    try:
+        import datasets as hf
+    except ImportError as e:
+        raise ProtegeError(
+            f"a saved HuggingFace dataset needs the datasets package: pip install '{extra}'"
+        ) from e
+    try:
+        loaded = hf.load_from_disk(str(root))
+    except (FileNotFoundError, ValueError) as e:
+        raise ProtegeError(f"{root} is not a HuggingFace dataset saved with save_to_disk: {e}") from None
+    if not isinstance(loaded, hf.DatasetDict):
+        return hf, {"train": loaded}, True
+    if "train" not in loaded:
+        raise ProtegeError(f"{root} has no 'train' split (splits: {', '.join(loaded)})")
+    val = next((n for n in ("validation", "val", "valid") if n in loaded), None)
+    names = {"train": "train", "val": val, "test": "test" if "test" in loaded else None}
+    return hf, {split: loaded[name] for split, name in names.items() if name is not None}, False
+
+
 def _load_hf(
     *,
     source: str,
@@ -739,28 +764,12 @@ def _load_hf(
     assert root is not None
     image_column = str(options.pop("image_column", "image"))
     label_column = str(options.pop("label_column", "label"))
-    try:
-        import datasets as hf
-    except ImportError as e:
-        raise ProtegeError(
-            "the 'hf' data source needs the HuggingFace datasets package: pip install 'protege[hf]'"
-        ) from e
-    try:
-        loaded = hf.load_from_disk(str(root))
-    except (FileNotFoundError, ValueError) as e:
-        raise ProtegeError(f"{root} is not a HuggingFace dataset saved with save_to_disk: {e}") from e
+    hf, splits, single = open_saved_dataset(root, "protege[hf]")
 
     def labels_of(ds: Any) -> np.ndarray:
         return np.asarray(ds.with_format("numpy")[label_column], dtype=np.int64)
 
-    if isinstance(loaded, hf.DatasetDict):
-        if "train" not in loaded:
-            raise ProtegeError(f"{root} has no 'train' split (splits: {', '.join(loaded)})")
-        train = loaded["train"]
-        val_name = next((n for n in ("validation", "val", "valid") if n in loaded), None)
-        test = loaded["test"] if "test" in loaded else None
-    else:
-        train, val_name, test = loaded, None, None
+    train, val_split, test = splits["train"], splits.get("val"), splits.get("test")
     for col in (image_column, label_column):
         if col not in train.column_names:
             option = "image_column" if col == image_column else "label_column"
@@ -782,10 +791,10 @@ def _load_hf(
         "label_column": label_column,
     }
     test_base: Dataset[Any] | None = None
-    if isinstance(loaded, hf.DatasetDict):
+    if not single:
         test_base = _HFImages(test, image_column, label_column) if test is not None else None
-        if val_name is not None:
-            val_base: Dataset[Any] = _HFImages(loaded[val_name], image_column, label_column)
+        if val_split is not None:
+            val_base: Dataset[Any] = _HFImages(val_split, image_column, label_column)
             train_idx, val_idx = np.arange(len(base)), np.arange(len(val_base))
         else:
             val_base = base

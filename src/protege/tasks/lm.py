@@ -660,23 +660,10 @@ def _read_jsonl(root: Path) -> list[dict[str, Any]]:
 
 
 def _read_hf(root: Path) -> dict[str, list[dict[str, Any]]]:
-    try:
-        import datasets as hf
-    except ImportError as e:
-        raise ProtegeError(
-            "the 'hf' data source needs the datasets package: pip install 'protege[llm]'"
-        ) from e
-    try:
-        loaded = hf.load_from_disk(str(root))
-    except (FileNotFoundError, ValueError) as e:
-        raise ProtegeError(f"{root} is not a dataset saved with save_to_disk: {e}") from None
-    if not isinstance(loaded, hf.DatasetDict):
-        return {"train": loaded.to_list()}
-    names = {"train": "train", "val": next((n for n in ("validation", "val", "valid") if n in loaded), None)}
-    names["test"] = "test" if "test" in loaded else None
-    if "train" not in loaded:
-        raise ProtegeError(f"{root} has no 'train' split (splits: {', '.join(loaded)})")
-    return {split: loaded[name].to_list() for split, name in names.items() if name is not None}
+    from ..data.sources import open_saved_dataset
+
+    _, splits, _ = open_saved_dataset(root, "protege[llm]")
+    return {split: ds.to_list() for split, ds in splits.items()}
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
