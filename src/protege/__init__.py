@@ -16,7 +16,7 @@ from .core.distiller import Distiller, Term
 from .core.on_policy import OnPolicy
 from .core.taps import Taps
 from .data import DataSplits, load_data
-from .engine import TrainConfig, evaluate, fit, make_loader
+from .engine import Callback, TrainConfig, evaluate, fit, make_loader
 from .errors import ProtegeError
 from .losses import get_loss, list_losses, register_loss
 from .models import build_model, list_models
@@ -59,6 +59,7 @@ __all__ = [
     "sp",
     "vid",
     "fitnet",
+    "Callback",
     "DataSplits",
     "Distiller",
     "OnPolicy",

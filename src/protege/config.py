@@ -37,6 +37,7 @@ from pydantic import (
 from .core.distiller import TeacherPrecision
 from .engine.options import OptimConfig, ScheduleConfig, TrainConfig
 from .errors import ProtegeError, closest
+from .losses import get_loss, list_losses
 
 
 def _plain_dir_name(v: str) -> str:
@@ -49,8 +50,50 @@ def _plain_dir_name(v: str) -> str:
 DirName = Annotated[str, AfterValidator(_plain_dir_name)]
 
 
+class PoolConfig(BaseModel):
+    """An image set used as unlabelled training data (a proxy / web pool): any data source."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="a data source (as data.source), e.g. shifted-pool or imagefolder")
+    root: str | None = Field(None, description="directory of the pool, for sources that read files")
+    split: Literal["train", "all"] = Field(
+        "train", description="which of the source's splits form the pool (all: train+val+test)"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+
+
+# -- KD³ (proxy data): owned by protege.data.proxy ---------------------------------------------
+
+
+class ProxyConfig(BaseModel):
+    """Distillation on a proxy / web pool instead of the original training set (KD³, see
+    ``protege.data.proxy``). The pool's labels, if it has any, are never used for training."""
+
+    model_config = ConfigDict(extra="forbid")
+    pool: PoolConfig
+    selection: bool = Field(True, description="KD³ dynamic instance selection, re-run every epoch")
+
+
+# -- data-free synthesis: owned by protege.data.synthesis ----------------------------------------
+
+
+class SynthesisConfig(BaseModel):
+    """Distillation without data: images synthesized from the teacher (see ``protege.data.synthesis``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["deepinversion", "adversarial"] = "deepinversion"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
 class DataConfig(BaseModel):
-    """Where the data comes from and how it is batched (see ``protege.data.load_data``)."""
+    """Where the data comes from and how it is batched (see ``protege.data.load_data``).
+
+    ``strategy`` says what the student trains on: ``original`` (the source's training split),
+    ``proxy`` (the unlabelled pool under ``proxy``, KD³) or ``synthetic`` (images synthesized
+    from the teacher, ``synthesis``). Validation and test always come from ``source``.
+    """
 
     model_config = ConfigDict(extra="forbid")
     source: str = Field("mnist5k", description="mnist5k | digits | imagefolder | torchvision:<Name> | hf")
@@ -68,6 +111,27 @@ class DataConfig(BaseModel):
         0, description="seed of carved splits; fixed so runs with different seeds share them"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    strategy: Literal["original", "proxy", "synthetic"] = Field(
+        "original", description="train on the source's data, a proxy pool (proxy:), or synthesized images"
+    )
+    proxy: ProxyConfig | None = Field(None, description="the proxy pool and KD³ options (strategy: proxy)")
+    synthesis: SynthesisConfig | None = Field(
+        None, description="how images are synthesized from the teacher (strategy: synthetic)"
+    )
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> DataConfig:
+        if self.strategy == "proxy" and self.proxy is None:
+            raise ValueError("strategy 'proxy' needs 'proxy: {pool: {source: ...}}' (the unlabelled pool)")
+        if self.strategy == "synthetic" and self.synthesis is None:
+            self.synthesis = SynthesisConfig()
+        if self.proxy is not None and self.strategy != "proxy":
+            raise ValueError("'proxy' is given but strategy is not 'proxy': set strategy: proxy or remove it")
+        if self.synthesis is not None and self.strategy != "synthetic":
+            raise ValueError(
+                "'synthesis' is given but strategy is not 'synthetic': set strategy: synthetic or remove it"
+            )
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -268,6 +332,18 @@ class RunConfig(TrainConfig):
             raise ValueError("'mutual' needs at least two students under 'students'")
         if self.students and self.stages:
             raise ValueError("multi-stage runs train one student: use 'student' with 'stages'")
+        if self.data.strategy != "original":
+            labelled = [t.loss for t in self.terms if t.loss in {i.name for i in list_losses()} and get_loss(t.loss).uses_target]
+            if labelled:
+                raise ValueError(
+                    f"data.strategy {self.data.strategy!r} trains without labels, but terms {labelled} "
+                    "read them: remove them (the teacher's outputs are the only supervision)"
+                )
+            if self.all_teachers() == [] or self.cache is not None or self.students or self.stages:
+                raise ValueError(
+                    f"data.strategy {self.data.strategy!r} needs one student, a teacher run online "
+                    "(no cache), and no stages"
+                )
         stage_names = [st.name for st in self.stages]
         if len(set(stage_names)) != len(stage_names):
             raise ValueError(f"stage names must be distinct, got {stage_names}")

@@ -25,7 +25,9 @@ from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
 from .core.on_policy import OnPolicy
 from .data import DataSplits, WithIndex, load_data
+from .data.strategies import training_data
 from .engine import checkpoint_dir, evaluate, fit, make_loader
+from .engine.callbacks import Callback
 from .engine.cache import CachedTeacherDataset, _replace_dir, cache_loader, use_cache
 from .engine.checkpoint import (
     atomic_save_tensors,
@@ -230,10 +232,21 @@ def run(
         data, _ = use_cache(cfg, data)
     distiller = build_distiller(cfg, data, mode)
     train_loader, val_loader = _loaders(cfg, data, distiller)
+    callbacks: list[Callback] = []
+    if mode == "distill" and cfg.data.strategy != "original":  # a proxy pool or synthesized images
+        assert isinstance(distiller, Distiller)
+        train_loader, callbacks = training_data(cfg, data, distiller, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     summary = fit(
-        distiller, train_loader, val_loader, cfg.train_config(), run_dir, resume=resume, overwrite=overwrite
+        distiller,
+        train_loader,
+        val_loader,
+        cfg.train_config(),
+        run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        callbacks=callbacks,
     )
     summary.update({"name": cfg.name, "mode": mode, "data": data.source})
     if data.test is not None and summary["checkpoints"]:

@@ -7,6 +7,7 @@ Layout of ``<run>/checkpoints/``::
         distiller.safetensors  trainable parts beside the student (adapters, learned temperatures)
         optimizer.safetensors + optimizer.json
         rng.safetensors + trainer.json   (epoch, step, best metric, scheduler, Python/NumPy RNG)
+        callbacks.safetensors  state of fit's callbacks (e.g. a data-free generator), when any
     pointers.json            {"last": "epoch_0003", "best": "epoch_0002"}, replaced atomically
 
 A reader only ever sees complete checkpoints: a directory becomes visible by ``os.replace`` of a
@@ -143,8 +144,11 @@ def save_checkpoint(
     trainer: dict[str, Any],
     is_best: bool,
     keep_best: bool = True,
+    callbacks: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``epoch`` and point ``last`` (and ``best``) at it."""
+    """Write a complete checkpoint for ``epoch`` and point ``last`` (and ``best``) at it.
+
+    ``callbacks``: the state of :class:`~protege.engine.callbacks.Callback` s (``callbacks.safetensors``)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"epoch_{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
@@ -152,6 +156,8 @@ def save_checkpoint(
         save_file(_storable(student), tmp / "model.safetensors")
         if extra:
             save_file(_storable(extra), tmp / "distiller.safetensors")
+        if callbacks:
+            save_file(_storable(callbacks), tmp / "callbacks.safetensors")
         opt_tensors, opt_meta = _split_optimizer(optimizer)
         save_file(_storable(opt_tensors), tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
@@ -209,7 +215,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read every part of a checkpoint directory (RNG state is returned, not applied)."""
     trainer = json.loads((path / "trainer.json").read_text())
     distiller_file = path / "distiller.safetensors"
+    callbacks_file = path / "callbacks.safetensors"
     return {
+        "callbacks": load_file(callbacks_file) if callbacks_file.exists() else {},
         "student": load_file(path / "model.safetensors"),
         "extra": load_file(distiller_file) if distiller_file.exists() else {},
         "optimizer": _join_optimizer(

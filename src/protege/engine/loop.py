@@ -41,6 +41,7 @@ from ..core.cohort import Cohort
 from ..core.distiller import Distiller
 from ..errors import ProtegeError
 from ..tasks import Outputs, Task
+from .callbacks import Callback, callbacks_state, check_callbacks, load_callbacks_state
 from .checkpoint import (
     atomic_write_text,
     check_run_dir,
@@ -227,6 +228,7 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     stop_after_epochs: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train ``distiller``'s student on ``train``, evaluating on ``val``; write the run to ``run_dir``.
 
@@ -238,9 +240,14 @@ def fit(
     A non-finite loss stops training, restores the last good weights and keeps their checkpoint;
     the summary's ``status`` says where it happened. With ``cfg.memory_format`` (``auto`` on a CPU)
     the models train in ``channels_last`` and are handed back contiguous, also after an error.
+    ``callbacks`` (:class:`~protege.engine.callbacks.Callback`) run code between steps (KD³'s
+    instance selection, a data-free generator); their state is checkpointed with the run.
     """
+    check_callbacks(callbacks)
     with contextlib.ExitStack() as cleanup:
-        return _fit(distiller, train, val, cfg, run_dir, resume, overwrite, stop_after_epochs, cleanup)
+        return _fit(
+            distiller, train, val, cfg, run_dir, resume, overwrite, stop_after_epochs, cleanup, callbacks
+        )
 
 
 def _fit(
@@ -253,6 +260,7 @@ def _fit(
     overwrite: bool,
     stop_after_epochs: int | None,
     cleanup: contextlib.ExitStack,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     cfg = cfg or TrainConfig()
     run_dir = Path(run_dir)
@@ -295,6 +303,7 @@ def _fit(
         trainer = state["trainer"]
         scheduler.load_state_dict(trainer["scheduler"])
         restore_rng(state["rng"])
+        load_callbacks_state(callbacks, state["callbacks"])
         start_epoch = trainer["epoch"] + 1
         best, history_final = trainer["best"], trainer["final"]
         if main and metrics_path.exists():  # drop lines written after the checkpoint
@@ -320,6 +329,8 @@ def _fit(
     t_start = time.perf_counter()
     total_steps = cfg.epochs * len(train_loader)
     epoch = start_epoch - 1
+    for cb in callbacks:
+        cb.on_fit_start(distiller, accelerator.device)
 
     with _progress(cfg.progress and main) as bar:
         job = bar.add_task("train", total=total_steps, completed=start_epoch * len(train_loader), info="")
@@ -328,6 +339,8 @@ def _fit(
         )
         for epoch in range(start_epoch, end_epoch):
             model.train()
+            for cb in callbacks:
+                cb.on_epoch_start(distiller, epoch)
             train_loader.set_epoch(epoch)
             sums: dict[str, torch.Tensor] = {}
             n_batches = 0
@@ -335,6 +348,8 @@ def _fit(
             bad_step: int | None = None
             for i, batch in enumerate(train_loader):
                 distiller.set_progress(epoch + i / len(train_loader))
+                for cb in callbacks:
+                    batch = cb.on_batch(distiller, batch, epoch, i)
                 with accelerator.accumulate(model):
                     _, losses = model(batch)
                     total = sum(losses.values())
@@ -363,6 +378,7 @@ def _fit(
                     distiller.student.load_state_dict(good["student"])
                     if good["extra"]:
                         distiller.load_state_dict(good["extra"], strict=False)
+                    load_callbacks_state(callbacks, good["callbacks"])
                 epoch -= 1
                 break
 
@@ -389,6 +405,8 @@ def _fit(
                     scores.append(metrics[primary])
                 if len(predictors) > 1:  # a cohort: its best epoch is the one best on average
                     record[f"val/{primary}"] = sum(scores) / len(scores)
+            for cb in callbacks:
+                cb.on_epoch_end(distiller, epoch, record)
             record["time_s"] = time.perf_counter() - t_start
             key = f"val/{primary}"
             if val_loader is None:  # nothing to choose by: the latest epoch is the best known
@@ -418,6 +436,7 @@ def _fit(
                     },
                     is_best=is_best,
                     keep_best=cfg.keep_checkpoints == "last+best",
+                    callbacks=callbacks_state(callbacks),
                 )
                 if cfg.trackers:
                     accelerator.log(
