@@ -17,9 +17,9 @@ import protege.tasks.lm as lm  # noqa: E402
 from protege.cli import app  # noqa: E402
 from protege.config import load_config  # noqa: E402
 from protege.engine.cache import TeacherCache  # noqa: E402
-from protege.engine.lm_cache import decode_topk, encode_topk  # noqa: E402
+from protege.engine.lm_cache import _with_rest, decode_topk, encode_topk  # noqa: E402
 from protege.errors import ProtegeError  # noqa: E402
-from protege.losses.sequence import EMPTY_LOGP, IGNORE_INDEX, TopKLogProbs, fkl, generalized_jsd  # noqa: E402
+from protege.losses.sequence import EMPTY_LOGP, IGNORE_INDEX, TopKLogProbs, fkl, generalized_jsd, rkl  # noqa: E402
 from protege.pipeline import run  # noqa: E402
 from test_lm import CONFIG, make_llama, make_tokenizer  # noqa: E402
 
@@ -35,7 +35,7 @@ def _top_k(n: int = 300, vocab: int = 5000, k: int = 64, seed: int = 0) -> tuple
 
 def test_codec_round_trip_fp16_is_lossless_up_to_fp16() -> None:
     index, logp = _top_k()
-    ids, values = decode_topk(encode_topk(index, logp, levels=None))
+    ids, values, _ = decode_topk(encode_topk(index, logp, levels=None))
     assert values.dtype == torch.float16 and (values[:, :-1] >= values[:, 1:]).all()  # most likely first
     by_id, order = ids.long().sort(-1)
     want_id, want_order = index.sort(-1)
@@ -47,7 +47,7 @@ def test_codec_quantized_keeps_sqrt_p_within_half_a_level() -> None:
     index, logp = _top_k(vocab=70_000)  # ranks and ids beyond uint16: 4-byte planes are exercised too
     levels = 64
     stream = encode_topk(index, logp, levels=levels)
-    ids, values = decode_topk(stream)
+    ids, values, _ = decode_topk(stream)
     root = logp.exp().sqrt()
     kept = root * levels >= 0.5
     for row in range(len(index)):
@@ -58,6 +58,29 @@ def test_codec_quantized_keeps_sqrt_p_within_half_a_level() -> None:
             assert abs(torch.tensor(got[i] / 2).exp().item() - r) <= 0.5 / levels + 1e-3
     raw = index.numel() * (4 + 2)
     assert stream["stream.payload"].numel() < raw / 2  # it compresses
+
+
+@pytest.mark.parametrize("levels", [96, None])
+def test_stored_rest_mass_keeps_the_reverse_kl_of_a_peaked_teacher(levels: int | None) -> None:
+    """The top-k hold all but ~1e-5 of the teacher's mass; the quantization errors of 64 entries sum to
+    more than that, so the entries alone leave no rest bucket where they sum to 1 (found by
+    benchmarks/lm_losses.py: reverse KL from the cache exploded). The stored rest restores it."""
+    g = torch.Generator().manual_seed(2)
+    vocab, k, n = 1000, 64, 40
+    teacher = torch.randn(n, vocab, generator=g)
+    teacher[:, :k] += 14.0
+    student = torch.randn(n, vocab, generator=g)  # puts most of its mass outside the teacher's top-k
+    logp, index = teacher.log_softmax(-1).topk(k, dim=-1)
+    true_rest = 1.0 - logp.double().exp().sum(-1)
+    assert 1e-6 < true_rest.min() and true_rest.max() < 1e-4
+    ids, values, log_rest = decode_topk(encode_topk(index, logp, levels=levels))
+    assert torch.allclose(log_rest.double().exp(), true_rest, rtol=1e-2)
+    target = torch.zeros(n, dtype=torch.long)
+    live = rkl(student, teacher, target, top_k=k).item()
+    rows_only = rkl(student, TopKLogProbs(ids.long(), values.float()), target).item()
+    cached = rkl(student, TopKLogProbs(ids.long(), _with_rest(values.float(), log_rest)), target).item()
+    assert cached == pytest.approx(live, rel=2e-2)
+    assert abs(rows_only - live) > 0.3 * live  # what the entries alone give
 
 
 def test_cached_divergences_equal_top_k_losses_on_live_logits() -> None:

@@ -19,15 +19,20 @@ token but a block's last): the teacher's ``top_k`` most likely tokens and their 
   ``D`` int32, is stored once per shard), each position's ranks sorted and stored as gaps, byte
   plane by byte plane (2 bytes per gap when ``D ≤ 65536``, else 4). Frequent tokens get small
   ranks, so gaps are small and the planes compress well.
-- The counts, gap planes and values of a shard are one LZMA stream (``stream.payload``, uint8,
-  with ``stream.layout``). At k = 128 on SmolLM2-135M-Instruct over pydoc_data text this is 139 bytes
-  per token at ``levels: 96`` (DistillKit: ~300) and changes the top-k KL by 0.24% (fp16 values:
-  268 bytes, no change); see BENCHMARKS.md and ``benchmarks/lm_cache.py``.
+- *Rest mass*, per position: ``log(1 - sum p)`` over the kept entries, from the unquantized values, in
+  fp16 (two byte planes). Read back, the stored entries are rescaled to exactly that mass: summed over
+  ~100 entries, the quantization errors (~1e-3) would swamp a small rest (~1e-5), and the rest bucket
+  computed from them alone would be 0 at some positions — harmless to a forward KL (weighted by the
+  teacher's rest) but not to a reverse KL, weighted by the student's mass there.
+- The counts, gap planes, values and rests of a shard are one LZMA stream (``stream.payload``, uint8,
+  with ``stream.layout``). At k = 128 on SmolLM2-135M-Instruct over pydoc_data text this is ~140 bytes
+  per token at ``levels: 96`` (DistillKit: ~300; the rest mass adds ~1.5 of them) and changes the top-k
+  KL by 0.24% (fp16 values: 268 bytes, no change); see BENCHMARKS.md and ``benchmarks/lm_cache.py``.
 
 Shards hold, per sample, ``tokens`` (int32: its stored positions); :meth:`TeacherCache.open
 <protege.engine.cache.TeacherCache.open>` decodes each shard into ``tok.index`` (int32) and
 ``tok.logp`` (fp16) ``(n_tokens, top_k)`` rows sorted by probability, empty slots at
-:data:`~protege.losses.sequence.EMPTY_LOGP`. The fingerprint's ``teacher`` part hashes the teacher's
+:data:`~protege.losses.sequence.EMPTY_LOGP`, and ``tok.log_rest`` (float32, ``(n_tokens,)``). The fingerprint's ``teacher`` part hashes the teacher's
 model files, its ``data`` part the tokenizer's vocabulary and the token ids of every split;
 :meth:`~protege.engine.cache.TeacherCache.check` refuses a cache whose parts changed, and a shard
 that is truncated or corrupted is refused on open.
@@ -38,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import lzma
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +86,10 @@ __all__ = [
 ]
 
 STORAGE = "lm-topk"
+#: version of the top-k stream (2: with each position's rest mass), the last entry of its layout
+CODEC = 2
+#: the smallest rest mass stored (its log must fit in fp16); a smaller one is stored as this
+MIN_REST = 1e-30
 
 
 # ------------------------------------------------------------------------------ the codec
@@ -88,8 +98,8 @@ STORAGE = "lm-topk"
 def encode_topk(index: torch.Tensor, logp: torch.Tensor, levels: int | None) -> dict[str, torch.Tensor]:
     """Compress ``(N, k)`` top-k token ids and their log-probabilities (module docstring).
 
-    Returns ``{"stream.payload": uint8 (B,), "stream.layout": int64 [D, entries, id_bytes, levels, k, N]}``,
-    which :func:`decode_topk` turns back into the rows.
+    Returns ``{"stream.payload": uint8 (B,), "stream.layout": int64 [D, entries, id_bytes, levels, k, N,
+    CODEC]}``, which :func:`decode_topk` turns back into the rows.
     """
     if index.shape != logp.shape or index.dim() != 2:
         raise ValueError(
@@ -107,6 +117,10 @@ def encode_topk(index: torch.Tensor, logp: torch.Tensor, levels: int | None) -> 
         values = lp.astype(np.float16)
         keep = np.ones_like(ids, dtype=bool)
     counts = keep.sum(1).astype(np.uint16)
+    # the mass outside the kept entries, from the unquantized values: quantization errors summed over
+    # ~100 entries (~1e-3) exceed a small rest (~1e-5), which the rows alone would then give as 0
+    rest = 1.0 - np.where(keep, np.exp(lp.astype(np.float64)), 0.0).sum(1)
+    log_rest = np.log(np.clip(rest, MIN_REST, 1.0))
     freq = np.bincount(ids[keep], minlength=int(ids.max(initial=0)) + 1)
     vocab = np.lexsort((np.arange(len(freq)), -freq))[: int((freq > 0).sum())]  # by count, then id
     rank = np.zeros(len(freq), dtype=np.int64)
@@ -119,31 +133,37 @@ def encode_topk(index: torch.Tensor, logp: torch.Tensor, levels: int | None) -> 
     id_bytes = 2 if len(vocab) <= 1 << 16 else 4
     planes = [((gaps >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)]
     kept = values[filled]
-    if not levels:  # fp16 as two byte planes: the high bytes (sign, exponent) repeat a lot
-        kept16 = kept.view(np.uint16)
-        value_bytes = [(kept16 >> 8).astype(np.uint8).tobytes(), (kept16 & 0xFF).astype(np.uint8).tobytes()]
-    else:
-        value_bytes = [kept.tobytes()]
-    raw = b"".join([vocab.astype(np.int32).tobytes(), counts.tobytes(), *planes, *value_bytes])
+    value_bytes = _fp16_planes(kept) if not levels else [kept.tobytes()]
+    raw = b"".join(
+        [vocab.astype(np.int32).tobytes(), counts.tobytes(), *planes, *value_bytes, *_fp16_planes(log_rest)]
+    )
     payload = lzma.compress(raw, preset=9)
-    layout = [len(vocab), int(len(gaps)), id_bytes, int(levels or 0), k, n]
+    layout = [len(vocab), int(len(gaps)), id_bytes, int(levels or 0), k, n, CODEC]
     return {
         "stream.payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
         "stream.layout": torch.tensor(layout, dtype=torch.int64),
     }
 
 
-def decode_topk(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_topk(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`encode_topk`'s output → ``(N, k)`` int32 ids and fp16 log-probabilities, each row sorted by
-    probability (most likely first), empty slots ``id 0, EMPTY_LOGP``.
+    probability (most likely first), empty slots ``id 0, EMPTY_LOGP``, and the ``(N,)`` float32
+    log of each row's rest mass (outside its stored entries, measured before quantization).
 
     Raises:
-        ValueError: the stream does not decode to the sizes its layout gives (a damaged shard).
+        ValueError: the stream does not decode to the sizes its layout gives (a damaged shard), or it
+            was written by an earlier codec, which stored no rest mass.
     """
-    d, entries, id_bytes, levels, k, n = (int(v) for v in tensors["stream.layout"].tolist())
+    layout = [int(v) for v in tensors["stream.layout"].tolist()]
+    if len(layout) != 7 or layout[6] != CODEC:
+        raise ValueError(
+            "the top-k stream was written by an earlier protege, which did not store the rest mass that "
+            "the divergences need"
+        )
+    d, entries, id_bytes, levels, k, n, _ = layout
     raw = lzma.decompress(tensors["stream.payload"].numpy().tobytes())
     value_size = 1 if levels else 2
-    expected = 4 * d + 2 * n + id_bytes * entries + value_size * entries
+    expected = 4 * d + 2 * n + id_bytes * entries + value_size * entries + 2 * n
     if len(raw) != expected:
         raise ValueError(f"the top-k stream holds {len(raw)} bytes, its layout says {expected}")
     at = 0
@@ -164,8 +184,8 @@ def decode_topk(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torc
         q = take(entries, np.uint8).astype(np.float32)
         values = (2.0 * np.log(q / levels)).astype(np.float16)
     else:
-        hi, lo = take(entries, np.uint8).astype(np.uint16), take(entries, np.uint8).astype(np.uint16)
-        values = ((hi << 8) | lo).view(np.float16)
+        values = _take_fp16(take, entries)
+    log_rest = _take_fp16(take, n).astype(np.float32)
     filled = np.arange(k)[None, :] < counts[:, None]
     rank_rows = np.zeros((n, k), dtype=np.int64)
     rank_rows[filled] = gaps + 1
@@ -177,13 +197,25 @@ def decode_topk(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torc
     return (
         torch.from_numpy(np.take_along_axis(ids, order, 1).copy()),
         torch.from_numpy(np.take_along_axis(logp, order, 1).copy()),
+        torch.from_numpy(log_rest.copy()),
     )
+
+
+def _fp16_planes(values: np.ndarray) -> list[bytes]:
+    """fp16 values as two byte planes, high bytes first: the high bytes (sign, exponent) repeat a lot."""
+    bits = values.astype(np.float16).view(np.uint16)
+    return [(bits >> 8).astype(np.uint8).tobytes(), (bits & 0xFF).astype(np.uint8).tobytes()]
+
+
+def _take_fp16(take: Any, count: int) -> np.ndarray:
+    hi, lo = take(count, np.uint8).astype(np.uint16), take(count, np.uint8).astype(np.uint16)
+    return ((hi << 8) | lo).view(np.float16)
 
 
 def decode_shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A shard's stored tensors → ``tokens`` and the decoded ``tok.index`` / ``tok.logp`` rows."""
-    index, logp = decode_topk(tensors)
-    return {"tokens": tensors["tokens"], "tok.index": index, "tok.logp": logp}
+    index, logp, log_rest = decode_topk(tensors)
+    return {"tokens": tensors["tokens"], "tok.index": index, "tok.logp": logp, "tok.log_rest": log_rest}
 
 
 # ------------------------------------------------------------------------------ fingerprint
@@ -408,7 +440,7 @@ class CachedLMDataset(Dataset):
                 f"the {split} split's trained tokens differ from those its cache holds: {rebuild}"
             )
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        self.index, self.logp = t["tok.index"], t["tok.logp"]
+        self.index, self.logp, self.log_rest = t["tok.index"], t["tok.logp"], t["tok.log_rest"]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -421,9 +453,20 @@ class CachedLMDataset(Dataset):
         logp = torch.full((len(at), k), EMPTY_LOGP, dtype=torch.float32)
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         index[at] = self.index[lo:hi].long()
-        logp[at] = self.logp[lo:hi].float()
+        logp[at] = _with_rest(self.logp[lo:hi].float(), self.log_rest[lo:hi])
         item["meta"] = {"teacher_outputs": [{"logits": TopKLogProbs(index, logp)}], "index": i}
         return item
+
+
+def _with_rest(logp: torch.Tensor, log_rest: torch.Tensor) -> torch.Tensor:
+    """Stored rows ``(n, k)`` (float32) rescaled so that their mass is exactly ``1 - rest``: the rest bucket
+    the divergences derive from them (``1 - sum p``) is then the teacher's true rest mass, not what the
+    quantization errors of ~100 entries leave of it (a reverse KL weighs that bucket by the student's
+    mass there and would explode where the quantized entries sum to 1)."""
+    stored = logp > EMPTY_LOGP / 2
+    covered = torch.logsumexp(logp.masked_fill(~stored, -math.inf), dim=-1)
+    shift = torch.log1p(-log_rest.float().exp()) - covered
+    return torch.where(stored, logp + shift.nan_to_num(0.0, 0.0, 0.0).unsqueeze(-1), logp)
 
 
 def _next_token_target(labels: torch.Tensor) -> torch.Tensor:
