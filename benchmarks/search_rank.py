@@ -850,7 +850,10 @@ def part_search(args: argparse.Namespace, gt: GroundTruth, results: dict[str, An
         scorers = {
             "diswot (random teacher)": ("diswot", "random"),
             "diswot (trained teacher)": ("diswot", "trained"),
-            f"short KD training ({args.search_epochs} ep, batch {args.search_batch_size})": ("train", "trained"),
+            f"short KD training ({args.search_epochs} ep, batch {args.search_batch_size})": (
+                "train",
+                "trained",
+            ),
         }
         for label, (how, which) in scorers.items():
             if label in section["runs"]:

@@ -51,7 +51,9 @@ def _setup() -> tuple[pg.Distiller, DataLoader, pg.TrainConfig]:
     student = nn.Linear(4, 3)
     distiller = pg.Distiller(student, None, terms=[pg.ce()])
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    cfg = pg.TrainConfig(epochs=2, progress=False, measure_cost=False, optim={"name": "sgd", "lr": 0.1, "weight_decay": 0.0})
+    cfg = pg.TrainConfig(
+        epochs=2, progress=False, measure_cost=False, optim={"name": "sgd", "lr": 0.1, "weight_decay": 0.0}
+    )
     return distiller, loader, cfg
 
 

@@ -20,7 +20,7 @@ from .engine import Callback, TrainConfig, evaluate, fit, make_loader
 from .errors import ProtegeError
 from .losses import get_loss, list_losses, register_loss
 from .models import build_model, list_models
-from .pipeline import evaluate_run, run
+from .pipeline import evaluate_run, run, synthesize
 from .terms import (
     ab,
     at,
@@ -89,5 +89,6 @@ __all__ = [
     "multi_kd",
     "register_loss",
     "run",
+    "synthesize",
     "term",
 ]

@@ -101,6 +101,29 @@ def cache(
 
 
 @app.command()
+def synthesize(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a set made from other teacher weights or options")
+    ] = False,
+) -> None:
+    """Write the synthetic image set of a data.strategy: synthetic config without distilling
+    (DeepInversion; adversarial: samples of a finished run's generator). A later distill reuses it."""
+    from .config import load_config
+    from .pipeline import synthesize as write_set
+
+    path = write_set(load_config(config, overrides or []), overwrite=overwrite)
+    index = json.loads((path / "index.json").read_text())
+    out.print(
+        f"synthetic set {path}: {index['n_images']} images ({index['method']}), "
+        f"{index['seconds_per_batch']:.2f} s per batch on {index['device']}; the teacher is "
+        f"{100 * index['teacher_mean_confidence']:.1f}% confident on average; grid: {path / 'grid.png'}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def generate(
     config: Annotated[
         Path, typer.Argument(help="generation YAML: model, prompts, out (see protege.generate)")

@@ -67,21 +67,140 @@ class PoolConfig(BaseModel):
 
 class ProxyConfig(BaseModel):
     """Distillation on a proxy / web pool instead of the original training set (KD³, see
-    ``protege.data.proxy``). The pool's labels, if it has any, are never used for training."""
+    ``protege.data.proxy``). The pool's labels, if it has any, are never used for training.
+
+    KD³'s other two components are loss terms: ``kd3_align`` (feature and classifier alignment)
+    and ``kd3_contrast`` (MixDistribution views + NT-Xent); each is on when its term is listed.
+    """
 
     model_config = ConfigDict(extra="forbid")
     pool: PoolConfig
-    selection: bool = Field(True, description="KD³ dynamic instance selection, re-run every epoch")
+    selection: bool = Field(
+        True, description="KD³ dynamic instance selection, re-run every epoch (false: the whole pool)"
+    )
+    alpha_start: float = Field(
+        1.0, ge=0, le=1, description="selection: weight α of the teacher's prediction at the first epoch"
+    )
+    alpha_end: float = Field(
+        0.0, ge=0, le=1, description="selection: α at the last epoch (1 - α goes to the student's prediction)"
+    )
+    alpha_schedule: Literal["linear", "cosine", "exponential"] = Field(
+        "linear", description="selection: how α moves from alpha_start to alpha_end over the epochs"
+    )
+    threshold: float = Field(
+        0.95, gt=0, le=1, description="selection: confidence threshold τ (FlexMatch's 0.95)"
+    )
+    adaptive: bool = Field(
+        True,
+        description="selection: class-wise FlexMatch thresholds τ_c = M(β_c)·τ (false: τ for every class)",
+    )
+    threshold_warmup: bool = Field(
+        False,
+        description="selection: FlexMatch's warm-up: β_c divides by max(max_c σ_c, unconfident count). Off "
+        "by default: it assumes a model that starts untrained, but the teacher is trained and stays as "
+        "unconfident on a pool's out-of-distribution part, so every threshold stays near 0 (measured on "
+        "shifted-pool: all 6000 images kept)",
+    )
+    threshold_mapping: Literal["convex", "linear"] = Field(
+        "convex", description="selection: M(x) = x / (2 - x) (FlexMatch's convex mapping) or M(x) = x"
+    )
+    fallback_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="selection: when no sample passes the thresholds, train on this most confident share",
+    )
+    samples_per_epoch: int | None = Field(
+        None,
+        gt=0,
+        description="samples drawn per epoch from the kept ones (fixed: the LR schedule counts steps); "
+        "default the pool's size",
+    )
+    mix_beta: float = Field(
+        0.1, gt=0, description="kd3_contrast: MixDistribution's λ ~ Beta(mix_beta, mix_beta) per instance"
+    )
+
+    @model_validator(mode="after")
+    def _exponential_needs_positive(self) -> ProxyConfig:
+        if self.alpha_schedule == "exponential" and min(self.alpha_start, self.alpha_end) <= 0:
+            raise ValueError("alpha_schedule 'exponential' needs alpha_start and alpha_end above 0")
+        return self
 
 
 # -- data-free synthesis: owned by protege.data.synthesis ----------------------------------------
 
 
 class SynthesisConfig(BaseModel):
-    """Distillation without data: images synthesized from the teacher (see ``protege.data.synthesis``)."""
+    """Distillation without data: images synthesized from the teacher (see ``protege.data.synthesis``).
+
+    ``deepinversion`` optimizes a set of images once, at the start of the run (saved in
+    ``runs/<name>/synthetic/``, or ``path``), then distills on it like on any data set.
+    ``adversarial`` trains a generator between the student's steps to make images on which student
+    and teacher disagree; the student trains on its freshly generated batches.
+    """
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["deepinversion", "adversarial"] = "deepinversion"
+    seed: int | None = Field(None, description="seed of the synthesis (default: the run's seed)")
+    bn_weight: float = Field(
+        1.0, ge=0, description="weight of the BatchNorm-statistic loss (sum over the teacher's BN layers)"
+    )
+    bn_first_multiplier: float = Field(
+        10.0,
+        ge=0,
+        description="extra factor on the first BN layer's statistic loss (DeepInversion's code: 10)",
+    )
+    # -- deepinversion ------------------------------------------------------------------------
+    n_images: int = Field(2000, ge=1, description="deepinversion: images in the synthesized set")
+    batch_size: int = Field(100, ge=1, description="deepinversion: images optimized together")
+    iterations: int = Field(500, ge=1, description="deepinversion: Adam steps per batch")
+    lr: float = Field(0.1, gt=0, description="deepinversion: Adam learning rate on the pixels (cosine decay)")
+    ce_weight: float = Field(
+        1.0, ge=0, description="deepinversion: cross-entropy to the sampled target classes"
+    )
+    tv_weight: float = Field(1e-3, ge=0, description="deepinversion: total-variation prior")
+    l2_weight: float = Field(1e-4, ge=0, description="deepinversion: L2 prior on the (normalized) pixels")
+    competition_weight: float = Field(
+        0.0,
+        ge=0,
+        description="deepinversion: adaptive competition (ADI: 1 - JS(teacher, student)); it competes "
+        "with the run's student as it is before distillation (protege synthesize: the config's student "
+        "with its weights)",
+    )
+    jitter: int = Field(2, ge=0, description="deepinversion: random shift of up to this many pixels per step")
+    flip: bool = Field(False, description="deepinversion: random horizontal flip per step (not for digits)")
+    dtype: Literal["uint8", "float16"] = Field(
+        "uint8", description="deepinversion: storage of the images (uint8 pixels, or float16 normalized)"
+    )
+    path: str | None = Field(
+        None,
+        description="deepinversion: directory of the set (default runs/<name>/synthetic); an existing set "
+        "there is reused when teacher weights and options match",
+    )
+    overwrite: bool = Field(
+        False,
+        description="re-synthesize when the existing set was made from other teacher weights or options",
+    )
+    # -- adversarial --------------------------------------------------------------------------
+    steps_per_epoch: int = Field(
+        50, ge=1, description="adversarial: student steps per epoch (each on a fresh generated batch)"
+    )
+    generator_every: int = Field(
+        1, ge=1, description="adversarial: train the generator every k student steps (DFAD: 5)"
+    )
+    generator_steps: int = Field(1, ge=1, description="adversarial: generator updates each time it trains")
+    generator_lr: float = Field(1e-3, gt=0, description="adversarial: generator Adam learning rate")
+    z_dim: int = Field(100, ge=1, description="adversarial: generator noise dimension")
+    generator_width: int = Field(64, ge=4, description="adversarial: channels of the generator's last block")
+    disagreement: Literal["l1", "kl"] = Field(
+        "l1", description="adversarial: what the generator maximizes (l1: mean |logit gap| as DFAD; kl: ZSKT)"
+    )
+    oh_weight: float = Field(
+        0.0, ge=0, description="adversarial: DAFL one-hot prior (CE of the teacher to its own argmax)"
+    )
+    ie_weight: float = Field(
+        0.0, ge=0, description="adversarial: DAFL information-entropy prior (balanced classes over the batch)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +452,11 @@ class RunConfig(TrainConfig):
         if self.students and self.stages:
             raise ValueError("multi-stage runs train one student: use 'student' with 'stages'")
         if self.data.strategy != "original":
-            labelled = [t.loss for t in self.terms if t.loss in {i.name for i in list_losses()} and get_loss(t.loss).uses_target]
+            labelled = [
+                t.loss
+                for t in self.terms
+                if t.loss in {i.name for i in list_losses()} and get_loss(t.loss).uses_target
+            ]
             if labelled:
                 raise ValueError(
                     f"data.strategy {self.data.strategy!r} trains without labels, but terms {labelled} "

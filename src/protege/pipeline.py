@@ -27,8 +27,8 @@ from .core.on_policy import OnPolicy
 from .data import DataSplits, WithIndex, load_data
 from .data.strategies import training_data
 from .engine import checkpoint_dir, evaluate, fit, make_loader
-from .engine.callbacks import Callback
 from .engine.cache import CachedTeacherDataset, _replace_dir, cache_loader, use_cache
+from .engine.callbacks import Callback
 from .engine.checkpoint import (
     atomic_save_tensors,
     atomic_write_text,
@@ -172,8 +172,9 @@ def build_distiller(
         task=task,
         cached_teachers=n_cached,
         # the teachers are ours (built here): fold their BatchNorms for a cheaper forward; not in
-        # multi-stage runs, whose stages share the teachers but may tap different layers
-        fold_teacher_bn=not stage and bool(teachers),
+        # multi-stage runs, whose stages share the teachers but may tap different layers, nor in
+        # data-free runs, whose synthesis reads the BatchNorms' running statistics
+        fold_teacher_bn=not stage and bool(teachers) and cfg.data.strategy != "synthetic",
         teacher_precision=cfg.teacher_precision,
         on_policy=None
         if on_policy is None
@@ -262,6 +263,23 @@ def run(
     if report and mode == "distill":
         _write_report(cfg)
     return summary
+
+
+def synthesize(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Write the synthetic image set of a ``data.strategy: synthetic`` config without distilling
+    (``protege synthesize``); returns its directory. A set already there from the same teacher
+    weights and options is kept, one from others is refused unless ``overwrite``. See
+    :func:`protege.data.synthesis.write_synthetic_set`: a later ``run(cfg)`` reuses the set."""
+    from .data.synthesis import write_synthetic_set
+
+    data = load_run_data(cfg)
+    teachers = build_teachers(cfg, data)  # unfolded: the synthesis reads their BatchNorm statistics
+    syn = cfg.data.synthesis
+    student = None
+    if syn is not None and syn.method == "deepinversion" and syn.competition_weight > 0 and cfg.student:
+        set_seed(cfg.seed)  # the student a run starts from (build_distiller seeds it the same way)
+        student = build_from(cfg.student, data)
+    return write_synthetic_set(cfg, data, list(teachers.values()), student, overwrite)
 
 
 def _write_report(cfg: RunConfig) -> None:

@@ -16,6 +16,14 @@ Sources (:func:`list_sources`):
     1257 train / 180 val / 360 test. ``input_size`` is 8 unless option ``size`` (e.g. 16 or 28)
     resizes every image once at load time (bilinear). Normalised to mean 0 / std 1 with
     training-set statistics.
+``shifted-pool``
+    An unlabelled proxy pool for an MNIST teacher, shifted from MNIST and generated offline
+    (:mod:`protege.data.pools`): scikit-learn digits upscaled, typeset digits, letters, shapes and
+    strokes, textures. All of it is ``train`` (val is empty, no test). Same shape and
+    normalisation as ``mnist5k``; labels are the true digit or -1 (out of distribution), for
+    analysis only; ``train.domains`` tags each image's part. Options: ``size`` (6000), ``seed``
+    (load_data's ``seed``, 0), ``parts`` (share per part). Cached under ``root`` (default
+    ``~/.cache/protege/pools``).
 ``imagefolder``
     ``root/train/<class>/*.png`` (torchvision ``ImageFolder`` layout), optional ``root/val/``
     (or ``validation/``) and ``root/test/``. Without a val folder a stratified ``val_fraction`` of
@@ -34,6 +42,11 @@ Sources (:func:`list_sources`):
     (``val_fraction`` of all rows) and train. Options: ``image_column="image"`` (PIL images or
     arrays; integer arrays are read as 0-255, float arrays as 0-1), ``label_column="label"``,
     ``size``, ``mean``, ``std``, ``in_chans``. Class names come from a ``ClassLabel`` feature.
+``synthetic``
+    A set of images synthesized from a teacher (``protege synthesize``, :mod:`protege.data.synthesis`)
+    at ``root``. Labels: the teacher's predictions (option ``labels: target``: the classes the images
+    were made for); a stratified ``val_fraction`` is held out with ``seed``; no test split. In memory,
+    with the set's own normalisation.
 
 Transforms: file-based sources take a recipe name from :mod:`protege.data.transforms` or
 ``"auto"``. The in-memory sources (``mnist5k``, ``digits``) take ``"auto"`` or ``"none"``
@@ -334,6 +347,8 @@ def load_data(
         if not path.exists() and not (is_tv and download):
             extra = f"; fix `root` or pass `download: true` to fetch {source} there" if is_tv else ""
             raise ProtegeError(f"data root not found: {path}{extra}")
+    elif root:  # a generated source's cache folder
+        path = Path(root).expanduser()
     return spec.loader(
         source=source,
         root=path,
@@ -461,6 +476,45 @@ def _load_digits(
     images = (images - mean) / std
     labels = torch.from_numpy(y)
     return _bundled_splits(source, images, labels, parts, transforms, (0.0 - mean) / std, mean, std, extra)
+
+
+def _load_shifted_pool(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    from .pools import VERSION, PoolDataset, ShiftedPool, part_counts, shifted_pool
+
+    size = _int_option(options, "size") or 6000
+    parts = options.get("parts")
+    pool = shifted_pool(size, seed, parts, cache_dir=root)
+    # an empty val split with the same tags, so that `split: all` still tags every sample's part
+    empty = ShiftedPool(pool.images[:0], pool.labels[:0], pool.domains[:0], pool.parts)
+    shift = 2 if transforms == "augment" else 0
+    return DataSplits(
+        train=PoolDataset(pool, shift=shift),
+        val=PoolDataset(empty),
+        test=None,
+        num_classes=10,
+        in_chans=1,
+        input_size=28,
+        class_names=list(_DIGIT_NAMES),
+        source=source,
+        options={
+            "transforms": "augment" if shift else "none",
+            "seed": seed,
+            "counts": part_counts(size, parts),  # with the seed, what decides the images
+            "generator": VERSION,
+        },
+        mean=MNIST_MEAN,
+        std=MNIST_STD,
+    )
 
 
 # ----------------------------------------------------------------------------- file-based sources
@@ -829,6 +883,12 @@ def _load_hf(
     )
 
 
+def _load_synthetic(**kwargs: Any) -> DataSplits:
+    from .synthesis import load_synthetic_source  # it builds on this module
+
+    return load_synthetic_source(**kwargs)
+
+
 class _Reindexed(Dataset[Any]):
     """Items ``indices`` of ``base``, untransformed."""
 
@@ -846,6 +906,9 @@ class _Reindexed(Dataset[Any]):
 _SOURCES: dict[str, _Source] = {
     "mnist5k": _Source("mnist5k", _load_mnist5k, needs_root=False, bundled=True),
     "digits": _Source("digits", _load_digits, needs_root=False, options=("size",), bundled=True),
+    "shifted-pool": _Source(
+        "shifted-pool", _load_shifted_pool, needs_root=False, options=("size", "parts"), bundled=True
+    ),
     "imagefolder": _Source(
         "imagefolder", _load_imagefolder, needs_root=True, options=("size", "mean", "std", "in_chans")
     ),
@@ -855,4 +918,5 @@ _SOURCES: dict[str, _Source] = {
         needs_root=True,
         options=("image_column", "label_column", "size", "mean", "std", "in_chans"),
     ),
+    "synthetic": _Source("synthetic", _load_synthetic, needs_root=True, options=("labels",), bundled=True),
 }

@@ -8,4 +8,11 @@ from .options import OptimConfig, ScheduleConfig, TrainConfig
 
 __all__ = [
     "Callback",
-    "OptimConfig", "ScheduleConfig", "TrainConfig", "checkpoint_dir", "evaluate", "fit", "make_loader"]
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "checkpoint_dir",
+    "evaluate",
+    "fit",
+    "make_loader",
+]

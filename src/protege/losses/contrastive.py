@@ -1,4 +1,5 @@
-"""The contrastive family of distillation losses: CRD with its momentum memory bank.
+"""The contrastive family of distillation losses: CRD with its momentum memory bank, and KD³'s
+MixDistribution contrast (:func:`kd3_contrast`, at the end of this module).
 
 Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020. The student learns
 to tell, for each sample, the teacher's representation of *that* sample (the positive) from the
@@ -36,7 +37,16 @@ from torch import Tensor, nn
 
 from .registry import BuildContext, register_loss
 
-__all__ = ["CRDMemory", "crd", "crd_nce", "crd_normalizer", "pool_features"]
+__all__ = [
+    "CRDMemory",
+    "KD3ContrastHeads",
+    "crd",
+    "crd_nce",
+    "crd_normalizer",
+    "kd3_contrast",
+    "nt_xent",
+    "pool_features",
+]
 
 #: RepDistiller's ``eps`` in ContrastLoss, added to the denominators ``P + K * Pn``
 _NCE_EPS = 1e-7
@@ -45,19 +55,20 @@ _NCE_EPS = 1e-7
 # --------------------------------------------------------------------------- helpers
 
 
-def pool_features(features: Tensor, who: str = "features") -> Tensor:
+def pool_features(features: Tensor, who: str = "features", loss: str = "crd") -> Tensor:
     """One vector per sample: (N, D) as is, (N, C, H, W) global-average-pooled to (N, C).
 
     CRD embeds the penultimate representation (RepDistiller reads the pooled, flattened features
     a classifier sees); a feature map is reduced by global average pooling, as the networks of the
     paper do before their classifier. Other ranks are refused: their channel axis is ambiguous.
+    ``loss`` names the loss in the error message.
     """
     if features.dim() == 4:
         return features.mean(dim=(2, 3))
     if features.dim() == 2:
         return features
     raise ValueError(
-        f"crd: {who} of shape {tuple(features.shape)}: expected per-sample features (N, D) or a "
+        f"{loss}: {who} of shape {tuple(features.shape)}: expected per-sample features (N, D) or a "
         "feature map (N, C, H, W) (global-average-pooled); tap the penultimate layer, e.g. 'fc:in'"
     )
 
@@ -433,3 +444,149 @@ def crd(
     if memory.training:
         memory.update(index, v_s, v_t)
     return loss
+
+
+# --------------------------------------------------------------------------- KD³'s contrast
+
+#: KD³ (Tang et al., ICCV 2023); its MixDistribution views come from :mod:`protege.data.proxy`
+KD3_PAPER = (
+    "Tang, Chen, Niu, Sugiyama & Gong, Distribution Shift Matters for Knowledge Distillation with "
+    "Webly Collected Images, ICCV 2023"
+)
+
+
+def nt_xent(a: Tensor, b: Tensor, temperature: float = 0.5) -> Tensor:
+    r"""NT-Xent, the normalized temperature-scaled cross-entropy of SimCLR, between two sets of
+    embeddings whose rows pair up: ``(a_i, b_i)`` is a positive pair.
+
+    Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020. With ``z = [a; b]`` (2N rows, each L2-normalised),
+    ``sim(u, v) = u . v / temperature`` and ``p(k)`` the partner of row ``k`` (``k ± N``):
+
+        L = 1/(2N) * sum_k -log( exp(sim(z_k, z_p(k))) / sum_{m != k} exp(sim(z_k, z_m)) )
+
+    i.e. each of the 2N rows must pick out its partner among the other 2N - 1 rows; the other
+    2(N - 1) rows are its negatives. Shapes (N, D) and (N, D).
+    """
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"nt_xent: expected two (N, D) embeddings of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"nt_xent: the temperature must be positive, got {temperature}")
+    n = a.shape[0]
+    with torch.autocast(device_type=a.device.type, enabled=False):  # exp(sim / T): in float32
+        z = F.normalize(torch.cat([a, b]).float(), dim=1)
+        logits = z @ z.t() / temperature
+        logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+        return F.cross_entropy(logits, partner)
+
+
+def _embedding_head(width: int, out: int, device: torch.device | str | None = None) -> nn.Sequential:
+    """SimCLR's projection head: ``Linear(D, D) - ReLU - Linear(D, out)``."""
+    return nn.Sequential(
+        nn.Linear(width, width, device=device), nn.ReLU(), nn.Linear(width, out, device=device)
+    )
+
+
+class KD3ContrastHeads(nn.Module):
+    """The embedding heads of :func:`kd3_contrast`: one on the student's features, one on the
+    teacher's (both trained with the student; the teacher itself stays frozen).
+
+    Each is SimCLR's projection head, ``Linear(D, D) - ReLU - Linear(D, feat_dim)``, sized from the
+    (pooled, see :func:`pool_features`) features of one batch by :meth:`build` (run by
+    :meth:`protege.Distiller.prepare`). Loading a state dict into unbuilt heads builds them from
+    the saved shapes.
+    """
+
+    def __init__(self, feat_dim: int = 128) -> None:
+        super().__init__()
+        if int(feat_dim) != feat_dim or feat_dim < 1:
+            raise ValueError(f"KD3ContrastHeads: feat_dim must be a positive integer, got {feat_dim}")
+        self.feat_dim = int(feat_dim)
+        self.pending = True
+        self.embed_s: nn.Sequential | None = None
+        self.embed_t: nn.Sequential | None = None
+
+    def build(self, student: Any, teacher: Any, context: BuildContext) -> None:
+        """Size both heads from the widths of the student's and the teacher's features."""
+        if not isinstance(student, Tensor) or not isinstance(teacher, Tensor):
+            raise ValueError("kd3_contrast reads one student tap and one teacher tap, not lists of taps")
+        d_s = pool_features(student, "student features", "kd3_contrast").shape[1]
+        d_t = pool_features(teacher, "teacher features", "kd3_contrast").shape[1]
+        self._create(d_s, d_t, student.device)
+
+    def _create(self, d_s: int, d_t: int, device: torch.device | str | None = None) -> None:
+        self.embed_s = _embedding_head(d_s, self.feat_dim, device)
+        self.embed_t = _embedding_head(d_t, self.feat_dim, device)
+        self.pending = False
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        ws, wt = state_dict.get(prefix + "embed_s.0.weight"), state_dict.get(prefix + "embed_t.0.weight")
+        if self.pending and ws is not None and wt is not None:
+            self._create(ws.shape[1], wt.shape[1], ws.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, progress: float) -> dict[str, Any]:
+        """The keyword argument :func:`kd3_contrast` reads: ``{"heads": self}``."""
+        return {"heads": self}
+
+    def embed(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        """The (not yet normalised) embeddings of the pooled student and teacher features."""
+        if self.embed_s is None or self.embed_t is None:
+            raise ValueError(
+                "kd3_contrast: the embedding heads are not built yet; call distiller.prepare(batch)"
+            )
+        fs = pool_features(student, "student features", "kd3_contrast")
+        ft = pool_features(teacher, "teacher features", "kd3_contrast")
+        return self.embed_s(fs), self.embed_t(ft.to(fs.dtype))
+
+
+@register_loss("kd3_contrast", paper=KD3_PAPER, reads="embeddings", uses_index=True, state=KD3ContrastHeads)
+def kd3_contrast(
+    student_features: Tensor,
+    teacher_features: Tensor,
+    *,
+    index: Tensor,
+    heads: KD3ContrastHeads,
+    temperature: float = 0.5,
+) -> Tensor:
+    r"""KD³'s MixDistribution contrast: NT-Xent between the original and the perturbed view of each
+    sample, across student and teacher embedding heads.
+
+    Tang, Chen, Niu, Sugiyama & Gong, "Distribution Shift Matters for Knowledge Distillation with
+    Webly Collected Images", ICCV 2023. The batch holds ``2B`` rows: the ``B`` original samples,
+    then their MixDistribution views ``x'`` (per-instance channel statistics mixed with another
+    instance's, :func:`protege.data.proxy.mix_distribution`; ``data.strategy: proxy`` makes them
+    when this term is listed). Both halves go through student and teacher. With ``s = g_s(f_s)``
+    and ``t = g_t(f_t)`` the two embedding heads (:class:`KD3ContrastHeads`) on the (pooled)
+    features of the term's taps:
+
+        L = 1/2 * [ NT-Xent(s(x), t(x')) + NT-Xent(s(x'), t(x)) ]
+
+    (:func:`nt_xent`, ``temperature``): the student's embedding of each view must identify the
+    teacher's embedding of the *other* view of the same sample among the batch's others, so the
+    student learns a representation that does not move with the distribution (the statistics)
+    of its input and agrees with the teacher's. The paper's method section was not available
+    offline: this pairing (cross-network, cross-view) is our reading of "instance alignment"
+    between original and perturbed data with student and teacher embedding heads.
+
+    The halves are checked, not assumed: ``index`` (the samples' dataset indices) must repeat,
+    ``index[:B] == index[B:]``; a batch without the views is an error.
+    """
+    n = student_features.shape[0]
+    if teacher_features.shape[0] != n:
+        raise ValueError(
+            f"kd3_contrast: student features {tuple(student_features.shape)} and teacher features "
+            f"{tuple(teacher_features.shape)} must have the same number of rows"
+        )
+    half = n // 2
+    index = index.reshape(-1)
+    if n % 2 or index.numel() != n or not torch.equal(index[:half], index[half:]):
+        raise ValueError(
+            "kd3_contrast needs batches of [originals; their MixDistribution views] (the same dataset "
+            "indices twice); data.strategy: proxy builds them when this term is listed"
+        )
+    s, t = heads.embed(student_features, teacher_features)
+    return 0.5 * (nt_xent(s[:half], t[half:], temperature) + nt_xent(s[half:], t[:half], temperature))

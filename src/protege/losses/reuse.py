@@ -12,6 +12,9 @@ frozen copy of the teacher's head (saved in checkpoints, so the trained model ca
 exported without the teacher). :meth:`SimKDProjector.inference` wraps the student into the model
 that predicts (:class:`SimKDStudent`); :meth:`protege.Distiller.inference_model` and ``export`` use
 it.
+
+KD³'s feature and classifier alignment (:func:`kd3_align`, state :class:`KD3Aligner`) is SimKD
+with a per-sample weight from the teacher-student prediction gap; it predicts the same way.
 """
 
 from __future__ import annotations
@@ -25,10 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ProtegeError, closest
+from .contrastive import KD3_PAPER
 from .features import check_features
 from .registry import BuildContext, register_loss
 
-__all__ = ["SimKDProjector", "SimKDStudent", "align_spatial", "simkd", "simkd_projector"]
+__all__ = [
+    "KD3Aligner",
+    "SimKDProjector",
+    "SimKDStudent",
+    "align_spatial",
+    "kd3_align",
+    "simkd",
+    "simkd_projector",
+]
 
 INPUT_SUFFIX = ":in"  # a tap on a module's input, as in protege.core.taps
 
@@ -326,6 +338,14 @@ def simkd(
     ``projector`` is supplied by the term's state. Shapes: (N, C_s, H_s, W_s) and (N, C_t, H_t,
     W_t), or vectors (N, D) treated as (N, D, 1, 1); the projector must output C_t channels.
     """
+    projected, t = _projected_pair(student_features, teacher_features, projector, "simkd")
+    return F.mse_loss(projected, t)
+
+
+def _projected_pair(
+    student_features: Tensor, teacher_features: Tensor, projector: Callable[[Tensor], Tensor], loss: str
+) -> tuple[Tensor, Tensor]:
+    """``(P(pool(f_s)), pool(f_t))`` at a common spatial size, checked to have the same shape."""
     _check_pair(student_features, teacher_features)
     s, t = _as_map(student_features), _as_map(teacher_features)
     s = align_spatial(s, (t.shape[-2], t.shape[-1]))
@@ -333,7 +353,63 @@ def simkd(
     projected = projector(s)
     if projected.shape != t.shape:
         raise ValueError(
-            f"simkd: the projected student feature {tuple(projected.shape)} does not match the teacher "
+            f"{loss}: the projected student feature {tuple(projected.shape)} does not match the teacher "
             f"feature {tuple(t.shape)} (from student {tuple(student_features.shape)})"
         )
-    return F.mse_loss(projected, t)
+    return projected, t
+
+
+class KD3Aligner(SimKDProjector):
+    """:func:`kd3_align`'s state: SimKD's projector and frozen copy of the teacher's classifier
+    (see :class:`SimKDProjector`: same arguments, building, checkpointing and inference), with the
+    classifier also handed to the loss, which weighs each sample by the prediction gap."""
+
+    def forward(self, progress: float = 0.0) -> dict[str, Callable[[Tensor], Tensor]]:
+        out = super().forward(progress)
+        assert self.head is not None  # built together with the projector
+        out["head"] = self.head
+        return out
+
+
+@register_loss("kd3_align", paper=KD3_PAPER, reads="features", state=KD3Aligner)
+def kd3_align(
+    student_features: Tensor,
+    teacher_features: Tensor,
+    *,
+    projector: Callable[[Tensor], Tensor],
+    head: Callable[[Tensor], Tensor],
+    T: float = 1.0,
+) -> Tensor:
+    r"""KD³'s feature and classifier alignment: SimKD's MSE to the teacher feature, each sample
+    weighted by how far the student's prediction (through the teacher's classifier) is from the
+    teacher's.
+
+    Tang, Chen, Niu, Sugiyama & Gong, "Distribution Shift Matters for Knowledge Distillation with
+    Webly Collected Images", ICCV 2023. The student's feature is projected into the teacher's
+    feature space and classified by the teacher's frozen classifier ``h_t`` (classifier alignment:
+    the student deploys with the teacher's head, as in SimKD, :class:`KD3Aligner`). With
+    ``P(f_s)`` the projected student map and ``f_t`` the teacher's (at a common spatial size, as
+    :func:`simkd`), ``GAP`` global average pooling and ``p = softmax(z / T)``:
+
+        z_t,i = h_t(GAP(f_t,i)),   z_s,i = h_t(GAP(P(f_s,i)))
+        g_i   = 1/2 * || p(z_t,i) - p(z_s,i) ||_1            (total variation, in [0, 1])
+        w_i   = 1 + g_i                                         (no gradient through w)
+        L     = 1/N * sum_i w_i * mean_{c,h,w} (P(f_s,i) - f_t,i)^2
+
+    Samples on which the student still disagrees with the teacher weigh up to twice as much;
+    where they agree (``g = 0``) the loss is SimKD's. The paper's method section was not
+    available offline: this weighting (one plus the total-variation gap of the two predictions)
+    is our formula for its "sample-wise weights from the teacher-student logit gap".
+
+    ``z_t`` equals the teacher's logits when the teacher tap is the feature its classifier reads
+    after average pooling (e.g. ``"fc:in"``), which the state checks as SimKD does.
+    """
+    if not T > 0:
+        raise ValueError(f"kd3_align: the temperature T must be positive, got {T}")
+    projected, t = _projected_pair(student_features, teacher_features, projector, "kd3_align")
+    with torch.no_grad():
+        z_t = head(torch.flatten(F.adaptive_avg_pool2d(t, 1), 1))
+        z_s = head(torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1))
+        gap = 0.5 * ((z_t.float() / T).softmax(-1) - (z_s.float() / T).softmax(-1)).abs().sum(-1)
+    per_sample = (projected - t).pow(2).flatten(1).mean(1)
+    return ((1.0 + gap).to(per_sample.dtype) * per_sample).mean()
