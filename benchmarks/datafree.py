@@ -84,7 +84,15 @@ SAMPLES_PER_EPOCH = 3500  # the real training split's size: the same steps per e
 KD = {"loss": "kd", "weight": 1.0, "T": 4.0}
 # KD³'s two loss terms as configs/kd3-mnist.yaml has them: LeNet-5's fc2 feature (84-d, what its
 # classifier reads) against the teacher's classifier input (256-d)
-ALIGN = {"loss": "kd3_align", "weight": 1.0, "student": "fc2", "teacher": "fc:in", "head": "fc"}
+ALIGN = {
+    "loss": "kd3_align",
+    "weight": 1.0,
+    "student": "fc2",
+    "teacher": "fc:in",
+    "head": "fc",
+    "kd": 1.0,
+    "kd_T": 4.0,
+}
 CONTRAST = {
     "loss": "kd3_contrast",
     "weight": 0.1,

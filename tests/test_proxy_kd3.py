@@ -220,9 +220,28 @@ def test_kd3_align_matches_hand_value() -> None:
     g1 = abs(0.5 - 1 / (1 + math.e**2))
     mse0, mse1 = (1.0 + 0.0) / 2, (0.0 + 4.0) / 2
     expected = ((1 + g0) * mse0 + (1 + g1) * mse1) / 2
-    value = kd3_align(s, t, projector=nn.Identity(), head=head)
+    value = kd3_align(s, t, projector=nn.Identity(), head=head, kd=0.0)
     assert value.item() == pytest.approx(expected, rel=1e-6)
-    # when the predictions agree the weights are 1: SimKD's MSE
+
+    # plus KD on the deployed prediction, by hand at kd_T = 2 (kd * kd_T^2 * mean_i KL(q_t,i || q_s,i))
+    def softmax2(a: float, b: float) -> list[float]:
+        ea, eb = math.exp(a), math.exp(b)
+        return [ea / (ea + eb), eb / (ea + eb)]
+
+    def kl(p: list[float], q: list[float]) -> float:
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    kl0 = kl(softmax2(0, 0), softmax2(0.5, 0))  # z_t = [0, 0], z_s = [1, 0], over kd_T = 2
+    kl1 = kl(softmax2(0, 1), softmax2(0, 0))  # z_t = [0, 2], z_s = [0, 0]
+    with_kd = kd3_align(s, t, projector=nn.Identity(), head=head, kd=0.5, kd_T=2.0)
+    assert with_kd.item() == pytest.approx(expected + 0.5 * 4 * (kl0 + kl1) / 2, rel=1e-6)
+    # the KD part trains what the student deploys: gradient reaches the projected feature
+    s_grad = s.clone().requires_grad_(True)
+    kd3_align(s_grad, t, projector=nn.Identity(), head=head, kd=1.0).backward()
+    assert s_grad.grad is not None and s_grad.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="kd must be"):
+        kd3_align(s, t, projector=nn.Identity(), head=head, kd=-1.0)
+    # when the predictions agree the weights are 1 and the KL is 0: SimKD's MSE
     agree = nn.Linear(2, 2)
     agree.weight.data.zero_()
     same = kd3_align(s, t, projector=nn.Identity(), head=agree)

@@ -379,10 +379,12 @@ def kd3_align(
     projector: Callable[[Tensor], Tensor],
     head: Callable[[Tensor], Tensor],
     T: float = 1.0,
+    kd: float = 1.0,
+    kd_T: float = 4.0,
 ) -> Tensor:
     r"""KD³'s feature and classifier alignment: SimKD's MSE to the teacher feature, each sample
     weighted by how far the student's prediction (through the teacher's classifier) is from the
-    teacher's.
+    teacher's, plus KD on that prediction (the one the student deploys).
 
     Tang, Chen, Niu, Sugiyama & Gong, "Distribution Shift Matters for Knowledge Distillation with
     Webly Collected Images", ICCV 2023. The student's feature is projected into the teacher's
@@ -395,21 +397,35 @@ def kd3_align(
         g_i   = 1/2 * || p(z_t,i) - p(z_s,i) ||_1            (total variation, in [0, 1])
         w_i   = 1 + g_i                                         (no gradient through w)
         L     = 1/N * sum_i w_i * mean_{c,h,w} (P(f_s,i) - f_t,i)^2
+              + kd * kd_T^2 * 1/N * sum_i KL(q(z_t,i) || q(z_s,i)),   q = softmax(z / kd_T)
 
     Samples on which the student still disagrees with the teacher weigh up to twice as much;
-    where they agree (``g = 0``) the loss is SimKD's. The paper's method section was not
-    available offline: this weighting (one plus the total-variation gap of the two predictions)
-    is our formula for its "sample-wise weights from the teacher-student logit gap".
+    where they agree (``g = 0``) the first part is SimKD's MSE. The second part is Hinton's KD on
+    the logits the student deploys (its projected feature through the teacher's classifier), with
+    gradient through ``z_s``: on a shifted pool matching features alone leaves that prediction
+    untrained where the pool is far from the target data (``kd=0`` gives the MSE part alone). The
+    paper's method section was not available offline: this weighting (one plus the
+    total-variation gap of the two predictions) is our formula for its "sample-wise weights from
+    the teacher-student logit gap", and the KD part our reading of its classifier alignment.
 
     ``z_t`` equals the teacher's logits when the teacher tap is the feature its classifier reads
     after average pooling (e.g. ``"fc:in"``), which the state checks as SimKD does.
     """
-    if not T > 0:
-        raise ValueError(f"kd3_align: the temperature T must be positive, got {T}")
+    if not (T > 0 and kd_T > 0):
+        raise ValueError(f"kd3_align: the temperatures T and kd_T must be positive, got {T} and {kd_T}")
+    if not kd >= 0:
+        raise ValueError(f"kd3_align: the KD weight kd must be >= 0, got {kd}")
     projected, t = _projected_pair(student_features, teacher_features, projector, "kd3_align")
     with torch.no_grad():
-        z_t = head(torch.flatten(F.adaptive_avg_pool2d(t, 1), 1))
-        z_s = head(torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1))
-        gap = 0.5 * ((z_t.float() / T).softmax(-1) - (z_s.float() / T).softmax(-1)).abs().sum(-1)
+        z_t = head(torch.flatten(F.adaptive_avg_pool2d(t, 1), 1)).float()
+    z_s = head(torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1)).float()
+    with torch.no_grad():
+        gap = 0.5 * ((z_t / T).softmax(-1) - (z_s.detach() / T).softmax(-1)).abs().sum(-1)
     per_sample = (projected - t).pow(2).flatten(1).mean(1)
-    return ((1.0 + gap).to(per_sample.dtype) * per_sample).mean()
+    loss = ((1.0 + gap).to(per_sample.dtype) * per_sample).mean()
+    if kd > 0:
+        log_q_t = F.log_softmax(z_t / kd_T, dim=-1)
+        log_q_s = F.log_softmax(z_s / kd_T, dim=-1)
+        kl = (log_q_t.exp() * (log_q_t - log_q_s)).sum(-1).mean()
+        loss = loss + (kd * kd_T**2) * kl.to(loss.dtype)
+    return loss
