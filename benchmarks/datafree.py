@@ -171,7 +171,12 @@ def arm_config(arm: str, seed: int, s: dict[str, Any], teacher: str, out: str) -
             *([] if arm == "kd3-no-contrast" else [CONTRAST]),
         ]
     elif arm == "deepinversion":
-        data.update(strategy="synthetic", synthesis={"method": "deepinversion", **s["di"]})
+        # the set depends on the teacher, the options and the seed only: keyed by them, it is reused by a
+        # re-run with other training settings, and a set made with other options is never in the way
+        di = {"method": "deepinversion", **s["di"]}
+        key = hashlib.sha256(json.dumps([di, teacher, seed], sort_keys=True).encode()).hexdigest()[:12]
+        di["path"] = str(Path(out) / "synthetic" / f"deepinversion-s{seed}-{key}")
+        data.update(strategy="synthetic", synthesis=di)
     elif arm == "adversarial":
         steps = math.ceil(s["samples_per_epoch"] / BATCH)
         data.update(strategy="synthetic", synthesis={"method": "adversarial", "steps_per_epoch": steps})
@@ -182,6 +187,9 @@ def arm_config(arm: str, seed: int, s: dict[str, Any], teacher: str, out: str) -
 def config_key(cfg: dict[str, Any]) -> str:
     """What decides an arm's result: the config without where it is written."""
     kept = {k: v for k, v in cfg.items() if k not in ("output_dir", "name")}
+    synthesis = kept["data"].get("synthesis")
+    if synthesis and "path" in synthesis:  # where the set lies (keyed by what made it)
+        kept["data"] = {**kept["data"], "synthesis": {k: v for k, v in synthesis.items() if k != "path"}}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -219,10 +227,10 @@ def metrics_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def synthesis_seconds(arm: str, run_dir: Path) -> float | None:
+def synthesis_seconds(arm: str, run_dir: Path, synthesis: dict[str, Any]) -> float | None:
     """Mean seconds per synthesized batch of the run (see the module docstring)."""
     if arm == "deepinversion":
-        index = run_dir / "synthetic" / "index.json"
+        index = Path(synthesis.get("path") or run_dir / "synthetic") / "index.json"
         return json.loads(index.read_text()).get("seconds_per_batch") if index.is_file() else None
     if arm == "adversarial":
         xs = [
@@ -262,7 +270,7 @@ def run_arm(arm: str, seed: int, cfg_dict: dict[str, Any]) -> dict[str, Any]:
         "last_acc": last["acc"],
         "best_acc": best["acc"],
         "last_agreement": last.get("agreement"),
-        "seconds_per_synth_batch": synthesis_seconds(arm, run_dir),
+        "seconds_per_synth_batch": synthesis_seconds(arm, run_dir, cfg_dict["data"].get("synthesis") or {}),
         "proxy": proxy_stats(run_dir),
         "wall_s": time.perf_counter() - t0,
     }
