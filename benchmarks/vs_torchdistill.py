@@ -64,9 +64,14 @@ with both models converted to channels_last by hand, so the layout's share of th
 ``--with-cache`` adds a third side, clearly apart from the like-for-like comparison: protege's
 offline KD (``protege.engine.cache``: the teacher run once over the data, its logits and the taps
 the method reads stored in fp32, training reads them; building the cache is inside the timing).
-torchdistill 1.1.5 has no equivalent.
+torchdistill 1.1.5 has no equivalent. A tap that only AT reads is stored as the teacher's attention
+map (AT's teacher-side reduction); ``--with-raw-cache`` adds the side ``protege+cache-raw`` that
+stores the raw feature maps instead (``cache: {reduce: false}``). The caches' bytes per training
+sample, reduced and raw, are printed and saved with the result.
 
     .venv-torchdistill/bin/python benchmarks/vs_torchdistill.py --threads 1 --with-cache --json runs/bench-vs-torchdistill/result-with-cache.json
+    .venv-torchdistill/bin/python benchmarks/vs_torchdistill.py --threads 1 --with-cache --methods at \
+        --json runs/bench-vs-torchdistill/result-with-cache-atmap.json
 
 Where the time goes (per-step time of each framework against the bare compute, teacher forward
 and student step timed by hand, in interleaved one-epoch rounds; then a cProfile of one epoch
@@ -343,20 +348,48 @@ def train_torchdistill(
 TAPS = {"kd": [], "at": list(AT_LAYERS), "rkd": ["avgpool"], "sp": ["layer3"]}
 
 
+def write_method_cache(
+    out: Path, method: str, teacher: nn.Module, data: pg.DataSplits, reduce: bool = True
+) -> dict[str, Any]:
+    """The teacher-output cache of ``method``: full fp32 logits and the taps it reads, one view since
+    the inputs are not augmented; with ``reduce``, taps stored as the terms' teacher-side reductions
+    (AT: the attention maps), as ``protege cache`` does by default."""
+    from protege.engine.cache import teacher_reductions, write_cache
+
+    reductions = teacher_reductions(protege_terms(method)) if reduce else None
+    return write_cache(
+        out, data, [teacher], views=1, top_k="all", taps=TAPS[method], dtype="float32", reductions=reductions
+    )
+
+
+def cache_bytes(method: str, teacher: nn.Module, data: pg.DataSplits) -> dict[str, float]:
+    """Bytes per training sample of ``method``'s cache, with the taps reduced and raw."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return {
+            kind: write_method_cache(Path(tmp) / kind, method, teacher, data, reduce=kind == "reduced")[
+                "train_bytes_per_sample"
+            ]
+            for kind in ("reduced", "raw")
+        }
+
+
 def train_protege_cached(
-    method: str, teacher: nn.Module, student: nn.Module, data: pg.DataSplits, epochs: int, seed: int
+    method: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    data: pg.DataSplits,
+    epochs: int,
+    seed: int,
+    reduce=True,
 ) -> tuple[float, float]:
     """protege's offline KD (``--with-cache``; an extra row, not the like-for-like comparison):
-    write the teacher-output cache (full fp32 logits and the taps the method reads, one view since
-    the inputs are not augmented), then ``pg.fit`` from it with no teacher. Building the cache,
-    which runs the teacher over train, val and test once, is timed too."""
-    from protege.engine.cache import TeacherCache, cache_loader, write_cache
+    write the teacher-output cache (:func:`write_method_cache`), then ``pg.fit`` from it with no
+    teacher. Building the cache, which runs the teacher over train, val and test once, is timed too."""
+    from protege.engine.cache import TeacherCache, cache_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
-        write_cache(
-            Path(tmp) / "cache", data, [teacher], views=1, top_k="all", taps=TAPS[method], dtype="float32"
-        )
+        write_method_cache(Path(tmp) / "cache", method, teacher, data, reduce=reduce)
         train_set = TeacherCache.open(Path(tmp) / "cache").dataset("train", data.train, seed=seed)
         distiller = pg.Distiller(student, None, protege_terms(method), cached_teachers=1)
         loader = cache_loader(train_set, BATCH, shuffle=True, seed=seed)
@@ -373,6 +406,7 @@ TRAINERS: dict[str, Callable[..., tuple[float, float]]] = {
 }
 EXTRA = {
     "protege+cache": train_protege_cached,
+    "protege+cache-raw": functools.partial(train_protege_cached, reduce=False),
     "protege-unfolded": functools.partial(train_protege, fold_teacher_bn=False),
     "protege-bf16": functools.partial(train_protege, teacher_precision="bf16"),
     "protege-contiguous": functools.partial(train_protege, memory_format="contiguous"),
@@ -491,7 +525,11 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
                     k: mean_std([r[k] for r in rs])
                     for k in ("samples_per_s", "samples_per_cpu_s", "test_acc")
                 }
-                suffix = side.split("-", 1)[-1] if side != "protege+cache" else "cache"
+                suffix = (
+                    side.removeprefix("protege+").replace("-", "_")
+                    if _is_cache(side)
+                    else side.split("-", 1)[-1]
+                )
                 row[side] = u
                 row[f"ratio_{suffix}"] = u["samples_per_s"][0] / t["samples_per_s"][0]
                 row[f"ratio_{suffix}_cpu"] = u["samples_per_cpu_s"][0] / t["samples_per_cpu_s"][0]
@@ -526,20 +564,28 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _is_cache(side: str) -> bool:
+    return side.startswith("protege+cache")
+
+
 def cache_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines = [
-        "| method | protege+cache samples/s | ratio to torchdistill | samples/CPU-s | ratio (CPU time) | acc |",
-        "|---|---|---|---|---|---|",
+        "| method | side | samples/s | ratio to torchdistill | samples/CPU-s | ratio (CPU time) | acc |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, row in summary.items():
-        rs = [r for r in runs if r["method"] == method and r["framework"] == "protege+cache"]
-        sps, cps = mean_std([r["samples_per_s"] for r in rs]), mean_std([r["samples_per_cpu_s"] for r in rs])
-        acc = mean_std([r["test_acc"] for r in rs])
-        t = row["torchdistill"]
-        lines.append(
-            f"| {method} | {_pm(sps, 0)} | {sps[0] / t['samples_per_s'][0]:.3f} | {_pm(cps, 0)} "
-            f"| {cps[0] / t['samples_per_cpu_s'][0]:.3f} | {_pm(acc, 2)} |"
-        )
+        for side in [s for s in EXTRA if _is_cache(s)]:
+            rs = [r for r in runs if r["method"] == method and r["framework"] == side]
+            if not rs:
+                continue
+            sps = mean_std([r["samples_per_s"] for r in rs])
+            cps = mean_std([r["samples_per_cpu_s"] for r in rs])
+            acc = mean_std([r["test_acc"] for r in rs])
+            t = row["torchdistill"]
+            lines.append(
+                f"| {method} | {side} | {_pm(sps, 0)} | {sps[0] / t['samples_per_s'][0]:.3f} | {_pm(cps, 0)} "
+                f"| {cps[0] / t['samples_per_cpu_s'][0]:.3f} | {_pm(acc, 2)} |"
+            )
     return "\n".join(lines)
 
 
@@ -560,7 +606,7 @@ def sides_table(summary: dict[str, Any]) -> str:
     for method, row in summary.items():
         t, cl = row["torchdistill"], row.get("torchdistill-cl")
         for side in ["protege", *EXTRA]:
-            if side not in row or side == "protege+cache":  # the cache has its own table
+            if side not in row or _is_cache(side):  # the cache has its own table
                 continue
             v = row[side]
             cells = [method, side, _pm(v["samples_per_s"], 0), _ratios(v, t)]
@@ -783,6 +829,11 @@ def main() -> None:
         action="store_true",
         help="add a third side: protege from its teacher-output cache (offline KD; cache build timed)",
     )
+    parser.add_argument(
+        "--with-raw-cache",
+        action="store_true",
+        help="also time protege from a cache that stores the raw teacher maps (no teacher-side reduction)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.teacher_epochs = 1, [0], 1
@@ -824,6 +875,7 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             sides = list(TRAINERS) + (["protege+cache"] if args.with_cache else [])
+            sides += ["protege+cache-raw"] if args.with_raw_cache else []
             sides += ["protege-unfolded"] if args.with_unfolded else []
             sides += ["protege-bf16"] if args.teacher_precision == "bf16" else []
             sides += ["protege-contiguous"] if args.with_contiguous else []
@@ -862,12 +914,18 @@ def main() -> None:
     print(table(summary))
     print()
     print(cpu_table(summary))
-    if len({r["framework"] for r in runs} - {"protege+cache"}) > 2:
+    if len({r["framework"] for r in runs if not _is_cache(r["framework"])}) > 2:
         print()
         print(sides_table(summary))
-    if args.with_cache:
+    cache_sizes = {}
+    if args.with_cache or args.with_raw_cache:
         print()
         print(cache_table(runs, summary))
+        cache_sizes = {m: cache_bytes(m, fresh_teacher(teacher0), data) for m in args.methods}
+        for m, sizes in cache_sizes.items():
+            print(
+                f"cache bytes per training sample, {m}: {sizes['reduced']:.1f} reduced, {sizes['raw']:.1f} raw"
+            )
     print(
         f"\nratio = protege / torchdistill samples per second (mean over seeds); wall time {wall / 60:.1f} min"
     )
@@ -892,7 +950,8 @@ def main() -> None:
             "wall_s": wall,
             "table": table(summary),
             "cpu_table": cpu_table(summary),
-            "cache_table": cache_table(runs, summary) if args.with_cache else None,
+            "cache_table": cache_table(runs, summary) if args.with_cache or args.with_raw_cache else None,
+            "cache_bytes_per_sample": cache_sizes,
             "sides_table": sides_table(summary),
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

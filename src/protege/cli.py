@@ -361,6 +361,7 @@ def methods() -> None:
             info.reads
             + (" + labels" if info.uses_target else "")
             + ("" if info.uses_teacher else " (no teacher)")
+            + (f"; teacher → {info.teacher_reduction.name}" if info.teacher_reduction else "")
         )
         table.add_row(info.name, reads, info.paper, params)
     out.print(table)

@@ -360,6 +360,11 @@ class CacheConfig(BaseModel):
     taps: list[str] = Field(
         default_factory=list, description="teacher taps to store too (for feature losses)"
     )
+    reduce: bool = Field(
+        True,
+        description="store a tap reduced when every term reading it only needs the teacher's reduction "
+        "(AT: the attention map, H*W floats instead of C*H*W); false: store raw maps",
+    )
     dtype: Literal["float16", "float32", "bfloat16"] = Field(
         "float16", description="storage of logits and taps"
     )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ProtegeError, closest
-from ..losses import BuildContext, get_loss
+from ..losses import BoundReduction, BuildContext, LossInfo, get_loss
 from ..tasks import ClassificationTask, Outputs, Task
 from .adapters import KINDS as ADAPTER_KINDS
 from .adapters import build_adapter
@@ -80,8 +80,7 @@ class Term(nn.Module):
         self.weight = float(weight)
         self.student_key = student if isinstance(student, str) else list(student)
         self.teacher_key = teacher if isinstance(teacher, str) else list(teacher)
-        shown = student if isinstance(student, str) else ",".join(student)
-        self.name = name or (loss if shown in LOGIT_KEYS else f"{loss}:{shown}")
+        self.name = term_name(loss, student, name)
         if warmup < 0:
             raise ProtegeError(f"term {self.name!r}: warmup must be ≥ 0 epochs, got {warmup}")
         self.warmup = float(warmup)
@@ -113,6 +112,7 @@ class Term(nn.Module):
             if self.info.state
             else None
         )
+        self.reduction = self._teacher_reduction()
         bind = getattr(self.state, "bind_term", None)
         if bind is not None:  # let the state know what its term reads (SimKD predicts through it)
             bind(student_key=self.student_key, teacher_key=self.teacher_key)
@@ -122,6 +122,35 @@ class Term(nn.Module):
                     f"term {self.name!r}: {loss} builds its own projector and predicts through it; "
                     "an adapter would be used in training but not at inference, so remove 'adapter'"
                 )
+
+    def _teacher_reduction(self) -> BoundReduction | None:
+        return teacher_reduction(
+            self.info,
+            self.teacher_key,
+            self.params,
+            self.adapter_kind is not None or self.adapter is not None,
+        )
+
+    def read_teacher(self, outputs: Outputs, who: str, student: Any) -> Any:
+        """The teacher value this term hands its loss: the tap's reduced tensor when the outputs carry
+        it (a cache stored it), else the raw tensor, reduced here where the reduction is exact for
+        these shapes (so online and cached runs compute the same loss)."""
+        if self.reduction is None:
+            return _read(outputs, self.teacher_key, who, self.name)
+        tap = str(self.teacher_key)
+        reduced_key = self.reduction.tap_key(tap)
+        if reduced_key in outputs:
+            reduced = outputs[reduced_key]
+            if not self.reduction.exact(student.shape, reduced.shape):
+                raise ProtegeError(
+                    f"term {self.name!r}: the teacher-output cache holds tap {tap!r} reduced to "
+                    f"{self.reduction.key} {tuple(reduced.shape[1:])}, from which {self.loss} cannot compute "
+                    f"its value for the student's {tuple(student.shape[1:])}; rebuild the cache with the raw "
+                    "map (`cache: {reduce: false}`, then `protege cache <config> --overwrite`)"
+                )
+            return reduced
+        raw = _read(outputs, tap, who, self.name)
+        return self.reduction(raw) if self.reduction.exact(student.shape, raw.shape) else raw
 
     @property
     def uses_teacher(self) -> bool:
@@ -213,7 +242,7 @@ class Term(nn.Module):
             if not teachers:
                 raise ProtegeError(f"term {self.name!r} reads a teacher, but the distiller has none")
             picked = range(len(teachers)) if self.teacher_index is None else [self.teacher_index]
-            ts = [_read(teachers[i], self.teacher_key, f"teacher {i}", self.name) for i in picked]
+            ts = [self.read_teacher(teachers[i], f"teacher {i}", s) for i in picked]
             ws = [teacher_weights[i] for i in picked]
             total = sum(ws)
             ws = [w / total for w in ws]
@@ -232,6 +261,31 @@ class Term(nn.Module):
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name!r}, weight={self.weight}" + (f", {params}" if params else "")
+
+
+def term_name(loss: str, student: str | Sequence[str], name: str | None = None) -> str:
+    """A term's key in the losses dict: ``name``, or ``loss`` / ``loss:student_key``."""
+    shown = student if isinstance(student, str) else ",".join(student)
+    return name or (loss if shown in LOGIT_KEYS else f"{loss}:{shown}")
+
+
+def teacher_reduction(
+    info: LossInfo, teacher: str | Sequence[str], params: Mapping[str, Any], adapter: bool = False
+) -> BoundReduction | None:
+    """The loss's teacher-side reduction bound to a term's ``params``, where the term uses it: the
+    term reads one teacher tap, has no adapter (built from the raw teacher's shape) and the loss no
+    state module (built from it too); else ``None``."""
+    reduction = info.teacher_reduction
+    if (
+        reduction is None
+        or not info.uses_teacher
+        or not isinstance(teacher, str)
+        or teacher in LOGIT_KEYS
+        or adapter
+        or info.state is not None
+    ):
+        return None
+    return reduction.bind({**info.params, **{k: v for k, v in params.items() if k in info.params}})
 
 
 def check_teacher_precision(precision: str) -> TeacherPrecision:

@@ -19,6 +19,16 @@ validation and test splits are stored too (no augmentation, full fp32 logits), s
 metrics (agreement, KL) are computed exactly as online. Storing log-probabilities rather than
 raw logits keeps fp16's precision where the probability mass is.
 
+**Reduced taps.** A loss may declare a teacher-side reduction (:class:`~protege.losses.TeacherReduction`:
+AT needs only the teacher's attention map, ``H*W`` floats, not its ``C*H*W`` feature map). A tap that
+only terms with the same reduction and parameters read is stored reduced, computed in fp32 from the
+teacher's map and then cast to ``dtype``, under ``t{j}.tap.<path>@<reduction>`` (e.g.
+``layer1@attention_map(p=2.0)``), the name the term looks for among the teacher's outputs; the
+index's ``reductions`` and the fingerprint's settings record it. A distill run whose terms need
+that tap raw, or reduced otherwise (AT with ``p: 4`` against a cache built for ``p: 2``), is
+refused, naming the tap, what the cache holds and how to rebuild. ``cache: {reduce: false}``
+stores every tap raw (:func:`teacher_reductions` picks the reductions from a run's terms).
+
 **Dense logits from top-k** (:func:`dense_logits`): the ``k`` stored classes get their exact raw
 logits ``z_j = log p_j + LSE``; the remaining mass ``m = 1 - Σ_j p_j`` is spread uniformly over
 the other ``C - k`` classes, i.e. each gets ``LSE + log(m / (C - k))``. The softmax at ``T = 1`` is
@@ -37,17 +47,17 @@ flattened tail. With ``top_k: all`` the logits are stored whole and nothing is a
 
 Shard tensors (``j`` = teacher): ``params`` int16 (int32 if a value needs it) ``(n, V, P)``
 (the view parameters; absent when ``P = 0``), ``t{j}.logp`` ``(n, V, k)``, ``t{j}.index`` ``(n, V, k)``, ``t{j}.lse`` fp32
-``(n, V)`` or ``t{j}.logits`` ``(n, V, C)``, and ``t{j}.tap.<path>`` ``(n, V, ...)``. The index
-records each shard's file, sample range, byte size and SHA-256. A cache is written into a temp
-directory beside its destination, every file fsync'ed, then renamed into place: a crash leaves
-no half cache.
+``(n, V)`` or ``t{j}.logits`` ``(n, V, C)``, and ``t{j}.tap.<path>`` ``(n, V, ...)`` (reduced:
+``t{j}.tap.<path>@<reduction>``). The index records each shard's file, sample range, byte size
+and SHA-256. A cache is written into a temp directory beside its destination, every file
+fsync'ed, then renamed into place: a crash leaves no half cache.
 
 **Fingerprint.** SHA-256 over four parts: ``teacher`` (model names, kwargs, and the SHA-256 of
 each weights *file*, so staleness is checked without building a teacher), ``data`` (source,
 options, split sizes and a cheap content hash of the raw samples), ``transform`` (the training
 transform's replayable steps and the evaluation transforms) and ``settings`` (views, seed,
-top-k, dtype, taps). A distill run recomputes the first three and refuses a cache whose parts
-differ, naming the part and the command to rebuild; shards are checked for presence and size
+top-k, dtype, taps and their reductions). A distill run recomputes the first three and refuses a
+cache whose parts differ, naming the part and the command to rebuild; shards are checked for presence and size
 always and for their SHA-256 when ``verify: sha256`` (the default: SHA-256 runs at about
 1.1 GB/s on the project's 2-core CPU box, i.e. ~7 ms for CIFAR-100 with 4 views and top-10, ~0.6 s
 for ImageNet-1k with 10 views and top-10). The ``settings`` part is not compared: a distill run
@@ -70,7 +80,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,11 +90,20 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..core.distiller import TeacherPrecision, check_teacher_precision, teacher_autocast
+from ..core.distiller import (
+    LOGIT_KEYS,
+    TeacherPrecision,
+    Term,
+    check_teacher_precision,
+    teacher_autocast,
+    teacher_reduction,
+    term_name,
+)
 from ..core.taps import Taps
 from ..data.sources import DataSplits
 from ..data.views import Replay, content_hash, replay_for, sample_rng, split_index, view_offsets
 from ..errors import ProtegeError
+from ..losses import BoundReduction, get_loss
 from .loaders import EpochShuffleSampler, make_loader
 
 if TYPE_CHECKING:
@@ -94,12 +113,14 @@ __all__ = [
     "FORMAT_VERSION",
     "CachedTeacherDataset",
     "TeacherCache",
+    "TermReads",
     "ViewEpochSampler",
     "build_cache",
     "cache_loader",
     "dense_logits",
     "fingerprint_parts",
     "index_dtype",
+    "teacher_reductions",
     "use_cache",
     "write_cache",
 ]
@@ -376,10 +397,13 @@ def _teacher_pass(
     device: torch.device,
     tap_shapes: dict[str, list[int]],
     precision: TeacherPrecision = "fp32",
+    reductions: Mapping[str, BoundReduction] | None = None,
 ) -> None:
     """Run every teacher over ``(views (B, V, ...), params (B, V, P) | None)`` batches; store outputs.
 
-    ``precision="bf16"``: each teacher's forward under bfloat16 autocast (see ``teacher_precision``)."""
+    ``precision="bf16"``: each teacher's forward under bfloat16 autocast (see ``teacher_precision``).
+    ``reductions``: taps stored reduced (in fp32, then cast), under their reduced names."""
+    reductions = reductions or {}
     taps = [Taps(t, tap_paths) for t in teachers]
     try:
         for views, params in batches:
@@ -404,6 +428,8 @@ def _teacher_pass(
                     out[f"t{j}.index"] = idx.to(index_dtype(logits.shape[-1]))
                     out[f"t{j}.lse"] = lse
                 for path, value in tap.pop().items():
+                    if path in reductions:
+                        value, path = reductions[path](value.float()), reductions[path].tap_key(path)
                     value = value.reshape(b, v, *value.shape[1:]).to(dtype).cpu()
                     tap_shapes[path] = list(value.shape[2:])
                     out[f"t{j}.tap.{path}"] = value
@@ -435,6 +461,7 @@ def write_cache(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     teacher_precision: TeacherPrecision = "fp32",
+    reductions: Mapping[str, BoundReduction] | None = None,
 ) -> dict[str, Any]:
     """Run ``teachers`` over ``data`` and write a cache directory at ``out``; return its index.
 
@@ -444,7 +471,9 @@ def write_cache(
     ``transform``; see :func:`fingerprint_parts`); without them only the settings are
     fingerprinted and :func:`use_cache` cannot check staleness. ``teacher_precision="bf16"`` runs
     the teachers under bfloat16 autocast over the training views (as a distill run's
-    ``teacher_precision``); validation and test outputs stay fp32.
+    ``teacher_precision``); validation and test outputs stay fp32. ``reductions``: taps (among
+    ``taps``) to store reduced, ``{path: reduction}``, e.g. :func:`teacher_reductions` of the terms
+    that will read the cache (see the module docs).
 
     Raises:
         ProtegeError: ``out`` exists and ``overwrite`` is false; a setting is invalid; the training
@@ -465,6 +494,12 @@ def write_cache(
     if not teachers:
         raise ProtegeError("a teacher-output cache needs at least one teacher (teacher: in the config)")
     check_teacher_precision(teacher_precision)
+    reductions = dict(reductions or {})
+    if set(reductions) - set(taps):
+        raise ProtegeError(
+            f"reductions name taps that are not stored: {', '.join(sorted(set(reductions) - set(taps)))} "
+            f"(taps: {', '.join(taps) or 'none'})"
+        )
     replay = replay_for(data.train)
     views = views if replay.random else 1
     num_classes = int(data.num_classes)
@@ -477,6 +512,7 @@ def write_cache(
         "top_k": "all" if storage == "full" else k,
         "dtype": dtype,
         "taps": list(taps),
+        "reductions": {path: r.describe() for path, r in sorted(reductions.items())},
         "teacher_precision": teacher_precision,
     }
     parts = dict(parts or {})
@@ -506,6 +542,7 @@ def write_cache(
             storage=storage,
             dtype=_DTYPES[dtype],
             precision=teacher_precision,
+            reductions=reductions,
             **common,
         )
         writer.flush()
@@ -553,6 +590,9 @@ def write_cache(
             "protege.data.views.view_offsets(n, views, run seed); parameters drawn with "
             "protege.data.views.sample_rng(view_seed, i), stored in the shards as 'params'",
             "taps": tap_shapes,
+            "reductions": {
+                path: {**r.describe(), "key": r.tap_key(path)} for path, r in sorted(reductions.items())
+            },
             "splits": splits,
             **_totals(splits, t0),
             "train_bytes_per_sample": train_bytes / max(len(replay), 1),
@@ -660,6 +700,7 @@ def build_cache(
             build_from(spec, data)
     teachers = [build_from(s, data) for s in specs]
     dev = device or ("cpu" if cfg.cpu else None)
+    reductions = teacher_reductions(_run_terms(cfg)) if settings.reduce else {}
     index = write_cache(
         path,
         data,
@@ -667,6 +708,7 @@ def build_cache(
         views=views if views is not None else settings.views,
         top_k=top_k if top_k is not None else settings.top_k,
         taps=settings.taps,
+        reductions={k: r for k, r in reductions.items() if k in settings.taps},
         dtype=settings.dtype,
         shard_size=settings.shard_size,
         seed=settings.seed,
@@ -900,7 +942,8 @@ class CachedTeacherDataset(Dataset):
     """A split's samples with their cached teacher outputs: ``(x, y, {"teacher_outputs": [...], "index": i})``.
 
     ``teacher_outputs`` holds one dict per teacher with ``"logits"`` (float32 ``(C,)``, dense, see
-    :func:`dense_logits`) and the cached taps (float32). On the training split, sample ``i`` at
+    :func:`dense_logits`) and the cached taps (float32; a reduced tap under its reduced name,
+    ``<path>@<reduction>``, which the terms look for). On the training split, sample ``i`` at
     epoch ``e`` is the stored view ``(e + offset[i]) % V``, replayed exactly; the epoch comes in
     the index (``e * n + i``, as :class:`ViewEpochSampler` yields them) or from :meth:`set_epoch`
     for plain indices. Evaluation splits are the dataset's own items (one view).
@@ -1049,16 +1092,76 @@ def cache_loader(
 # ------------------------------------------------------------------------------- distill runs
 
 
-def _teacher_taps_needed(cfg: RunConfig) -> list[str]:
-    from ..losses import get_loss
+@dataclasses.dataclass(frozen=True)
+class TermReads:
+    """The teacher taps a term reads (logits excluded), and the reduction it reads them through."""
 
-    needed: list[str] = []
-    for term in cfg.terms:
-        if not get_loss(term.loss).uses_teacher:
-            continue
-        keys = [term.teacher] if isinstance(term.teacher, str) else list(term.teacher)
-        needed += [k for k in keys if k != "logits" and k not in needed]
-    return needed
+    name: str
+    taps: list[str]
+    reduction: BoundReduction | None
+
+
+def _run_terms(cfg: RunConfig) -> list[TermReads]:
+    """What each of the run's terms reads from the teachers (without building the terms)."""
+    reads = []
+    for t in cfg.terms:
+        info = get_loss(t.loss)
+        keys = [t.teacher] if isinstance(t.teacher, str) else list(t.teacher)
+        reads.append(
+            TermReads(
+                name=term_name(t.loss, t.student, t.name),
+                taps=[k for k in keys if k not in LOGIT_KEYS] if info.uses_teacher else [],
+                reduction=teacher_reduction(info, t.teacher, t.params, t.adapter is not None),
+            )
+        )
+    return reads
+
+
+def _reads(term: Term | TermReads) -> TermReads:
+    return term if isinstance(term, TermReads) else TermReads(term.name, term.taps[1], term.reduction)
+
+
+def teacher_reductions(terms: Sequence[Term | TermReads]) -> dict[str, BoundReduction]:
+    """The teacher taps a cache may store reduced, ``{path: reduction}``: those that every term
+    reading them reads through the same reduction (the same loss reduction and parameters; see
+    :class:`~protege.losses.TeacherReduction`). A tap some term reads raw is not among them."""
+    forms: dict[str, set[str | None]] = {}
+    bound: dict[str, BoundReduction] = {}
+    for term in map(_reads, terms):
+        for path in term.taps:
+            forms.setdefault(path, set()).add(term.reduction.key if term.reduction is not None else None)
+            if term.reduction is not None:
+                bound[path] = term.reduction
+    return {path: bound[path] for path, keys in forms.items() if len(keys) == 1 and None not in keys}
+
+
+def _check_cached_taps(terms: Sequence[TermReads], cache: TeacherCache) -> None:
+    """Refuse a cache that lacks a teacher tap the terms read, or holds it in another form (reduced
+    where a term needs it raw, or reduced with another reduction or parameters)."""
+    held = set(cache.taps)
+    reduced = {path: info["key"] for path, info in cache.index.get("reductions", {}).items()}
+    rebuild = "rebuild the cache with `protege cache <config> --overwrite`"
+    missing: list[str] = []
+    for term in terms:
+        for path in term.taps:
+            if path in held or (term.reduction is not None and term.reduction.tap_key(path) in held):
+                continue
+            if path not in reduced:
+                if path not in missing:
+                    missing.append(path)
+                continue
+            wanted = f"reduced to {term.reduction.key}" if term.reduction is not None else "raw"
+            raise ProtegeError(
+                f"term {term.name!r} reads teacher tap {path!r} {wanted}, but cache {cache.path} holds it "
+                f"only as {reduced[path]} (built for other terms); {rebuild}: it stores each tap as this "
+                "config's terms read it (`cache: {reduce: false}` stores raw maps, which every term can read)"
+            )
+    if missing:
+        raise ProtegeError(
+            f"terms read the teacher taps {', '.join(missing)}, which cache {cache.path} does not hold "
+            f"(it has: {', '.join(cache.taps) or 'logits only'}); add them to cache.taps and rebuild with "
+            "`protege cache <config> --overwrite`"
+        )
 
 
 def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCache]:
@@ -1086,13 +1189,7 @@ def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCach
     n = len(cfg.all_teachers())
     if cache.teachers != n:
         raise ProtegeError(f"cache {cache.path} holds {cache.teachers} teacher(s)' outputs, the run has {n}")
-    missing = [t for t in _teacher_taps_needed(cfg) if t not in cache.taps]
-    if missing:
-        raise ProtegeError(
-            f"terms read the teacher taps {', '.join(missing)}, which cache {cache.path} does not hold "
-            f"(it has: {', '.join(cache.taps) or 'logits only'}); add them to cache.taps and rebuild with "
-            "`protege cache <config> --overwrite`"
-        )
+    _check_cached_taps(_run_terms(cfg), cache)
     splits = dataclasses.replace(
         data,
         train=cache.dataset("train", data.train, seed=cfg.seed),

@@ -1,5 +1,21 @@
 """Distillation losses: pure functions plus a registry (see :mod:`protege.losses.registry`)."""
 
-from .registry import BuildContext, LossInfo, get_loss, list_losses, register_loss
+from .registry import (
+    BoundReduction,
+    BuildContext,
+    LossInfo,
+    TeacherReduction,
+    get_loss,
+    list_losses,
+    register_loss,
+)
 
-__all__ = ["BuildContext", "LossInfo", "get_loss", "list_losses", "register_loss"]
+__all__ = [
+    "BoundReduction",
+    "BuildContext",
+    "LossInfo",
+    "TeacherReduction",
+    "get_loss",
+    "list_losses",
+    "register_loss",
+]

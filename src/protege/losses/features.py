@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import BuildContext, register_loss
+from .registry import BuildContext, TeacherReduction, register_loss
 
 __all__ = [
     "FTModules",
@@ -49,6 +49,7 @@ __all__ = [
     "VIDRegressor",
     "ab",
     "at",
+    "at_teacher_map",
     "attention_map",
     "factor_transfer",
     "fitnet",
@@ -124,6 +125,27 @@ def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(features.abs().pow(p).mean(dim=1).flatten(1), p=2.0, dim=1)
 
 
+def at_teacher_map(teacher_features: Tensor, p: float = 2.0) -> Tensor:
+    """AT's teacher-side reduction: the teacher's attention map ``q_t`` (:func:`attention_map`) as
+    ``(N, H, W)``, i.e. everything :func:`at` computes from the teacher tensor alone.
+
+    ``at(s, at_teacher_map(t, p), p)`` equals ``at(s, t, p)`` when the teacher map is not larger
+    than the student's (:func:`_at_exact`); a term hands :func:`at` this map, and a teacher-output
+    cache stores it (H*W floats per sample instead of C*H*W).
+    """
+    if teacher_features.dim() != 4:
+        raise ValueError(
+            f"at: expected a teacher feature map (N, C, H, W), got {tuple(teacher_features.shape)}"
+        )
+    return attention_map(teacher_features, p).view(-1, *teacher_features.shape[-2:])
+
+
+def _at_exact(student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
+    """Whether AT on the teacher's attention map equals AT on its feature map: when :func:`match_spatial`
+    would not pool the teacher, i.e. the teacher map is nowhere larger than the student's."""
+    return all(t <= s for s, t in zip(student_shape[-2:], teacher_shape[-2:]))
+
+
 # --------------------------------------------------------------------------- FitNets
 
 
@@ -167,6 +189,7 @@ def fitnet(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     paper="Zagoruyko & Komodakis, Paying More Attention to Attention: Improving the Performance of "
     "Convolutional Neural Networks via Attention Transfer, ICLR 2017",
     reads="features",
+    teacher_reduction=TeacherReduction("attention_map", at_teacher_map, params=("p",), exact=_at_exact),
 )
 def at(student_features: Tensor, teacher_features: Tensor, p: float = 2.0) -> Tensor:
     r"""Attention Transfer: match the L2-normalised spatial attention maps of student and teacher.
@@ -187,10 +210,29 @@ def at(student_features: Tensor, teacher_features: Tensor, p: float = 2.0) -> Te
     Shapes: (N, C_s, H_s, W_s) and (N, C_t, H_t, W_t). Channel counts may differ (the map averages
     them out), so no adapter is needed. Spatial sizes may differ: the larger map is adaptively
     average-pooled down to the smaller size first (:func:`match_spatial`), as in RepDistiller.
+
+    The teacher may also be given as its attention map ``q_t`` of shape (N, H_t, W_t), made with the
+    same ``p`` by :func:`at_teacher_map` (AT's teacher-side reduction: what a term computes online
+    and a teacher-output cache stores); the value is the same. That map cannot be pooled the way a
+    feature map is, so the student's map must then be at least as large as the teacher's.
     """
-    _check_maps(student_features, teacher_features, "at")
     if not p > 0:
         raise ValueError(f"at: the exponent p must be positive, got {p}")
+    if teacher_features.dim() == 3 and student_features.dim() == 4:
+        if student_features.shape[0] != teacher_features.shape[0]:
+            raise ValueError(
+                f"at: student features {tuple(student_features.shape)} and teacher attention map "
+                f"{tuple(teacher_features.shape)} must have the same batch size N"
+            )
+        if not _at_exact(student_features.shape, teacher_features.shape):
+            raise ValueError(
+                f"at: the teacher's attention map {tuple(teacher_features.shape[1:])} is larger than the "
+                f"student's feature map {tuple(student_features.shape[2:])}; AT pools the teacher's feature "
+                "map, not its attention map, so it needs the raw teacher feature map here"
+            )
+        s = match_spatial(student_features, teacher_features.unsqueeze(1))[0]
+        return (attention_map(s, p) - teacher_features.flatten(1)).pow(2).mean()
+    _check_maps(student_features, teacher_features, "at")
     s, t = match_spatial(student_features, teacher_features)
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 

@@ -32,18 +32,89 @@ is built.
 
 A term may read several taps (``student=["layer1", "layer2"]``): the loss then receives a list of
 tensors in that order (``reads="feature-list"`` losses such as ReviewKD and FSP).
+
+A loss may declare a **teacher-side reduction** (``teacher_reduction=``, a
+:class:`TeacherReduction`): a pure, deterministic function of the teacher tensor alone and of some
+of the loss's parameters, whose output the loss accepts in place of the raw teacher tensor with the
+same value (AT: the teacher's normalised attention map instead of its feature map). The term
+applies it to the teacher tensor online, and a teacher-output cache stores the reduced tensor
+instead of the raw map when only such terms read a tap (:mod:`protege.engine.cache`), so online and
+cached training hand the loss the same value. The reduction may be exact only for some shapes
+(``exact(student_shape, teacher_shape)``); elsewhere the term hands the loss the raw tensor.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import unknown
+
+
+def _always(student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class TeacherReduction:
+    """A loss's teacher-side reduction (see the module docs).
+
+    Args:
+        name: what the reduced tensor is (``"attention_map"``); it names the reduced tap in a cache.
+        fn: ``fn(teacher, **params) -> reduced``, pure and deterministic.
+        params: the names of the loss parameters ``fn`` depends on (their values are part of the key).
+        exact: ``exact(student_shape, teacher_shape) -> bool``: whether the loss's value with the
+            reduced teacher equals its value with the raw one for tensors of these shapes (the
+            teacher shape may be the raw or the reduced one); default: always.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[str, ...] = ()
+    exact: Callable[[torch.Size, torch.Size], bool] = _always
+
+    def bind(self, params: Mapping[str, Any]) -> BoundReduction:
+        """The reduction with a term's parameter values (the loss's defaults for those not given)."""
+        return BoundReduction(self, tuple((k, params[k]) for k in self.params))
+
+
+def _key_value(value: Any) -> Any:
+    """A parameter value as it appears in a reduction key: numbers as floats, so ``p: 2`` from a
+    YAML file and the default ``p=2.0`` name the same reduction."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+@dataclass(frozen=True)
+class BoundReduction:
+    """A :class:`TeacherReduction` with parameter values: ``bound(teacher)`` reduces a teacher tensor."""
+
+    reduction: TeacherReduction
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def key(self) -> str:
+        """The reduction and its parameters, e.g. ``attention_map(p=2.0)``."""
+        args = ", ".join(f"{k}={_key_value(v)!r}" for k, v in self.values)
+        return f"{self.reduction.name}({args})"
+
+    def tap_key(self, tap: str) -> str:
+        """The name of ``tap``'s reduced tensor among a teacher's outputs, e.g. ``layer1@attention_map(p=2.0)``."""
+        return f"{tap}@{self.key}"
+
+    def describe(self) -> dict[str, Any]:
+        """The reduction as JSON-able data (a cache's index records it)."""
+        return {"name": self.reduction.name, "params": {k: _key_value(v) for k, v in self.values}}
+
+    def exact(self, student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
+        return self.reduction.exact(student_shape, teacher_shape)
+
+    def __call__(self, teacher: torch.Tensor) -> torch.Tensor:
+        return self.reduction.fn(teacher, **dict(self.values))
 
 
 @dataclass(frozen=True)
@@ -62,6 +133,8 @@ class LossInfo:
     params: dict[str, Any] = field(default_factory=dict)
     #: constructor parameters of the state module (e.g. CTKD's ``init_T``), set in a config like params
     state_params: dict[str, Any] = field(default_factory=dict)
+    #: what the term may hand the loss instead of the raw teacher tensor (see :class:`TeacherReduction`)
+    teacher_reduction: TeacherReduction | None = None
 
     @property
     def summary(self) -> str:
@@ -97,11 +170,14 @@ def register_loss(
     uses_index: bool = False,
     multi_teacher: bool = False,
     state: type[nn.Module] | None = None,
+    teacher_reduction: TeacherReduction | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a pure loss function under ``name``.
 
     The keyword parameters with defaults in the function's signature become the loss's
-    documented hyper-parameters (shown by ``protege methods``).
+    documented hyper-parameters (shown by ``protege methods``). ``teacher_reduction``: what the
+    loss accepts in place of the raw teacher tensor (see :class:`TeacherReduction`); its
+    ``params`` must be parameters of the loss.
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,6 +189,8 @@ def register_loss(
             for p in sig.parameters.values()
             if p.default is not inspect.Parameter.empty and p.name not in ("target", "weights", "index")
         }
+        if teacher_reduction is not None and not set(teacher_reduction.params) <= set(params):
+            raise ValueError(f"loss {name!r}: its teacher reduction reads parameters it does not have")
         state_params = (
             {
                 p.name: p.default
@@ -134,6 +212,7 @@ def register_loss(
             state=state,
             params=params,
             state_params=state_params,
+            teacher_reduction=teacher_reduction,
         )
         return fn
 
