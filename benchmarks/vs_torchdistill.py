@@ -353,12 +353,21 @@ def write_method_cache(
 ) -> dict[str, Any]:
     """The teacher-output cache of ``method``: full fp32 logits and the taps it reads, one view since
     the inputs are not augmented; with ``reduce``, taps stored as the terms' teacher-side reductions
-    (AT: the attention maps), as ``protege cache`` does by default."""
+    (AT: the attention maps). The teacher runs as ``protege cache`` runs it: BatchNorms folded (taps
+    kept), channels_last on the CPU (``teacher`` is a fresh copy: folding changes it in place)."""
     from protege.engine.cache import teacher_reductions, write_cache
 
     reductions = teacher_reductions(protege_terms(method)) if reduce else None
     return write_cache(
-        out, data, [teacher], views=1, top_k="all", taps=TAPS[method], dtype="float32", reductions=reductions
+        out,
+        data,
+        [teacher],
+        views=1,
+        top_k="all",
+        taps=TAPS[method],
+        dtype="float32",
+        reductions=reductions,
+        fold_teacher_bn=True,
     )
 
 

@@ -594,3 +594,46 @@ def test_the_epoch_reaches_the_dataset_through_workers_and_accelerate(tmp_path):
     for epoch in (1, 0, 4):
         prepared.set_epoch(epoch)
         check(prepared, epoch)
+
+
+class _ConvTeacher(nn.Module):
+    """Conv-BN-ReLU, a tapped conv-BN block, pooling, a classifier; ``flat_view`` flattens with
+    ``view`` (fails in channels_last)."""
+
+    def __init__(self, flat_view: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8 * 8 * 8 if flat_view else 8, 4)
+        self.flat_view = flat_view
+        for bn in (self.stem[1], self.block[1]):  # non-trivial statistics, so folding changes weights
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.block(self.stem(x))
+        return self.fc(f.view(f.shape[0], -1) if self.flat_view else f.mean((2, 3)))
+
+
+def test_cache_teacher_runs_folded_and_channels_last_with_the_same_outputs(tmp_path, capsys):
+    data = _tensor_data()
+    plain = _ConvTeacher()
+    fast = copy.deepcopy(plain)
+    settings = {"views": 2, "top_k": "all", "dtype": "float32", "taps": ["block"], "shard_size": 64}
+    write_cache(tmp_path / "plain", data, [plain], memory_format="contiguous", **settings)
+    write_cache(
+        tmp_path / "fast", data, [fast], fold_teacher_bn=True, memory_format="channels_last", **settings
+    )
+    assert isinstance(fast.stem[1], nn.Identity) and isinstance(plain.stem[1], nn.BatchNorm2d)
+    assert all(p.is_contiguous() for p in fast.parameters())  # handed back contiguous
+    a, b = TeacherCache.open(tmp_path / "plain").tensors, TeacherCache.open(tmp_path / "fast").tensors
+    for split in ("train", "val"):
+        for key in a[split]:
+            torch.testing.assert_close(b[split][key], a[split][key], rtol=1e-4, atol=1e-5)
+    # a teacher that fails in channels_last: contiguous with a note under auto, an error when asked
+    write_cache(tmp_path / "auto", data, [_ConvTeacher(flat_view=True)], memory_format="auto", device="cpu")
+    assert "runs the teachers contiguous" in capsys.readouterr().err
+    with pytest.raises(ProtegeError, match="memory_format channels_last: a teacher fails"):
+        write_cache(tmp_path / "cl", data, [_ConvTeacher(flat_view=True)], memory_format="channels_last")
+    assert not (tmp_path / "cl").exists()

@@ -82,7 +82,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -99,12 +99,14 @@ from ..core.distiller import (
     teacher_reduction,
     term_name,
 )
+from ..core.fold import fold_batchnorm
 from ..core.taps import Taps
 from ..data.sources import DataSplits
 from ..data.views import Replay, content_hash, replay_for, sample_rng, split_index, view_offsets
 from ..errors import ProtegeError
 from ..losses import BoundReduction, get_loss
 from .loaders import EpochShuffleSampler, make_loader
+from .loop import console, set_memory_format
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -129,6 +131,7 @@ FORMAT = "protege-teacher-cache"
 FORMAT_VERSION = 1
 INDEX = "index.json"
 CHECKED_PARTS = ("teacher", "data", "transform")
+MemoryFormat = Literal["auto", "contiguous", "channels_last"]
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -418,7 +421,7 @@ def _teacher_pass(
                     logits = teacher(x)
                 if not isinstance(logits, torch.Tensor):
                     logits = logits["logits"] if isinstance(logits, dict) else logits.logits
-                logits = logits.float().reshape(b, v, -1).cpu()
+                logits = logits.float().reshape(b, v, -1).cpu().contiguous()
                 if storage == "full":
                     out[f"t{j}.logits"] = logits.to(dtype)
                 else:
@@ -430,13 +433,53 @@ def _teacher_pass(
                 for path, value in tap.pop().items():
                     if path in reductions:
                         value, path = reductions[path](value.float()), reductions[path].tap_key(path)
-                    value = value.reshape(b, v, *value.shape[1:]).to(dtype).cpu()
+                    value = value.reshape(b, v, *value.shape[1:]).to(dtype).cpu().contiguous()
                     tap_shapes[path] = list(value.shape[2:])
                     out[f"t{j}.tap.{path}"] = value
             writer.add(out)
     finally:
         for tap in taps:
             tap.remove()
+
+
+@contextlib.contextmanager
+def _teacher_layout(
+    teachers: Sequence[nn.Module], probe: torch.Tensor, memory_format: MemoryFormat, device: torch.device
+) -> Iterator[None]:
+    """Run the teachers in ``channels_last`` while the cache is written (see :func:`write_cache`),
+    then hand them back contiguous. A teacher that fails in that layout on one training image (e.g.
+    ``x.view(n, -1)`` over a feature map) runs contiguous with a note, or, when ``channels_last`` was
+    asked for explicitly, stops with an error that says what to set."""
+    if memory_format not in ("auto", "contiguous", "channels_last"):
+        raise ProtegeError(f"memory_format must be auto, contiguous or channels_last, got {memory_format!r}")
+    wanted = memory_format == "channels_last" or (memory_format == "auto" and device.type == "cpu")
+    if not wanted or not any(p.dim() == 4 for t in teachers for p in t.parameters()):
+        yield
+        return
+    for t in teachers:
+        set_memory_format(t, torch.channels_last)
+    try:
+        x = probe.to(device)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for t in teachers:
+                t(x)
+    except RuntimeError as e:
+        for t in teachers:
+            set_memory_format(t, torch.contiguous_format)
+        failure = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if memory_format == "channels_last":
+            raise ProtegeError(
+                f"memory_format channels_last: a teacher fails in that layout ({failure}); "
+                "set memory_format: auto or contiguous"
+            ) from None
+        console.print(f"[yellow]note: the cache runs the teachers contiguous; in channels_last: {failure}")
+    try:
+        yield
+    finally:
+        for t in teachers:
+            set_memory_format(t, torch.contiguous_format)
 
 
 def _eval_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, None]]:
@@ -462,6 +505,8 @@ def write_cache(
     device: str | torch.device | None = None,
     teacher_precision: TeacherPrecision = "fp32",
     reductions: Mapping[str, BoundReduction] | None = None,
+    fold_teacher_bn: bool = False,
+    memory_format: MemoryFormat = "auto",
 ) -> dict[str, Any]:
     """Run ``teachers`` over ``data`` and write a cache directory at ``out``; return its index.
 
@@ -474,6 +519,13 @@ def write_cache(
     ``teacher_precision``); validation and test outputs stay fp32. ``reductions``: taps (among
     ``taps``) to store reduced, ``{path: reduction}``, e.g. :func:`teacher_reductions` of the terms
     that will read the cache (see the module docs).
+
+    How the teachers run (outputs equal up to float summation order, as in a distill run):
+    ``fold_teacher_bn`` folds their BatchNorms into the preceding convolutions in place (the taps
+    kept, see :func:`protege.core.fold.fold_batchnorm`; :func:`build_cache` does, as a distill run
+    does); ``memory_format`` ``"auto"`` runs them in ``channels_last`` on a CPU (``"channels_last"``
+    everywhere, ``"contiguous"`` never) and hands them back contiguous; a teacher that fails in that
+    layout runs contiguous, with a note (an error when ``"channels_last"`` was asked for).
 
     Raises:
         ProtegeError: ``out`` exists and ``overwrite`` is false; a setting is invalid; the training
@@ -527,11 +579,15 @@ def write_cache(
         t.requires_grad_(False)
     for path in taps:  # unknown paths fail here, before anything is written
         Taps(moved[0], [path]).remove()
+    if fold_teacher_bn:
+        for t in moved:
+            fold_batchnorm(t, keep=taps)
+    per_step = max(1, batch_size // views)
+    loader = DataLoader(_Views(replay, views, seed), batch_size=per_step, num_workers=num_workers)
 
-    with _staged(out) as tmp:
+    probe = _Views(replay, 1, seed)[0][0]  # one training image, (1, ...): tries the layout
+    with _teacher_layout(moved, probe, memory_format, dev), _staged(out) as tmp:
         tap_shapes: dict[str, list[int]] = {}
-        per_step = max(1, batch_size // views)
-        loader = DataLoader(_Views(replay, views, seed), batch_size=per_step, num_workers=num_workers)
         writer = _ShardWriter(tmp, "train", shard_size)
         common = {"k": k, "device": dev, "tap_shapes": tap_shapes}
         _teacher_pass(
@@ -718,6 +774,8 @@ def build_cache(
         overwrite=overwrite,
         device=dev,
         teacher_precision=cfg.teacher_precision,
+        fold_teacher_bn=True,  # as a distill run's frozen teachers (taps kept)
+        memory_format=cfg.memory_format,
     )
     return {**index, "path": str(path)}
 
