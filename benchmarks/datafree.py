@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import protege as pg
 from protege.engine.checkpoint import atomic_write_text
 
@@ -366,7 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=None, help="default benchmarks/results/datafree-mnist5k.jsonl")
     parser.add_argument("--table-only", action="store_true", help="print the table of the results file")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, tiny pool and synthesis")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steady on a box shared with other jobs)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     s = settings(args.quick, args.epochs, args.pool_size, args.di_iterations)
     suffix = "-quick" if args.quick else ""
