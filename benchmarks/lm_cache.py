@@ -54,10 +54,15 @@ def teacher_dir() -> Path:
     return TEACHER
 
 
+def pydoc_text() -> str:
+    """The English text of ``pydoc_data`` (~465k characters), its topics joined by spaces."""
+    return " ".join(pydoc_data.topics.topics.values())
+
+
 def corpus(chars: int) -> Path:
     path = ROOT / ".cache" / f"pydoc_data-{chars}.txt"
     if not path.is_file():
-        atomic_write_text(path, " ".join(pydoc_data.topics.topics.values())[:chars])
+        atomic_write_text(path, pydoc_text()[:chars])
     return path
 
 
