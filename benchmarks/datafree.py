@@ -294,9 +294,10 @@ def _ms(xs: list[float], scale: float = 100.0, digits: int = 2) -> str:
 def table(results: list[dict[str, Any]], teacher_acc: float | None = None) -> str:
     """Markdown: per arm, test accuracy (%) at the last and best epoch (mean ± std over seeds),
     agreement with the teacher, time per synthesized batch, and KD³'s last selection. Of an arm
-    run with several configs, only the rows of the latest one count."""
-    latest = {r["arm"]: r["key"] for r in results}
-    results = [r for r in results if r["key"] == latest[r["arm"]]]
+    run with several configs, only the latest row of each (arm, seed) counts (the key holds the seed,
+    so it cannot tell settings apart across seeds: re-run every seed after changing settings)."""
+    latest = {(r["arm"], r["seed"]): r["key"] for r in results}
+    results = [r for r in results if r["key"] == latest[r["arm"], r["seed"]]]
     lines = []
     if teacher_acc is not None:
         lines.append(f"Teacher ({TEACHER}) test accuracy: {100 * teacher_acc:.2f} %. Student: {STUDENT}.\n")
