@@ -118,7 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--dataset", default=None, choices=["mnist5k", "digits"], help="default mnist5k (quick: digits)"
     )
-    ap.add_argument("--size", type=int, default=None, help="digits only: resize to SIZE x SIZE (default 16)")
+    ap.add_argument(
+        "--size", type=int, default=None, help="resize images to SIZE x SIZE (default: digits 16, mnist5k 28)"
+    )
     ap.add_argument("--epochs", type=int, default=None, help="ground-truth schedule (default 15)")
     ap.add_argument("--seeds", type=int, default=None, help="ground-truth seeds (default 2)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -175,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "dataset": "digits" if quick else "mnist5k",
-        "size": 16,
+        "size": None,
         "epochs": 1 if quick else 15,
         "seeds": 2,
         "widths": "4,4,8,16" if quick else "16,16,32,64",
@@ -194,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.size is None:
+        args.size = 16 if args.dataset == "digits" else 28
     if quick and args.teacher_depths == "9,9,9":
         args.teacher_depths = "3,3,3"
     if args.teacher_widths is None:
@@ -239,7 +243,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def data_spec(args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {"source": args.dataset, "batch_size": args.batch_size, "transforms": "augment"}
-    if args.dataset == "digits":
+    if args.dataset == "digits" or args.size != 28:  # mnist5k at its native 28: no option (older results)
         spec["options"] = {"size": args.size}
     return spec
 
@@ -420,7 +424,7 @@ _DATA_CACHE: dict[str, Any] = {}
 def load_splits(args: argparse.Namespace, transforms: str = "none") -> Any:
     key = f"{args.dataset}-{args.size}-{transforms}"
     if key not in _DATA_CACHE:
-        options = {"size": args.size} if args.dataset == "digits" else {}
+        options = data_spec(args).get("options", {})
         _DATA_CACHE[key] = pg.load_data(args.dataset, transforms=transforms, **options)
     return _DATA_CACHE[key]
 

@@ -85,6 +85,18 @@ def test_digits_sizes_and_resize() -> None:
     assert big.fingerprint() != d.fingerprint()
 
 
+def test_mnist5k_resize_averages_areas() -> None:
+    full = load_data("mnist5k")
+    small = load_data("mnist5k", size=14)
+    assert small.input_size == 14 and small.test[0][0].shape == (1, 14, 14)
+    assert small.options["size"] == 14 and small.fingerprint() != full.fingerprint()
+    # 28 -> 14 is the mean of each 2x2 block of pixels (normalisation is affine, so it commutes)
+    x = full.test[3][0]
+    expected = x.reshape(1, 14, 2, 14, 2).mean(dim=(2, 4))
+    assert torch.allclose(small.test[3][0], expected, atol=1e-5)
+    assert int(small.test[3][1]) == int(full.test[3][1])
+
+
 def test_bundled_rejects_pil_recipe() -> None:
     with pytest.raises(ProtegeError, match="augment"):
         load_data("mnist5k", transforms="cifar")

