@@ -446,8 +446,9 @@ def part_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     todo = [j for j in jobs if gt.key(j[0], j[1].encode(j[2]), j[3], j[4]) not in gt.runs]
     if args.shard is None:
         print(f"ground truth: {len(jobs)} runs, {len(todo)} to train", flush=True)
-    if args.shard is not None:  # one worker of --workers: every n-th run still to do
-        jobs = todo[args.shard[0] :: args.shard[1]]
+    if args.shard is not None:  # one worker of --workers: every n-th run still to do, the stride
+        i, n = args.shard  # rotated each round so the alternating kd/ce runs spread over the workers
+        jobs = [job for k, job in enumerate(todo) if (k + k // n) % n == i]
     elif args.workers > 1 and len(todo) > 1:
         run_workers(args, gt, min(args.workers, len(todo)))
         return summarize_gt(args, gt)
@@ -707,11 +708,24 @@ def part_proxies(args: argparse.Namespace, gt: GroundTruth, results: dict[str, A
         space = build_space(args, space_name)
         ids = [space.encode(a) for a in arch_list(args, space_name, space)]
         section = results.setdefault("proxies", {}).setdefault(space_name, {})
-        if section.get("fingerprint") != fingerprint([settings(args), args.proxy_batch_size]):
-            section.clear()
-            section["fingerprint"] = fingerprint([settings(args), args.proxy_batch_size])
-        store = section.setdefault("scores", {})
-        score_all(args, gt, space_name, store, save)
+        # the scores live in their own file: a --part gt run writing results.json at the same time
+        # (another process) cannot drop them, and a rerun resumes from them
+        fp = fingerprint([settings(args), args.proxy_batch_size])
+        scores_path = Path(args.output_dir) / f"proxy-scores-{space_name}.json"
+        stored = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+        if stored.get("fingerprint") != fp:
+            stored = {"fingerprint": fp, "scores": section.get("scores", {})}  # older layout: in results
+            if section.get("fingerprint") != fp:
+                stored["scores"] = {}
+        section.clear()
+        section["fingerprint"] = fp
+        store = section["scores"] = stored["scores"]
+
+        def save_scores() -> None:
+            atomic_write_text(scores_path, json.dumps(stored))
+
+        score_all(args, gt, space_name, store, save_scores)
+        save()
         truth = {mode: gt.accs(space_name, ids, mode, args.seeds) for mode in ("kd", "ce")}
         if min(len(t) for t in truth.values()) < 3:
             print(
