@@ -721,8 +721,8 @@ def part_proxies(args: argparse.Namespace, gt: GroundTruth, results: dict[str, A
         section["fingerprint"] = fp
         store = section["scores"] = stored["scores"]
 
-        def save_scores() -> None:
-            atomic_write_text(scores_path, json.dumps(stored))
+        def save_scores(path: Path = scores_path, data: dict[str, Any] = stored) -> None:
+            atomic_write_text(path, json.dumps(data))
 
         score_all(args, gt, space_name, store, save_scores)
         save()
