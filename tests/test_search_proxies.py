@@ -241,6 +241,31 @@ def test_diswot_proxy_matches_numpy_with_different_widths(align: str) -> None:
     )
 
 
+def test_diswot_reuses_the_teachers_side_until_its_weights_change() -> None:
+    teacher = tiny(6, seed=1, dropout=0.3)
+    fresh = copy.deepcopy(teacher)  # a teacher never seen before, same weights
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    x, y = batch()
+    x2, y2 = batch(seed=5)
+    first, second = tiny(4, seed=2, dropout=0.3), tiny(5, seed=3, dropout=0.3)
+    a = proxies.diswot_terms(teacher, first, (x, y))
+    b = proxies.diswot_terms(teacher, second, (x, y))
+    assert len(calls) == 1  # the second candidate reused the teacher's features and fc gradient
+    # exactly what a teacher never seen before computes (its dropout is seeded from the batch)
+    assert proxies.diswot_terms(fresh, first, (x, y)) == a
+    assert proxies.diswot_terms(fresh, second, (x, y)) == b
+    proxies.diswot_terms(teacher, first, (x2, y2))  # another batch: computed
+    proxies.diswot_terms(teacher, first, (x, y[[1, 0, *range(2, len(y))]]))  # other labels: computed
+    assert len(calls) == 3
+    with torch.no_grad():
+        teacher.fc.weight.mul_(3.0)  # in place, like an optimizer step
+    changed = proxies.diswot_terms(teacher, first, (x, y))
+    assert len(calls) == 4 and changed["semantic"] != a["semantic"]
+    teacher.load_state_dict(fresh.state_dict())  # back to the original weights: computed, not stale
+    assert proxies.diswot_terms(teacher, first, (x, y)) == a and len(calls) == 5
+
+
 def test_diswot_tap_override_and_missing_feature_map() -> None:
     teacher, student = tiny(6, seed=1), tiny(4, seed=2)
     x, y = batch()

@@ -53,6 +53,7 @@ import copy
 import functools
 import inspect
 import math
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -281,6 +282,47 @@ def _classifier_weight(model: nn.Module, num_classes: int, who: str) -> Tensor:
     return layer.weight
 
 
+# The teacher's side of DisWOT on a batch (its pre-pooling features, its fc-weight gradient) is the
+# same for every candidate of a search: it is kept per teacher (weakly, so it dies with the model)
+# for the last few batches and used again while the teacher's weights are unchanged. Any in-place
+# change of a teacher parameter (an optimizer step, ``load_state_dict``) bumps its version counter
+# and so misses the memo.
+_TEACHER_MEMO: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[Any, ...], tuple[Tensor | None, Tensor | None]]
+]
+_TEACHER_MEMO = weakref.WeakKeyDictionary()
+_MEMO_SIZE = 8
+
+
+def _memo_key(
+    model: nn.Module, seed: int, x: Tensor, y: Tensor, tap: str | None, relation: bool, semantic: bool
+) -> tuple[Any, ...]:
+    weights = tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in model.parameters())
+    labels = zlib.crc32(y.detach().cpu().contiguous().numpy().tobytes())
+    return (weights, seed, tuple(x.shape), str(x.dtype), labels, tap, relation, semantic)
+
+
+def _diswot_side(
+    who: str, model: nn.Module, tap: str | None, x: Tensor, y: Tensor, relation: bool, semantic: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """One network's DisWOT inputs: ``(pre-pooling feature map, fc-weight CE gradient)`` on the CPU."""
+    dev = _device(model)
+    xd, yd = x.to(dev), y.to(dev)
+    grad = None
+    with torch.enable_grad():
+        out, feat = pre_pool_features(model, xd, tap) if relation else (model(xd), None)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise ProtegeError(f"the {who} must return logits of shape (batch, classes)")
+        if semantic:
+            _check_labels(out, yd, who)
+            weight = _classifier_weight(model, out.shape[1], who)
+            (g,) = _grads(F.cross_entropy(out, yd.long()), [weight])
+            if g is None:
+                raise ProtegeError(f"the {who}'s classifier weight does not take part in its forward pass")
+            grad = g.detach().float().cpu()
+    return (None if feat is None else feat.detach().float().cpu()), grad
+
+
 def diswot_terms(
     teacher: nn.Module | None,
     student: nn.Module,
@@ -308,7 +350,10 @@ def diswot_terms(
       (default, adaptive average pooling over channels) or ``"truncate"``.
 
     The paper scores a randomly initialised teacher against randomly initialised students; pass a
-    trained teacher for the trained-teacher variant. Only the requested terms are computed.
+    trained teacher for the trained-teacher variant. Only the requested terms are computed. The
+    teacher's side is computed once per (teacher weights, batch) and reused for the next candidates
+    of a search; random draws (dropout) are seeded from the batch, separately for each network, so
+    a reused teacher side is exactly the one that would be computed again.
     """
     if teacher is None:
         raise ProtegeError("the DisWOT proxies compare a student with a teacher: pass a teacher model")
@@ -316,30 +361,31 @@ def diswot_terms(
         raise ProtegeError(f"diswot: align must be one of {', '.join(ALIGNMENTS)}, got {align!r}")
     x, y = _check_batch(batch)
     result: dict[str, float] = {}
-    feats: dict[str, Tensor] = {}
-    grads: dict[str, Tensor] = {}
-    with scoring(teacher, student, seed=_batch_seed(x)):
-        for who, model, tap in (("teacher", teacher, teacher_tap), ("student", student, student_tap)):
-            dev = _device(model)
-            xd, yd = x.to(dev), y.to(dev)
-            with torch.enable_grad():
-                out, feat = pre_pool_features(model, xd, tap) if relation else (model(xd), None)
-                if not isinstance(out, Tensor) or out.dim() != 2:
-                    raise ProtegeError(f"the {who} must return logits of shape (batch, classes)")
-                if semantic:
-                    _check_labels(out, yd, who)
-                    weight = _classifier_weight(model, out.shape[1], who)
-                    (g,) = _grads(F.cross_entropy(out, yd.long()), [weight])
-                    if g is None:
-                        raise ProtegeError(
-                            f"the {who}'s classifier weight does not take part in its forward pass"
-                        )
-                    grads[who] = g.detach().float().cpu()
-            if feat is not None:
-                feats[who] = feat.detach().float().cpu()
+    feats: dict[str, Tensor | None] = {}
+    grads: dict[str, Tensor | None] = {}
+    seed = _batch_seed(x)
+    memo_key = _memo_key(teacher, seed, x, y, teacher_tap, relation, semantic)
+    memo = _TEACHER_MEMO.setdefault(teacher, {})
+    with scoring(teacher, student, seed=seed):
+        if memo_key in memo:
+            feats["teacher"], grads["teacher"] = memo[memo_key]
+        else:
+            torch.manual_seed(seed)
+            feats["teacher"], grads["teacher"] = _diswot_side(
+                "teacher", teacher, teacher_tap, x, y, relation, semantic
+            )
+            memo[memo_key] = (feats["teacher"], grads["teacher"])
+            while len(memo) > _MEMO_SIZE:
+                memo.pop(next(iter(memo)))
+        torch.manual_seed(seed + 1)
+        feats["student"], grads["student"] = _diswot_side(
+            "student", student, student_tap, x, y, relation, semantic
+        )
     if relation:
+        assert feats["student"] is not None and feats["teacher"] is not None
         result["relation"] = float(relation_distance(feats["student"], feats["teacher"]))
     if semantic:
+        assert grads["student"] is not None and grads["teacher"] is not None
         if grads["student"].shape[0] != grads["teacher"].shape[0]:
             raise ProtegeError(
                 f"teacher and student classify into different numbers of classes ({grads['teacher'].shape[0]} "
