@@ -982,13 +982,23 @@ def part_throughput(args: argparse.Namespace, gt: GroundTruth, results: dict[str
     space = build_space(args, "resnet")
     archs = arch_list(args, "resnet", space)
     variants = proxy_variants(args)
+    for name in DISWOT[:1] if any(v["proxy"] == "diswot" for v in variants) else ():
+        for teacher in ("random", "trained"):  # what reusing the teacher's side saves, side by side
+            variants.append(
+                {
+                    "label": f"{name} ({teacher} teacher, teacher recomputed per candidate)",
+                    "proxy": name,
+                    "teacher": teacher,
+                    "options": {"reuse_teacher": False},
+                }
+            )
     batch = proxy_batches(args, 1)
     models = teachers(args, gt, 10_000, train=False)
     budget = Budget(max_candidates=len(archs))
     scorers = {
         v["label"]: CandidateScorer(
             space,
-            on_device(get_proxy(v["proxy"]), args.device),
+            on_device(get_proxy(v["proxy"], **v.get("options", {})), args.device),
             models[v["teacher"]],
             batch,
             budget,

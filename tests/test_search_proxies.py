@@ -264,6 +264,8 @@ def test_diswot_reuses_the_teachers_side_until_its_weights_change() -> None:
     assert len(calls) == 4 and changed["semantic"] != a["semantic"]
     teacher.load_state_dict(fresh.state_dict())  # back to the original weights: computed, not stale
     assert proxies.diswot_terms(teacher, first, (x, y)) == a and len(calls) == 5
+    recompute = get_proxy("diswot", reuse_teacher=False)
+    assert recompute(teacher, first, (x, y)) == -(a["relation"] + a["semantic"]) and len(calls) == 6
 
 
 def test_diswot_tap_override_and_missing_feature_map() -> None:

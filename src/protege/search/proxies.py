@@ -333,6 +333,7 @@ def diswot_terms(
     align: str = "pool",
     student_tap: str | None = None,
     teacher_tap: str | None = None,
+    reuse_teacher: bool = True,
 ) -> dict[str, float]:
     r"""DisWOT's two metrics for one teacher-student pair on one batch: ``{"relation": M_r, "semantic": M_s}``.
 
@@ -353,7 +354,8 @@ def diswot_terms(
     trained teacher for the trained-teacher variant. Only the requested terms are computed. The
     teacher's side is computed once per (teacher weights, batch) and reused for the next candidates
     of a search; random draws (dropout) are seeded from the batch, separately for each network, so
-    a reused teacher side is exactly the one that would be computed again.
+    a reused teacher side is exactly the one that would be computed again. ``reuse_teacher=False``
+    computes it every call (to measure what the reuse saves).
     """
     if teacher is None:
         raise ProtegeError("the DisWOT proxies compare a student with a teacher: pass a teacher model")
@@ -367,7 +369,7 @@ def diswot_terms(
     memo_key = _memo_key(teacher, seed, x, y, teacher_tap, relation, semantic)
     memo = _TEACHER_MEMO.setdefault(teacher, {})
     with scoring(teacher, student, seed=seed):
-        if memo_key in memo:
+        if reuse_teacher and memo_key in memo:
             feats["teacher"], grads["teacher"] = memo[memo_key]
         else:
             torch.manual_seed(seed)
@@ -763,7 +765,7 @@ _PROXIES: dict[str, Callable[..., float]] = {
     "flops": flops,
 }
 _WITH_TEACHER = frozenset({"diswot", "diswot_relation", "diswot_semantic"})
-_DISWOT_OPTIONS = frozenset({"align", "student_tap", "teacher_tap"})
+_DISWOT_OPTIONS = frozenset({"align", "student_tap", "teacher_tap", "reuse_teacher"})
 
 
 def _on(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -779,8 +781,8 @@ def list_proxies() -> list[str]:
 def get_proxy(name: str, **options: Any) -> Proxy:
     """The proxy called ``name`` as a ``score(teacher, student, (x, y)) -> float`` (higher is better).
 
-    ``options`` fix keyword settings of the proxy: ``align``, ``student_tap``, ``teacher_tap`` for
-    the DisWOT proxies, ``mixup_gamma``, ``repeat``, ``student_tap`` for ``zen``, ``k`` for
+    ``options`` fix keyword settings of the proxy: ``align``, ``student_tap``, ``teacher_tap``,
+    ``reuse_teacher`` for the DisWOT proxies, ``mixup_gamma``, ``repeat``, ``student_tap`` for ``zen``, ``k`` for
     ``jacob_cov``, the loss's hyper-parameters (``T`` ...) for ``kd:<loss>``. An unknown name or
     option raises a :class:`ProtegeError` naming the valid ones.
     """
