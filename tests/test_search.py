@@ -125,6 +125,17 @@ def test_nb201_net_builds_by_name_with_metadata():
         build_model("nb201", num_classes=10, cell="|nope~0|")
 
 
+@pytest.mark.parametrize("size", [14, 15, 16])
+def test_nb201_net_takes_odd_feature_map_sizes(size: int):
+    # 14 -> 7 -> 4: the reduction block's pooled shortcut must round up like its strided conv
+    cell = "|nor_conv_3x3~0|+|skip_connect~0|none~1|+|avg_pool_3x3~0|nor_conv_1x1~1|skip_connect~2|"
+    net = build_model("nb201", num_classes=10, in_chans=1, cell=cell, channels=4, cells_per_stage=1, stages=3)
+    assert net(torch.randn(2, 1, size, size)).shape == (2, 10)
+    reduce = net.reduce2
+    x = torch.ones(1, reduce.downsample[1].in_channels, 7, 7)
+    assert reduce.downsample[0](x).shape[-1] == 4 and torch.allclose(reduce.downsample[0](x), torch.ones(1))
+
+
 def test_model_list_and_multiplier_spaces():
     space = ModelListSpace(["resnet8", "resnet14"], kwargs={"widths": TINY})
     rng = random.Random(0)

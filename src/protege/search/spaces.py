@@ -274,13 +274,14 @@ class NB201Cell(nn.Module):
 
 class _ResidualReduction(nn.Module):
     """NAS-Bench-201's reduction block: ReLU-Conv3x3(stride 2)-BN, ReLU-Conv3x3-BN, plus a
-    2x2 average-pool + 1x1 conv shortcut."""
+    2x2 average-pool + 1x1 conv shortcut. The pooling rounds up (``ceil_mode``) like the stride-2
+    convolution does, so odd sizes (7 -> 4) match; even sizes are unchanged."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.conv_a = _ReLUConvBN(cin, cout, 3, stride=2)
         self.conv_b = _ReLUConvBN(cout, cout, 3)
-        self.downsample = nn.Sequential(nn.AvgPool2d(2, stride=2), nn.Conv2d(cin, cout, 1, bias=False))
+        self.downsample = nn.Sequential(nn.AvgPool2d(2, stride=2, ceil_mode=True), nn.Conv2d(cin, cout, 1, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.downsample(x) + self.conv_b(self.conv_a(x))
