@@ -281,7 +281,9 @@ class _ResidualReduction(nn.Module):
         super().__init__()
         self.conv_a = _ReLUConvBN(cin, cout, 3, stride=2)
         self.conv_b = _ReLUConvBN(cout, cout, 3)
-        self.downsample = nn.Sequential(nn.AvgPool2d(2, stride=2, ceil_mode=True), nn.Conv2d(cin, cout, 1, bias=False))
+        self.downsample = nn.Sequential(
+            nn.AvgPool2d(2, stride=2, ceil_mode=True), nn.Conv2d(cin, cout, 1, bias=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.downsample(x) + self.conv_b(self.conv_a(x))
