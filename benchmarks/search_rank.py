@@ -524,6 +524,7 @@ def summarize_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
                 "min": min(means.values(), default=None),
                 "max": max(means.values(), default=None),
                 "noise_ceiling": _ceiling(per_seed),
+                "between_archs": _anova(per_seed),
                 "train_s_median": _median_time(gt, space_name, mode),
             }
         kd, ce = gt.accs(space_name, ids, "kd", args.seeds), gt.accs(space_name, ids, "ce", args.seeds)
@@ -537,6 +538,27 @@ def summarize_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
 def _seed_accs(gt: GroundTruth, space: str, ids: list[str], mode: str, seed: int) -> dict[str, float]:
     recs = {a: gt.runs.get(gt.key(space, a, mode, seed)) for a in ids}
     return {a: r["acc"] for a, r in recs.items() if r is not None}
+
+
+def _anova(per_seed: list[dict[str, float]]) -> dict[str, Any] | None:
+    """Do the archs differ beyond seed noise? One-way ANOVA over the archs every seed has.
+
+    ``F`` and its p-value (:func:`scipy.stats.f_oneway`, one group per arch, one value per seed),
+    and ICC(1) = (MSB − MSW) / (MSB + (k − 1)·MSW): the share of the accuracy variance that is the
+    architecture's (0: a ranking of these archs is noise, 1: every seed agrees). ``None`` with
+    fewer than 2 seeds or 3 archs.
+    """
+    from scipy.stats import f_oneway
+
+    k = len(per_seed)
+    common = sorted(set.intersection(*(set(p) for p in per_seed))) if k else []
+    if k < 2 or len(common) < 3:
+        return None
+    groups = [[p[a] for p in per_seed] for a in common]
+    res = f_oneway(*groups)
+    f = float(res.statistic)
+    icc = (f - 1.0) / (f + k - 1.0)  # MSB/MSW = F
+    return {"F": f, "p": float(res.pvalue), "icc": icc, "archs": len(common), "seeds": k}
 
 
 def _ceiling(per_seed: list[dict[str, float]]) -> dict[str, Any] | None:
@@ -566,11 +588,11 @@ def _median_time(gt: GroundTruth, space: str, mode: str) -> float | None:
 def gt_table(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"Ground truth: test accuracy (%) at the last of {args.epochs} epochs, mean over {args.seeds} seeds; "
-        "noise ceiling = Kendall τ between seeds",
+        "noise ceiling = Kendall τ between seeds; ANOVA p / ICC: do the archs differ beyond seed noise",
         "",
         "| space | archs | KD acc mean [min, max] | CE acc mean [min, max] | ceiling τ KD | ceiling τ CE "
-        "| τ(KD, CE) | KD − CE | s/run KD | s/run CE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ANOVA p KD / CE | ICC KD / CE | τ(KD, CE) | KD − CE | s/run KD | s/run CE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     teacher = summary.get("teacher") or {}
     for space in args.spaces:
@@ -586,13 +608,18 @@ def gt_table(summary: dict[str, Any], args: argparse.Namespace) -> str:
         def tau(c: dict[str, Any] | None) -> str:
             return "—" if not c else f"{c['kendall']:.3f}"
 
+        def anova(r: dict[str, Any], key: str, fmt: str) -> str:
+            cells = [r[m].get("between_archs") for m in ("kd", "ce")]
+            return " / ".join("—" if c is None else format(c[key], fmt) for c in cells)
+
         def sec(v: float | None) -> str:
             return "—" if v is None else f"{v:.1f}"
 
         gain = row["kd_gain_mean"]
         lines.append(
             f"| {space} | {row['archs']} | {acc(row['kd'])} | {acc(row['ce'])} | {tau(row['kd']['noise_ceiling'])} "
-            f"| {tau(row['ce']['noise_ceiling'])} | {tau(row['kd_vs_ce'])} "
+            f"| {tau(row['ce']['noise_ceiling'])} | {anova(row, 'p', '.2g')} | {anova(row, 'icc', '.2f')} "
+            f"| {tau(row['kd_vs_ce'])} "
             f"| {'—' if gain is None else f'{100 * gain:+.2f}'} | {sec(row['kd']['train_s_median'])} "
             f"| {sec(row['ce']['train_s_median'])} |"
         )
