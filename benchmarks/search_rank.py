@@ -697,7 +697,8 @@ def on_device(proxy: Any, device: str) -> Any:
 def score_all(
     args: argparse.Namespace, gt: GroundTruth, space_name: str, store: dict[str, Any], save: Any
 ) -> dict[str, Any]:
-    """Proxy scores ``store[label][replicate][arch_id]`` (``None``: failed), resumable."""
+    """Proxy scores ``store[label][replicate][arch_id]`` (``None``: failed), resumable; a rerun
+    scores what is missing and retries what failed."""
     space = build_space(args, space_name)
     archs = arch_list(args, space_name, space)
     variants = proxy_variants(args)
@@ -707,10 +708,10 @@ def score_all(
         models = teachers(args, gt, 10_000 + rep)
         for arch in archs:
             arch_id = space.encode(arch)
-            todo = [
+            todo = [  # new, or failed before (a failure is retried: it may have been a bug since fixed)
                 v
                 for v in variants
-                if arch_id not in store.setdefault(v["label"], {}).setdefault(str(rep), {})
+                if store.setdefault(v["label"], {}).setdefault(str(rep), {}).get(arch_id) is None
             ]
             if not todo:
                 continue
