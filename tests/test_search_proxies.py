@@ -24,6 +24,7 @@ from protege.losses.diswot import (
     semantic_distance,
 )
 from protege.losses.registry import get_loss
+from protege.models import build_model
 from protege.search import proxies
 from protege.search.proxies import get_proxy, list_proxies, needs_teacher
 
@@ -422,6 +423,14 @@ def test_zen_score_replayed_by_hand() -> None:
     delta = np.abs(feat1 - feat2).reshape(len(x), -1).sum(axis=1).mean()
     bn = sum(math.log(math.sqrt(p.var(axis=(0, 2, 3)).mean())) for p in (stem_pre, body_pre))
     assert get_proxy("zen")(None, model, (x, y)) == pytest.approx(math.log(delta) + bn, rel=1e-4)
+
+
+def test_zen_of_a_network_that_ignores_its_input_is_minus_infinity() -> None:
+    # an NB201 cell whose every path to the output is "none": the features are constant
+    cell = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+    net = build_model("nb201", num_classes=3, in_chans=3, cell=cell, channels=4, cells_per_stage=1, stages=3)
+    x, y = batch(size=8)
+    assert get_proxy("zen")(None, net, (x.float(), y)) == -math.inf
 
 
 def _conv_np(x: np.ndarray, conv: nn.Conv2d) -> np.ndarray:

@@ -633,7 +633,9 @@ def zen(
     averaged over ``repeat`` draws. ``sigma_{i,c}^2`` is the batch variance of channel ``c`` at
     ``BatchNorm2d`` ``i`` in the unperturbed pass (the paper's definition). The reference reads
     ``running_var`` instead, after both passes have moved it with momentum 0.1 from 1, which
-    mostly measures that update rule. Only the batch's input shape is used.
+    mostly measures that update rule. Only the batch's input shape is used. A network whose
+    features do not depend on its input (``Delta = 0``, or a batch norm that sees a constant) scores
+    ``-inf``, the limit of the formula: it ranks last.
     """
     x, _ = _check_batch(batch)
     student.zero_grad(set_to_none=True)
@@ -662,6 +664,9 @@ def zen(
             recording[0] = False
             _, f2 = pre_pool_features(net, x1 + mixup_gamma * x2, student_tap)
             delta = (f1.double() - f2.double()).abs().flatten(1).sum(1).mean()
+            if float(delta) <= 0.0 or any(float(v) <= 0.0 for v in variances):
+                scores.append(-math.inf)  # log 0: the features ignore the input (e.g. cut by "none" edges)
+                continue
             bn_term = sum(0.5 * math.log(float(v)) for v in variances)
             scores.append(math.log(float(delta)) + bn_term)
     for h in handles:
