@@ -544,7 +544,8 @@ def _anova(per_seed: list[dict[str, float]]) -> dict[str, Any] | None:
     """Do the archs differ beyond seed noise? One-way ANOVA over the archs every seed has.
 
     ``F`` and its p-value (:func:`scipy.stats.f_oneway`, one group per arch, one value per seed),
-    and ICC(1) = (MSB − MSW) / (MSB + (k − 1)·MSW): the share of the accuracy variance that is the
+    the spread of the archs' mean accuracy (``arch_sd``) beside the pooled seed-to-seed spread of
+    one arch (``seed_sd``), and ICC(1) = (MSB − MSW) / (MSB + (k − 1)·MSW): the share of the accuracy variance that is the
     architecture's (0: a ranking of these archs is noise, 1: every seed agrees). ``None`` with
     fewer than 2 seeds or 3 archs.
     """
@@ -558,7 +559,15 @@ def _anova(per_seed: list[dict[str, float]]) -> dict[str, Any] | None:
     res = f_oneway(*groups)
     f = float(res.statistic)
     icc = (f - 1.0) / (f + k - 1.0)  # MSB/MSW = F
-    return {"F": f, "p": float(res.pvalue), "icc": icc, "archs": len(common), "seeds": k}
+    return {
+        "F": f,
+        "p": float(res.pvalue),
+        "icc": icc,
+        "arch_sd": statistics.pstdev(statistics.fmean(g) for g in groups),  # of the archs' means
+        "seed_sd": math.sqrt(statistics.fmean(statistics.variance(g) for g in groups)),  # pooled, one arch
+        "archs": len(common),
+        "seeds": k,
+    }
 
 
 def _ceiling(per_seed: list[dict[str, float]]) -> dict[str, Any] | None:
@@ -623,6 +632,15 @@ def gt_table(summary: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {'—' if gain is None else f'{100 * gain:+.2f}'} | {sec(row['kd']['train_s_median'])} "
             f"| {sec(row['ce']['train_s_median'])} |"
         )
+    spreads = [
+        f"{space} {mode.upper()}: {100 * b['arch_sd']:.2f} pt between archs' means vs {100 * b['seed_sd']:.2f} pt "
+        "between seeds of one arch"
+        for space in args.spaces
+        for mode in ("kd", "ce")
+        if (b := (summary.get(space) or {}).get(mode, {}).get("between_archs"))
+    ]
+    if spreads:
+        lines += ["", "Spread (std): " + "; ".join(spreads)]
     if teacher.get("acc") is not None:
         lines += [
             "",
@@ -742,9 +760,7 @@ def part_proxies(args: argparse.Namespace, gt: GroundTruth, results: dict[str, A
         scores_path = Path(args.output_dir) / f"proxy-scores-{space_name}.json"
         stored = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
         if stored.get("fingerprint") != fp:
-            stored = {"fingerprint": fp, "scores": section.get("scores", {})}  # older layout: in results
-            if section.get("fingerprint") != fp:
-                stored["scores"] = {}
+            stored = {"fingerprint": fp, "scores": {}}
         section.clear()
         section["fingerprint"] = fp
         store = section["scores"] = stored["scores"]
@@ -765,10 +781,42 @@ def part_proxies(args: argparse.Namespace, gt: GroundTruth, results: dict[str, A
             rows[v["label"]] = correlations(store[v["label"]], truth, args.batches, ids)
         section["table"] = rows
         section["truth_n"] = {m: len(t) for m, t in truth.items()}
+        section["diswot_term_ratio"] = term_ratio(store)
         save()
         table = proxies_table(space_name, rows, args, section["truth_n"])
+        for teacher, r in section["diswot_term_ratio"].items():
+            table += (
+                f"\n\nM_s / M_r ({teacher} teacher, {r['n']} scores): median {r['median']:.0f}, "
+                f"range {r['min']:.0f}–{r['max']:.0f}"
+            )
         print("\n" + table + "\n", flush=True)
         atomic_write_text(Path(args.output_dir) / f"proxies-{space_name}.md", table + "\n")
+
+
+def term_ratio(store: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """How much larger DisWOT's semantic term is than its relation term, per teacher variant.
+
+    Both proxies store minus their term, so the ratio of the scores is ``M_s / M_r``; taken over
+    every (replicate, arch) that both scored. Empty when the two were not both evaluated.
+    """
+    out = {}
+    for teacher in ("random", "trained"):
+        rel = store.get(f"diswot_relation ({teacher} teacher)", {})
+        sem = store.get(f"diswot_semantic ({teacher} teacher)", {})
+        ratios = [
+            s / r
+            for rep, scores in rel.items()
+            for arch, r in scores.items()
+            if r and (s := sem.get(rep, {}).get(arch)) is not None
+        ]
+        if ratios:
+            out[teacher] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+                "n": len(ratios),
+            }
+    return out
 
 
 def correlations(
@@ -1010,12 +1058,12 @@ def part_throughput(args: argparse.Namespace, gt: GroundTruth, results: dict[str
     space = build_space(args, "resnet")
     archs = arch_list(args, "resnet", space)
     variants = proxy_variants(args)
-    for name in DISWOT[:1] if any(v["proxy"] == "diswot" for v in variants) else ():
+    if any(v["proxy"] == "diswot" for v in variants):
         for teacher in ("random", "trained"):  # what reusing the teacher's side saves, side by side
             variants.append(
                 {
-                    "label": f"{name} ({teacher} teacher, teacher recomputed per candidate)",
-                    "proxy": name,
+                    "label": f"diswot ({teacher} teacher, teacher recomputed per candidate)",
+                    "proxy": "diswot",
                     "teacher": teacher,
                     "options": {"reuse_teacher": False},
                 }

@@ -376,9 +376,10 @@ def diswot_terms(
             feats["teacher"], grads["teacher"] = _diswot_side(
                 "teacher", teacher, teacher_tap, x, y, relation, semantic
             )
-            memo[memo_key] = (feats["teacher"], grads["teacher"])
-            while len(memo) > _MEMO_SIZE:
-                memo.pop(next(iter(memo)))
+            if reuse_teacher:
+                memo[memo_key] = (feats["teacher"], grads["teacher"])
+                while len(memo) > _MEMO_SIZE:
+                    memo.pop(next(iter(memo)))
         torch.manual_seed(seed + 1)
         feats["student"], grads["student"] = _diswot_side(
             "student", student, student_tap, x, y, relation, semantic
