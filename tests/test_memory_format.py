@@ -19,12 +19,12 @@ CL = torch.channels_last
 class Net(nn.Module):
     """A small conv net; ``flat_view`` flattens its feature map with ``view``, which channels_last breaks."""
 
-    def __init__(self, flat_view: bool = False) -> None:
+    def __init__(self, flat_view: bool = False, width: int = 16) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)  # 4 input channels: its layout is unambiguous
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 6 * 6, 3)
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)  # > 1 input channel: its layout is unambiguous
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width * 6 * 6, 3)
         self.flat_view = flat_view
         self.layouts: list[bool] = []  # per forward: was conv2's weight channels_last?
 
@@ -83,3 +83,12 @@ def test_models_without_convolutions_are_left_alone(tmp_path, one_thread):
     student.register_forward_hook(lambda *_: calls.append(1))
     _fit(student, tmp_path, "mlp", "auto")
     assert len(calls) == 2 * 3, "no probe forward for a model channels_last cannot change"
+
+
+def test_auto_keeps_narrow_networks_contiguous(tmp_path, one_thread):
+    # torch 2.14's CPU channels_last kernels corrupt the heap training < 16-channel convs with 2 threads
+    narrow, forced = Net(width=8), Net(width=8)
+    _fit(narrow, tmp_path, "auto", "auto")
+    assert not narrow.layouts[-1]
+    _fit(forced, tmp_path, "forced", "channels_last")
+    assert forced.layouts[-1]

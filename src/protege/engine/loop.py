@@ -514,11 +514,24 @@ def _channels_last(distiller: Distiller | Cohort, batch: Any, strict: bool) -> I
 
 def _wants_channels_last(cfg: TrainConfig, device: torch.device, distiller: Distiller | Cohort) -> bool:
     """``memory_format`` asks for channels_last (``auto``: on a CPU), and some student, teacher or
-    trainable extra has a 4-D weight (a 2-D convolution's) for it to change."""
+    trainable extra has a 4-D weight (a 2-D convolution's) for it to change.
+
+    ``auto`` also keeps the contiguous layout when a convolution has fewer than
+    :data:`_CL_MIN_CHANNELS` output channels: with torch 2.14's CPU kernels, channels_last training
+    of such narrow networks with more than one intra-op thread corrupts the heap (a segfault in
+    backward; 8-channel ResNets crash, 16-channel ones do not), and narrow layers gain nothing from
+    the layout anyway. ``channels_last`` asked for explicitly is honoured."""
     if cfg.memory_format == "contiguous" or (cfg.memory_format == "auto" and device.type != "cpu"):
         return False
     modules = [distiller, *distiller.teachers.values()]
+    if cfg.memory_format == "auto" and any(
+        isinstance(c, nn.Conv2d) and c.out_channels < _CL_MIN_CHANNELS for m in modules for c in m.modules()
+    ):
+        return False
     return any(t.dim() == 4 for m in modules for t in itertools.chain(m.parameters(), m.buffers()))
+
+
+_CL_MIN_CHANNELS = 16
 
 
 def _failure(distiller: Distiller | Cohort, batch: Any) -> str | None:
