@@ -1,5 +1,10 @@
-"""Distillation losses: pure functions plus a registry (see :mod:`protege.losses.registry`)."""
+"""Distillation losses: pure functions plus a registry (see :mod:`protege.losses.registry`).
 
+The loss modules register their functions when imported; importing this package imports them all,
+so any ``protege.losses.*`` import sees the full registry (the registry itself imports none of them).
+"""
+
+from . import contrastive, diswot, features, logits, relations, reuse, review, sequence  # noqa: F401  (register)
 from .registry import (
     BoundReduction,
     BuildContext,

@@ -221,7 +221,6 @@ def register_loss(
 
 def get_loss(name: str) -> LossInfo:
     """Look up a registered loss; an unknown name raises an error naming the closest ones."""
-    _load_builtin()
     try:
         return _LOSSES[name]
     except KeyError:
@@ -230,9 +229,5 @@ def get_loss(name: str) -> LossInfo:
 
 def list_losses() -> list[LossInfo]:
     """Every registered loss, sorted by name."""
-    _load_builtin()
     return [_LOSSES[k] for k in sorted(_LOSSES)]
 
-
-def _load_builtin() -> None:
-    from . import contrastive, diswot, features, logits, relations, reuse, review, sequence  # noqa: F401  (register on import)
