@@ -17,10 +17,12 @@ demo: install
 	$(BIN)/protege quickstart
 
 test: install
+	$(BIN)/lint-imports  # the layers of docs/architecture.md: imports only go down, no cycle
 	$(BIN)/python -m pytest tests
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 import protege as pg
-from protege.engine.checkpoint import atomic_write_text
+from protege.files import atomic_write_text
 
 ARMS = (
     "real-kd",
@@ -215,7 +215,7 @@ def teacher_accuracy(teacher: str) -> float | None:
 
 def evaluate_untrained(cfg_dict: dict[str, Any]) -> dict[str, float]:
     """Test metrics of the student exactly as ``pg.run`` of ``cfg_dict`` would initialize it."""
-    from protege.pipeline import build_distiller, load_run_data
+    from protege.build import build_distiller, load_run_data
 
     cfg = pg.load_config(None, **cfg_dict)
     data = load_run_data(cfg)

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 
+from protege.build import load_run_data
+from protege.caching import build_cache
 from protege.config import load_config
-from protege.engine.cache import TeacherCache, build_cache
-from protege.engine.checkpoint import atomic_write_text
+from protege.engine.cache import TeacherCache
 from protege.engine.lm_cache import CachedLMDataset
 from protege.engine.loaders import make_loader
+from protege.files import atomic_write_text
 from protege.losses.sequence import EMPTY_LOGP, TopKLogProbs, fkl
-from protege.pipeline import load_run_data
 from protege.tasks.lm import LMTask, _from_layers, build_lm, convert_gguf
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -78,12 +78,12 @@ import torch
 from lm_cache import corpus, pydoc_text, teacher_dir
 
 import protege as pg
-from protege.engine.cache import build_cache
-from protege.engine.checkpoint import atomic_write_text
+from protege.build import load_run_data
+from protege.caching import build_cache
 from protege.engine.loaders import make_loader
 from protege.errors import ProtegeError
+from protege.files import atomic_write_text
 from protege.generate import generate, load_generate_config, read_prompts
-from protege.pipeline import load_run_data
 from protege.tasks.lm import FROM_TEACHER, LMTask, TokenDataset, _examples, _Fields, build_lm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def ensure_cache(args: argparse.Namespace) -> None:
     """Build the shared teacher-output cache unless a valid one (same teacher files, tokens) is there."""
     cfg = pg.load_config(None, **run_config(args, ROWS["fkl"], 0, "cache-check", 1))
     if cache_path(args).exists():
-        from protege.engine.cache import use_cache
+        from protege.caching import use_cache
 
         try:
             use_cache(cfg, load_run_data(cfg))

@@ -181,8 +181,8 @@ METHODS = ["scratch", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab
 
 
 def _channels_match(p: dict[str, Any], data: pg.DataSplits) -> bool:
+    from protege.build import build_from
     from protege.config import ModelConfig
-    from protege.pipeline import build_from
 
     x = data.train[0][0].unsqueeze(0)
     shapes = []

@@ -77,10 +77,10 @@ import torch
 
 import protege as pg
 import protege.search  # noqa: F401  (registers the resnet_depth and nb201 builders)
-from protege.analysis.cost import count_params
+from protege.build import build_from
 from protege.config import ModelConfig, load_config
-from protege.engine.checkpoint import atomic_write_text
-from protege.pipeline import build_from
+from protege.files import atomic_write_text
+from protege.metrics.cost import count_params
 from protege.search import (
     Budget,
     CandidateScorer,

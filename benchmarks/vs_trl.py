@@ -69,11 +69,11 @@ except ImportError:  # pragma: no cover - the message is the point
 from lm_losses import RESULTS, ROOT, ROWS, Judge, add_setup_args, ensure_cache, run_config, setup_key
 
 import protege as pg
-from protege.engine.cache import use_cache
-from protege.engine.checkpoint import atomic_write_text
+from protege.build import load_run_data
+from protege.caching import use_cache
 from protege.engine.loaders import make_loader
+from protege.files import atomic_write_text
 from protege.losses.sequence import generalized_jsd
-from protege.pipeline import load_run_data
 from protege.tasks.lm import LMTask, next_token_target
 
 BETA = 0.5

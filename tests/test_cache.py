@@ -19,19 +19,12 @@ from torch import nn
 from torchvision.transforms.v2 import functional as F
 
 from protege import Distiller, Term
+from protege.caching import build_cache, use_cache
 from protege.config import load_config
 from protege.data import DataSplits, TensorImageDataset, TransformSubset, build_transforms
 from protege.data.views import ReplayDataset, replay_for, view_offsets
 from protege.engine import evaluate, make_loader
-from protege.engine.cache import (
-    TeacherCache,
-    build_cache,
-    cache_loader,
-    dense_logits,
-    index_dtype,
-    use_cache,
-    write_cache,
-)
+from protege.engine.cache import TeacherCache, cache_loader, dense_logits, index_dtype, write_cache
 from protege.errors import ProtegeError
 from protege.tasks import ClassificationTask
 
@@ -482,7 +475,7 @@ def _teacher_file(tmp_path: Path, seed: int = 0) -> Path:
 def test_stale_cache_is_refused_when_teacher_weights_change(tmp_path):
     weights = _teacher_file(tmp_path, seed=0)
     cfg = load_config(_run_config(tmp_path, weights))
-    from protege.pipeline import load_run_data
+    from protege.build import load_run_data
 
     build_cache(cfg)
     data = load_run_data(cfg)
@@ -547,12 +540,12 @@ def test_cli_cache_then_distill_without_the_teacher(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run.yaml", "teacher.safetensors"]
 
     # distill reads the cache and never builds the teacher
-    import protege.pipeline as pipeline
+    import protege.build as build
 
     built: list[str] = []
-    real = pipeline.build_from
+    real = build.build_from
     monkeypatch.setattr(
-        pipeline, "build_from", lambda spec, data: built.append(spec.model) or real(spec, data)
+        build, "build_from", lambda spec, data: built.append(spec.model) or real(spec, data)
     )
     assert _cli(monkeypatch, "distill", str(config)) == 0
     assert built == ["mlp_s"]

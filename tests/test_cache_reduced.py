@@ -11,21 +11,15 @@ import torch
 import yaml
 
 from protege import Distiller, Term
+from protege.build import load_run_data
+from protege.caching import build_cache, use_cache
 from protege.config import load_config
 from protege.data import DataSplits, TensorImageDataset
 from protege.data.views import ReplayDataset, replay_for
-from protege.engine.cache import (
-    TeacherCache,
-    build_cache,
-    cache_loader,
-    teacher_reductions,
-    use_cache,
-    write_cache,
-)
+from protege.engine.cache import TeacherCache, cache_loader, teacher_reductions, write_cache
 from protege.errors import ProtegeError
 from protege.losses.features import at, at_teacher_map
 from protege.models.small import SmallCNN
-from protege.pipeline import load_run_data
 
 KEY1 = "layer1@attention_map(p=2.0)"
 

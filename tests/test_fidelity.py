@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from protege.analysis.cost import count_flops, count_params, measure_latency, model_costs
-from protege.analysis.fidelity import accuracy, agreement, classification_report, ece, nll, predictive_kl
+from protege.metrics.cost import count_flops, count_params, measure_latency, model_costs
+from protege.metrics.fidelity import accuracy, agreement, classification_report, ece, nll, predictive_kl
 
 
 def test_agreement_accuracy_topk():

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from typer.testing import CliRunner  # noqa: E402
 
 import protege as pg  # noqa: E402
+from protege.build import build_distiller, build_from, load_run_data  # noqa: E402
 from protege.cli import app  # noqa: E402
 from protege.config import load_config  # noqa: E402
 from protege.engine import evaluate, make_loader  # noqa: E402
 from protege.errors import ProtegeError  # noqa: E402
 from protege.losses.sequence import IGNORE_INDEX  # noqa: E402
-from protege.pipeline import build_distiller, build_from, load_run_data  # noqa: E402
 from protege.tasks.lm import (  # noqa: E402
     LMTask,
     _locate,

@@ -14,13 +14,14 @@ pytest.importorskip("transformers")
 from typer.testing import CliRunner  # noqa: E402
 
 import protege.tasks.lm as lm  # noqa: E402
+from protege.analysis.runs import run  # noqa: E402
 from protege.cli import app  # noqa: E402
 from protege.config import load_config  # noqa: E402
 from protege.engine.cache import TeacherCache  # noqa: E402
-from protege.engine.lm_cache import _with_rest, decode_topk, encode_topk  # noqa: E402
+from protege.engine.lm_cache import _with_rest  # noqa: E402
+from protege.engine.topk_codec import decode_topk, encode_topk
 from protege.errors import ProtegeError  # noqa: E402
 from protege.losses.sequence import EMPTY_LOGP, IGNORE_INDEX, TopKLogProbs, fkl, generalized_jsd, rkl  # noqa: E402
-from protege.pipeline import run  # noqa: E402
 from test_lm import CONFIG, make_llama, make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

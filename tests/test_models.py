@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from protege.analysis.cost import count_params as count_parameters
 from protege.errors import ProtegeError
+from protege.metrics.cost import count_params as count_parameters
 from protege.models import build_model, cifar, list_models, load_weights, small
 
 # CIFAR-100 parameter counts from the KD literature (CRD / RepDistiller, mdistiller tables).

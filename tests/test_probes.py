@@ -9,8 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from protege.analysis.cka import cka_matrix, linear_cka
-from protege.analysis.fidelity import agreement
 from protege.analysis.probes import (
     adversarial_transfer,
     fgsm,
@@ -27,6 +25,8 @@ from protege.analysis.probes import (
     shift,
     spatial_layer,
 )
+from protege.metrics.cka import cka_matrix, linear_cka
+from protege.metrics.fidelity import agreement
 
 
 def _hsic_cka(x: np.ndarray, y: np.ndarray) -> float:

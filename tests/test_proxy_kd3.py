@@ -16,8 +16,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 import protege as pg
+from protege.build import build_distiller, load_run_data
 from protege.config import ProxyConfig, validate_config
-from protege.data.proxy import (
+from protege.data.splits import TensorImageDataset
+from protege.errors import ProtegeError
+from protege.losses.contrastive import KD3ContrastHeads, kd3_contrast, nt_xent
+from protege.losses.registry import BuildContext
+from protege.losses.reuse import kd3_align, simkd
+from protege.strategies.proxy import (
     InstanceSelection,
     MixDistributionViews,
     SelectionSampler,
@@ -29,12 +35,6 @@ from protege.data.proxy import (
     proxy_training,
     select_instances,
 )
-from protege.data.sources import TensorImageDataset
-from protege.errors import ProtegeError
-from protege.losses.contrastive import KD3ContrastHeads, kd3_contrast, nt_xent
-from protege.losses.registry import BuildContext
-from protege.losses.reuse import kd3_align, simkd
-from protege.pipeline import build_distiller, load_run_data
 
 # --------------------------------------------------------------------------- selection math
 

@@ -105,14 +105,14 @@ def test_report_options_errors_and_a_failure_that_keeps_the_run(runs, tmp_path, 
     with pytest.raises(ProtegeError, match="has not finished"):
         find_baseline(runs / "distilled", explicit=unfinished)
 
-    from protege import pipeline
-    from protege.analysis import report
+    from protege.analysis import runs as reported_runs
 
     def broken(run_dir):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(report, "build_report", broken)
-    pipeline._write_report(pg.load_config(runs / "distilled" / "config.yaml"))  # warns, does not raise
+    monkeypatch.setattr(reported_runs, "build_report", broken)
+    written = reported_runs.write_run_report(pg.load_config(runs / "distilled" / "config.yaml"))
+    assert written is None  # warns, does not raise
     assert "disk on fire" in capsys.readouterr().err
     assert (runs / "distilled" / "report.html").read_text().startswith("<!DOCTYPE html>")  # untouched
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
+from protege.build import build_from, load_run_data
 from protege.cli import app
 from protege.config import load_config
 from protege.errors import ProtegeError
 from protege.models import build_model
-from protege.pipeline import build_from, load_run_data
 from protege.search import (
     Budget,
     Candidate,

@@ -1,4 +1,4 @@
-"""Data-free synthesis (protege.data.synthesis): the losses against hand values, DeepInversion on a
+"""Data-free synthesis (protege.strategies.synthesis): the losses against hand values, DeepInversion on a
 small trained teacher, the saved set (reuse, refusal, as a data source), reproducible synthetic
 runs, and the adversarial generator's exact resume."""
 
@@ -14,27 +14,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import protege as pg
+from protege.build import build_distiller, load_run_data
 from protege.config import SynthesisConfig, validate_config
 from protege.core.fold import fold_batchnorm
-from protege.data.synthesis import (
+from protege.data.synthetic import SetSpec, load_synthetic_set
+from protege.errors import ProtegeError
+from protege.strategies.synthesis import (
     BatchNormStatistics,
     Generator,
-    SetSpec,
     bn_statistic_loss,
     competition_loss,
     disagreement_loss,
     information_entropy_prior,
     invert_batch,
     l2_prior,
-    load_synthetic_set,
     one_hot_prior,
     open_or_synthesize,
     synthesize_images,
     synthetic_training,
     total_variation,
 )
-from protege.errors import ProtegeError
-from protege.pipeline import build_distiller, load_run_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

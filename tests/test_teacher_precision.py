@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import protege as pg
+from protege.build import build_distiller, load_run_data
 from protege.config import dump_config, load_config, validate_config
 from protege.core.cohort import Cohort
 from protege.data import DataSplits, TensorImageDataset
 from protege.engine.cache import TeacherCache, write_cache
 from protege.errors import ProtegeError
-from protege.pipeline import build_distiller, load_run_data
 
 # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it. A handful of
 # layers' roundings stay well inside 5 of those units of the largest reference value.

@@ -9,19 +9,13 @@
 or, with the engine: ``pg.fit(distiller, train_loader, val_loader, pg.TrainConfig(epochs=10))``.
 """
 
-from .analysis.cost import count_flops, count_params, measure_latency
+from .analysis.runs import run
 from .config import RunConfig, load_config
 from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
 from .core.on_policy import OnPolicy
 from .core.taps import Taps
-from .data import DataSplits, load_data
-from .engine import Callback, TrainConfig, evaluate, fit, make_loader
-from .errors import ProtegeError
-from .losses import get_loss, list_losses, register_loss
-from .models import build_model, list_models
-from .pipeline import evaluate_run, run, synthesize
-from .terms import (
+from .core.terms import (
     ab,
     at,
     ce,
@@ -42,6 +36,13 @@ from .terms import (
     term,
     vid,
 )
+from .data import DataSplits, load_data
+from .engine import Callback, TrainConfig, evaluate, fit, make_loader
+from .errors import ProtegeError
+from .losses import get_loss, list_losses, register_loss
+from .metrics.cost import count_flops, count_params, measure_latency
+from .models import build_model, list_models
+from .pipeline import evaluate_run, synthesize
 
 __version__ = "0.1.0"
 

@@ -36,8 +36,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an exis
 
 
 def _run(config: Path, overrides: list[str] | None, mode: str, resume: bool, overwrite: bool) -> None:
+    from .analysis.runs import run
     from .config import load_config
-    from .pipeline import run
 
     cfg = load_config(config, overrides or [])
     summary = run(cfg, mode=mode, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
@@ -76,8 +76,8 @@ def cache(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing cache")] = False,
 ) -> None:
     """Run the teacher(s) once and store their outputs for offline distillation (cache: in the config)."""
+    from .caching import build_cache
     from .config import load_config
-    from .engine.cache import build_cache
 
     cfg = load_config(config, overrides or [])
     index = build_cache(cfg, out=out_dir, views=views, top_k=top_k, overwrite=overwrite)
@@ -154,7 +154,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Accuracy, top-5, agreement, KL, ECE, NLL, params, FLOPs and latency of a run's student."""
-    from .engine.checkpoint import atomic_write_text
+    from .files import atomic_write_text
     from .pipeline import evaluate_run
 
     if split not in ("val", "test") or checkpoint not in ("best", "last"):

@@ -62,12 +62,12 @@ class PoolConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
 
 
-# -- KD³ (proxy data): owned by protege.data.proxy ---------------------------------------------
+# -- KD³ (proxy data): owned by protege.strategies.proxy ---------------------------------------------
 
 
 class ProxyConfig(BaseModel):
     """Distillation on a proxy / web pool instead of the original training set (KD³, see
-    ``protege.data.proxy``). The pool's labels, if it has any, are never used for training.
+    ``protege.strategies.proxy``). The pool's labels, if it has any, are never used for training.
 
     KD³'s other two components are loss terms: ``kd3_align`` (feature and classifier alignment)
     and ``kd3_contrast`` (MixDistribution views + NT-Xent); each is on when its term is listed.
@@ -127,11 +127,11 @@ class ProxyConfig(BaseModel):
         return self
 
 
-# -- data-free synthesis: owned by protege.data.synthesis ----------------------------------------
+# -- data-free synthesis: owned by protege.strategies.synthesis ----------------------------------------
 
 
 class SynthesisConfig(BaseModel):
-    """Distillation without data: images synthesized from the teacher (see ``protege.data.synthesis``).
+    """Distillation without data: images synthesized from the teacher (see ``protege.strategies.synthesis``).
 
     ``deepinversion`` optimizes a set of images once, at the start of the run (saved in
     ``runs/<name>/synthetic/``, or ``path``), then distills on it like on any data set.

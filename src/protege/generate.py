@@ -35,8 +35,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import apply_overrides, format_validation_error, read_yaml_mapping
-from .engine.checkpoint import atomic_write_text
 from .errors import ProtegeError
+from .files import atomic_write_text
 from .tasks.lm import build_lm, left_pad, load_tokenizer
 
 __all__ = ["GenerateConfig", "generate", "load_generate_config", "read_prompts"]

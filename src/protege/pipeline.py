@@ -19,180 +19,23 @@ from accelerate.utils import send_to_device, set_seed
 from safetensors.torch import load_file
 from torch import nn
 
-from .analysis.cost import model_costs
-from .config import ModelConfig, MutualConfig, RunConfig, dump_config, load_config
+from .build import Mode, build_distiller, build_from, build_teachers, load_run_data
+from .caching import use_cache
+from .config import RunConfig, dump_config, load_config
 from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
-from .core.on_policy import OnPolicy
-from .data import DataSplits, WithIndex, load_data
-from .data.strategies import training_data
+from .data import DataSplits, WithIndex
 from .engine import checkpoint_dir, evaluate, fit, make_loader
-from .engine.cache import CachedTeacherDataset, _replace_dir, cache_loader, use_cache
+from .engine.cache import CachedTeacherDataset, cache_loader
 from .engine.callbacks import Callback
-from .engine.checkpoint import (
-    atomic_save_tensors,
-    atomic_write_text,
-    check_run_dir,
-    load_checkpoint,
-    read_pointers,
-)
+from .engine.checkpoint import check_run_dir, load_checkpoint, read_pointers
 from .engine.loop import console
 from .errors import ProtegeError
+from .files import atomic_save_tensors, atomic_write_text, replace_dir
 from .losses import get_loss
-from .models import build_model
+from .metrics.cost import model_costs
+from .strategies import training_data
 from .tasks import Task, build_task
-
-Mode = Literal["train", "distill"]
-
-
-def resolve_weights(weights: str | None) -> str | None:
-    """A protege run directory stands for its best checkpoint; anything else is passed through."""
-    if weights is None:
-        return None
-    p = Path(weights)
-    if p.is_dir() and read_pointers(p / "checkpoints"):
-        return str(checkpoint_dir(p, "best"))
-    return weights
-
-
-def load_run_data(cfg: RunConfig) -> DataSplits:
-    d = cfg.data
-    own = build_task(cfg.task).load_data(  # e.g. text read through the models' tokenizer
-        d.model_dump(),
-        [t.model_dump() for t in cfg.all_teachers()],
-        [s.model_dump() for s in cfg.all_students().values()],
-    )
-    if own is not None:
-        return own
-    return load_data(
-        d.source,
-        root=d.root,
-        transforms=d.transforms,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=d.split_seed,
-        download=d.download,
-        **d.options,
-    )
-
-
-def build_from(spec: ModelConfig, data: DataSplits) -> nn.Module:
-    """The model ``spec`` names, built by the task that read ``data`` when it builds its own (LMs)."""
-    weights = resolve_weights(spec.weights)
-    task = build_task(getattr(data, "task", "classification"))
-    own = task.build_model(spec.model, weights, spec.kwargs, data)
-    if own is not None:
-        return own
-    return build_model(
-        spec.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights, **spec.kwargs
-    )
-
-
-def build_teachers(cfg: RunConfig, data: DataSplits) -> dict[str, nn.Module]:
-    """The configured teachers, by name (``teacher``, or ``teacher0``, ``teacher1``, …)."""
-    specs = cfg.all_teachers()
-    for spec in specs:
-        if spec.weights is None and not hasattr(data, "task"):  # a task's own models load pretrained
-            console.print(
-                f"[yellow]warning: teacher {spec.model!r} has no weights: it is randomly initialised"
-            )
-    return {f"teacher{i}" if len(specs) > 1 else "teacher": build_from(s, data) for i, s in enumerate(specs)}
-
-
-def build_terms(cfg: RunConfig, mode: Mode = "distill", stage: bool = False) -> list[Term]:
-    """The config's loss terms; in ``train`` mode only those that read no teacher (default CE).
-
-    ``stage``: the terms of one stage of a multi-stage run, which may train on labels only (the
-    run checks that some stage reads the teacher).
-    """
-    terms = [Term(**t.model_dump()) for t in cfg.terms]  # extra keys are the loss's params
-    if mode == "train":
-        return [t for t in terms if not t.uses_teacher] or [Term("ce")]
-    if stage:
-        return terms
-    if not any(t.uses_teacher for t in terms) and not (cfg.students and cfg.mutual):
-        raise ProtegeError(
-            "distill: no term reads the teacher; add e.g. {loss: kd, weight: 0.9} to terms, or use 'protege train'"
-        )
-    return terms
-
-
-def build_distiller(
-    cfg: RunConfig,
-    data: DataSplits,
-    mode: Mode = "distill",
-    student: nn.Module | None = None,
-    teachers: dict[str, nn.Module] | None = None,
-    stage: bool = False,
-) -> Distiller | Cohort:
-    """Student(s), teachers (frozen) and terms as the config says: a :class:`Distiller`, or a
-    :class:`Cohort` when the config lists several ``students``.
-
-    In ``train`` mode only the label terms are kept (plain training, default CE); a configured
-    teacher is still loaded, but only as the reference for fidelity metrics. ``student`` and
-    ``teachers`` reuse models already built (the stages of a multi-stage run share them).
-    """
-    set_seed(cfg.seed)  # the students' initialization depends only on the seed
-    if cfg.students:
-        models = {name: build_from(spec, data) for name, spec in cfg.all_students().items()}
-    else:
-        assert cfg.student is not None
-        student = student if student is not None else build_from(cfg.student, data)
-    # With a teacher-output cache (protege cache), the batches carry the teachers' outputs.
-    cached = mode == "distill" and cfg.cache is not None
-    if cached and cfg.students:
-        raise ProtegeError("a teacher-output cache trains one student: use 'student', or remove 'cache'")
-    if cfg.on_policy is not None and (cfg.students or stage):
-        raise ProtegeError("on_policy trains one student in one stage: use 'student' without 'stages'")
-    if teachers is None:
-        teachers = {} if cached else build_teachers(cfg, data)
-    weights = [s.weight for s in cfg.all_teachers()] or None
-    terms = build_terms(cfg, mode, stage)
-    task = build_task(cfg.task)
-    if cfg.students:
-        mutual = cfg.mutual or MutualConfig(weight=0.0)
-        return Cohort(
-            models,
-            teachers or None,
-            terms,
-            weights,
-            mutual.weight,
-            mutual.T,
-            task,
-            fold_teacher_bn=not stage,
-            teacher_precision=cfg.teacher_precision,
-        )
-    n_cached = len(cfg.all_teachers()) if cached and not teachers else 0
-    on_policy = cfg.on_policy if mode == "distill" else None
-    return Distiller(
-        student,
-        teachers or None,
-        terms,
-        teacher_weights=weights,
-        task=task,
-        cached_teachers=n_cached,
-        # the teachers are ours (built here): fold their BatchNorms for a cheaper forward; not in
-        # multi-stage runs, whose stages share the teachers but may tap different layers, nor in
-        # data-free runs, whose synthesis reads the BatchNorms' running statistics
-        fold_teacher_bn=not stage and bool(teachers) and cfg.data.strategy != "synthetic",
-        teacher_precision=cfg.teacher_precision,
-        on_policy=None
-        if on_policy is None
-        else OnPolicy(
-            lam=on_policy.lam,
-            max_new_tokens=on_policy.max_new_tokens,
-            temperature=on_policy.temperature,
-            prompt_length=on_policy.prompt_length,
-            seed=cfg.seed,
-            eos_token_ids=_eos_ids(data),
-        ),
-    )
-
-
-def _eos_ids(data: DataSplits) -> tuple[int, ...]:
-    """The EOS token of the data's tokenizer (what ends a generated completion), if it has one."""
-    eos = getattr(getattr(data, "tokenizer", None), "eos_token_id", None)
-    return () if eos is None else (int(eos),)
 
 
 def _loaders(cfg: RunConfig, data: DataSplits, distiller: Distiller | Cohort) -> tuple[Any, Any]:
@@ -215,17 +58,16 @@ def run(
     mode: Mode = "distill",
     resume: bool = False,
     overwrite: bool = False,
-    report: bool = True,
 ) -> dict[str, Any]:
     """Train (``mode="train"``: plain CE) or distill as ``cfg`` says; write ``runs/<name>/``.
 
     After training, the last and the best (by validation) checkpoints are evaluated on the test
     split, and their metrics join ``summary.json`` under ``"test"``. A config with ``stages``
-    runs them one after another (see :func:`run_stages`). A distillation then writes
-    ``report.html`` (see :func:`protege.analysis.report.build_report`; ``report=False``: not).
+    runs them one after another (see :func:`run_stages`). The run report is written after the
+    run, by the layer above (``pg.run``, :func:`protege.analysis.runs.run`).
     """
     if cfg.stages:
-        return run_stages(cfg, mode, resume, overwrite, report)
+        return run_stages(cfg, mode, resume, overwrite)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, overwrite)  # before anything is written over
     data = load_run_data(cfg)
@@ -260,8 +102,6 @@ def run(
             summary["export"] = exported
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     distiller.close()
-    if report and mode == "distill":
-        _write_report(cfg)
     return summary
 
 
@@ -269,8 +109,8 @@ def synthesize(cfg: RunConfig, overwrite: bool = False) -> Path:
     """Write the synthetic image set of a ``data.strategy: synthetic`` config without distilling
     (``protege synthesize``); returns its directory. A set already there from the same teacher
     weights and options is kept, one from others is refused unless ``overwrite``. See
-    :func:`protege.data.synthesis.write_synthetic_set`: a later ``run(cfg)`` reuses the set."""
-    from .data.synthesis import write_synthetic_set
+    :func:`protege.strategies.synthesis.write_synthetic_set`: a later ``run(cfg)`` reuses the set."""
+    from .strategies.synthesis import write_synthetic_set
 
     data = load_run_data(cfg)
     teachers = build_teachers(cfg, data)  # unfolded: the synthesis reads their BatchNorm statistics
@@ -280,36 +120,6 @@ def synthesize(cfg: RunConfig, overwrite: bool = False) -> Path:
         set_seed(cfg.seed)  # the student a run starts from (build_distiller seeds it the same way)
         student = build_from(cfg.student, data)
     return write_synthetic_set(cfg, data, list(teachers.values()), student, overwrite)
-
-
-def _write_report(cfg: RunConfig) -> None:
-    """``report.html`` at the end of a distillation; a failure only warns: the run is saved.
-
-    Not for a run distilled from a teacher-output cache (the report would load the teacher the
-    cache exists to avoid) nor for tasks the report does not cover: those say how to write it."""
-    from .analysis.report import build_report  # the report reads runs back through this module
-
-    run_dir = cfg.run_dir
-    if not PartialState().is_main_process:
-        return
-    if cfg.task != "classification":
-        console.print(
-            f"report: the run report covers classification runs; task {cfg.task!r} has its own metrics"
-        )
-        return
-    if cfg.cache is not None:
-        console.print(
-            f"report: not written automatically for a run distilled from a cache (it loads the teacher); "
-            f"write it with: protege report {run_dir}"
-        )
-        return
-    try:
-        console.print(f"report: {build_report(run_dir)}")
-    except Exception as e:  # whatever went wrong, the finished run must stand
-        console.print(
-            f"[yellow]warning: no report ({type(e).__name__}: {e}); the run is complete. "
-            f"Retry with: protege report {run_dir}"
-        )
 
 
 def _stage_dirs(cfg: RunConfig) -> list[Path]:
@@ -322,7 +132,6 @@ def run_stages(
     mode: Mode = "distill",
     resume: bool = False,
     overwrite: bool = False,
-    report: bool = True,
 ) -> dict[str, Any]:
     """A multi-stage run: one :func:`fit` per stage on the same student (and teachers).
 
@@ -416,8 +225,6 @@ def run_stages(
         summary["test"] = test_checkpoints(distiller, data, cfg)
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
     distiller.close()
-    if report and mode == "distill" and summary.get("test"):
-        _write_report(cfg)
     return summary
 
 
@@ -464,7 +271,7 @@ def export_model(distiller: Distiller, data: DataSplits, cfg: RunConfig) -> str 
         if not distiller.task.export(distiller.export(), data, tmp):
             shutil.rmtree(tmp)
             return None
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from .analysis.cost import model_costs
+from .analysis.runs import run
 from .config import load_config
-from .engine.checkpoint import atomic_write_text
+from .files import atomic_write_text
+from .metrics.cost import model_costs
 from .models import build_model
-from .pipeline import run
 
 TEACHER = "convnet"
 STUDENT = "mlp_s"

@@ -24,11 +24,12 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import nn
 
+from ..build import build_distiller, load_run_data
 from ..config import RunConfig, TermConfig
 from ..engine import checkpoint_dir, make_loader
-from ..engine.checkpoint import atomic_write_text
 from ..errors import ProtegeError
-from ..pipeline import build_distiller, load_run_data, run
+from ..files import atomic_write_text
+from ..pipeline import run
 from . import html as H
 
 
@@ -132,7 +133,7 @@ def gradvar_sweep(
                 "baseline": None,
             }
         )
-        summary = run(sub, "distill", overwrite=overwrite, report=False)
+        summary = run(sub, "distill", overwrite=overwrite)
         distiller = build_distiller(sub, data, "distill")  # the shared initialization (seeded)
         row: dict[str, Any] = {"lambda": lam, "run_dir": str(sub.run_dir)}
         for where in ("init", "final"):

@@ -33,18 +33,19 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from ..build import build_from
 from ..config import RunConfig, load_config
 from ..core.taps import Taps
 from ..data.transforms import auto_recipe
 from ..engine import checkpoint_dir, make_loader
-from ..engine.checkpoint import atomic_write_text
 from ..engine.loop import ensemble_logits
 from ..errors import ProtegeError
-from ..pipeline import LoadedRun, build_from, load_run
+from ..files import atomic_write_text
+from ..metrics.cka import cka_matrix
+from ..metrics.cost import model_costs
+from ..metrics.fidelity import classification_report, reliability
+from ..pipeline import LoadedRun, load_run
 from . import html as H
-from .cka import cka_matrix
-from .cost import model_costs
-from .fidelity import classification_report, reliability
 from .probes import (
     Transform,
     adversarial_transfer,

@@ -16,14 +16,8 @@ each source's options and :mod:`protege.data.transforms` for the transform recip
 
 from __future__ import annotations
 
-from .sources import (
-    DataSplits,
-    TensorImageDataset,
-    TransformSubset,
-    list_sources,
-    load_data,
-    stratified_split,
-)
+from .sources import list_sources, load_data
+from .splits import DataSplits, TensorImageDataset, TransformSubset, stratified_split
 from .transforms import auto_recipe, build_transforms, default_stats, list_recipes
 from .wrappers import WithIndex
 

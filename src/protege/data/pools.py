@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from ..errors import ProtegeError, unknown
-from .sources import TensorImageDataset
+from .splits import TensorImageDataset
 from .transforms import MNIST_MEAN, MNIST_STD
 
 __all__ = [
@@ -454,7 +454,7 @@ def shifted_pool(
     generator version and fonts)."""
     from safetensors.numpy import load_file
 
-    from ..engine.checkpoint import atomic_save_tensors
+    from ..files import atomic_save_tensors
 
     key = _cache_key(size, seed, parts)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ProtegeError
-from .sources import TensorImageDataset, TransformSubset
+from .splits import TensorImageDataset, TransformSubset
 from .transforms import RECIPES, ToChannels, ToImageTensor
 
 __all__ = [

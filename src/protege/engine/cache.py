@@ -1,8 +1,8 @@
 """Teacher-output cache (offline KD): run the teacher once, distill from its stored outputs.
 
-``protege cache run.yaml`` (:func:`build_cache`) runs the run's teacher(s) over the training data
+``protege cache run.yaml`` (:func:`protege.caching.build_cache`) runs the run's teacher(s) over the training data
 and stores their outputs; ``protege distill run.yaml`` with ``cache: <path>`` in the config then
-trains from the cache (:func:`use_cache`) and never loads a teacher.
+trains from the cache (:func:`protege.caching.use_cache`) and never loads a teacher.
 
 **Views (augmentation-aware, as FKD).** A random crop of an image is not the crop the teacher saw,
 so instead of pretending, every training sample gets ``V`` augmentation parameter sets drawn
@@ -76,9 +76,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -91,39 +88,38 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.distiller import (
-    LOGIT_KEYS,
     TeacherPrecision,
     Term,
     check_teacher_precision,
     teacher_autocast,
-    teacher_reduction,
-    term_name,
 )
 from ..core.fold import fold_batchnorm
 from ..core.taps import Taps
-from ..data.sources import DataSplits
+from ..data.splits import DataSplits
 from ..data.views import Replay, content_hash, replay_for, sample_rng, split_index, view_offsets
 from ..errors import ProtegeError
-from ..losses import BoundReduction, get_loss
+from ..files import commit_dir, digest, staged_dir, write_durable
+from ..losses import BoundReduction
 from .loaders import EpochShuffleSampler, make_loader
 from .loop import console, set_memory_format
+from .topk_codec import decode_shard
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    pass
 
 __all__ = [
     "FORMAT_VERSION",
     "CachedTeacherDataset",
     "TeacherCache",
     "TermReads",
+    "check_cached_taps",
     "ViewEpochSampler",
-    "build_cache",
     "cache_loader",
+    "data_parts",
     "dense_logits",
-    "fingerprint_parts",
+    "fingerprint_part",
     "index_dtype",
     "teacher_reductions",
-    "use_cache",
     "write_cache",
 ]
 
@@ -186,82 +182,9 @@ def dense_logits(
 # ---------------------------------------------------------------------------------- fingerprint
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _weights_file(weights: str) -> Path:
-    """The file ``build_model(weights=...)`` reads: a run directory's best checkpoint, a checkpoint
-    directory's ``model.safetensors``, or the file itself."""
-    from ..pipeline import resolve_weights
-
-    path = Path(str(resolve_weights(weights))).expanduser()
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise ProtegeError(f"teacher weights not found: {path}")
-    return path
-
-
-def _part(detail: Any) -> dict[str, Any]:
-    return {"sha256": _digest(detail), "detail": detail}
-
-
-def teacher_part(cfg: RunConfig) -> dict[str, Any]:
-    """The ``teacher`` fingerprint part: each teacher's model, kwargs and weights-file SHA-256.
-
-    Reads only the weights files, never builds a model. A teacher without weights is randomly
-    initialised from the run's seed after the student (what an online run would build), so its
-    part names the seed and the student instead.
-    """
-    detail = []
-    for spec in cfg.all_teachers():
-        entry: dict[str, Any] = {"model": spec.model, "kwargs": spec.kwargs}
-        local = _model_files(spec.model)
-        if local:  # a model directory or file (a transformers LM): its files are its weights
-            entry["model_files_sha256"] = {str(p): _sha256_file(p) for p in local}
-        if spec.weights is None and local:
-            entry["weights"] = None
-        elif spec.weights is None:
-            entry["weights"] = None
-            entry["random_init"] = {"seed": cfg.seed, "student": _student_spec(cfg)}
-        else:
-            path = _weights_file(spec.weights)
-            entry["weights"] = str(path)
-            entry["weights_sha256"] = _sha256_file(path)
-        detail.append(entry)
-    return _part(detail)
-
-
-_MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-
-
-def _model_files(model: str) -> list[Path]:
-    """The weight and config files of a model given as a local path (a file, or a directory such as
-    ``save_pretrained`` writes); empty for a model name."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(
-            p for p in path.iterdir() if p.is_file() and (p.suffix in _MODEL_FILES or p.name == "config.json")
-        )
-    return []
-
-
-def _student_spec(cfg: RunConfig) -> Any:
-    students = getattr(cfg, "all_students", None)
-    if callable(students):
-        return {k: v.model_dump(mode="json") for k, v in students().items()}
-    return cfg.student.model_dump(mode="json") if cfg.student is not None else None
+def fingerprint_part(detail: Any) -> dict[str, Any]:
+    """One fingerprint part: its detail and the detail's SHA-256."""
+    return {"sha256": digest(detail), "detail": detail}
 
 
 def _eval_description(dataset: Any) -> str:
@@ -271,8 +194,9 @@ def _eval_description(dataset: Any) -> str:
     return f"{type(dataset).__name__}(shift={getattr(dataset, 'shift', 0)})"
 
 
-def fingerprint_parts(cfg: RunConfig, data: DataSplits) -> dict[str, dict[str, Any]]:
-    """The ``teacher``, ``data`` and ``transform`` parts of a cache's fingerprint for this run.
+def data_parts(data: DataSplits) -> dict[str, dict[str, Any]]:
+    """The ``data`` and ``transform`` parts of a cache's fingerprint (the ``teacher`` part is
+    :func:`protege.caching.teacher_part`, from the run config).
 
     ``data``: the source's own fingerprint (source, options, split sizes, shapes) plus a cheap
     content hash of each split's raw samples (:func:`protege.data.views.content_hash`).
@@ -290,32 +214,14 @@ def fingerprint_parts(cfg: RunConfig, data: DataSplits) -> dict[str, dict[str, A
         "train": replay_for(data.train).description,
         "eval": {k: _eval_description(v) for k, v in splits.items() if v is not None and k != "train"},
     }
-    return {"teacher": teacher_part(cfg), "data": _part(data_detail), "transform": _part(transform_detail)}
+    return {"data": fingerprint_part(data_detail), "transform": fingerprint_part(transform_detail)}
 
 
 def _fingerprint(parts: dict[str, dict[str, Any]]) -> str:
-    return _digest({k: v["sha256"] for k, v in sorted(parts.items())})
+    return digest({k: v["sha256"] for k, v in sorted(parts.items())})
 
 
 # --------------------------------------------------------------------------------------- writing
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class _ShardWriter:
@@ -353,7 +259,7 @@ class _ShardWriter:
         blob = save_tensors(
             tensors, metadata={"split": self.split, "start": str(self.start), "stop": str(stop)}
         )
-        _write_durable(self.root / name, blob)
+        write_durable(self.root / name, blob)
         self.shards.append(
             {
                 "file": name,
@@ -555,7 +461,7 @@ def write_cache(
     replay = replay_for(data.train)
     views = views if replay.random else 1
     num_classes = int(data.num_classes)
-    k = _parse_top_k(top_k)
+    k = parse_top_k(top_k)
     storage = "full" if k is None or k >= num_classes else "topk"
     k = num_classes if storage == "full" else k
     settings = {
@@ -568,7 +474,7 @@ def write_cache(
         "teacher_precision": teacher_precision,
     }
     parts = dict(parts or {})
-    parts["settings"] = _part(settings)
+    parts["settings"] = fingerprint_part(settings)
     dev = (
         torch.device(device)
         if device is not None
@@ -586,7 +492,7 @@ def write_cache(
     loader = DataLoader(_Views(replay, views, seed), batch_size=per_step, num_workers=num_workers)
 
     probe = _Views(replay, 1, seed)[0][0]  # one training image, (1, ...): tries the layout
-    with _teacher_layout(moved, probe, memory_format, dev), _staged(out) as tmp:
+    with _teacher_layout(moved, probe, memory_format, dev), staged_dir(out) as tmp:
         tap_shapes: dict[str, list[int]] = {}
         writer = _ShardWriter(tmp, "train", shard_size)
         common = {"k": k, "device": dev, "tap_shapes": tap_shapes}
@@ -653,21 +559,8 @@ def write_cache(
             **_totals(splits, t0),
             "train_bytes_per_sample": train_bytes / max(len(replay), 1),
         }
-        _commit(tmp, out, index)
+        commit_dir(tmp, out, index)
     return index
-
-
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A new directory beside ``out`` to write a cache into (then :func:`_commit` it); removed on failure,
-    so a crash leaves no half cache."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _totals(splits: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -679,26 +572,7 @@ def _totals(splits: dict[str, Any], t0: float) -> dict[str, Any]:
     }
 
 
-def _commit(tmp: Path, out: Path, index: dict[str, Any]) -> None:
-    """Write ``index`` into the finished ``tmp`` directory, then move it to ``out`` (atomically)."""
-    _write_durable(tmp / INDEX, json.dumps(index, indent=2).encode())
-    _fsync_dir(tmp)
-    _replace_dir(tmp, out)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / "cache")
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _parse_top_k(top_k: int | str | None) -> int | None:
+def parse_top_k(top_k: int | str | None) -> int | None:
     """``None`` for all classes, else a positive int."""
     if top_k is None or (isinstance(top_k, str) and top_k.strip().lower() == "all"):
         return None
@@ -711,106 +585,6 @@ def _parse_top_k(top_k: int | str | None) -> int | None:
     if k < 1:
         raise ProtegeError(f"top_k must be a positive integer or 'all', got {k}")
     return k
-
-
-def build_cache(
-    cfg: RunConfig,
-    out: str | Path | None = None,
-    views: int | None = None,
-    top_k: int | str | None = None,
-    overwrite: bool = False,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Build the teacher-output cache of a run config (what ``protege cache run.yaml`` does).
-
-    Settings come from the config's ``cache:`` section (:class:`protege.config.CacheConfig`);
-    ``out``, ``views`` and ``top_k`` override it. Returns the cache's index (see the module docs)
-    with its ``path``.
-    """
-    from ..config import CacheConfig
-    from ..pipeline import build_from, load_run_data
-
-    settings = cfg.cache
-    if settings is None:
-        if out is None:
-            raise ProtegeError(
-                "where should the cache go? add `cache: <path>` (or `cache: {path: ..., views: 4, top_k: 10}`) "
-                "to the config, or pass --out DIR"
-            )
-        settings = CacheConfig(path=str(out))
-    path = Path(out) if out is not None else Path(settings.path)
-    if (path.exists() or path.is_symlink()) and not overwrite:  # before any expensive work
-        raise ProtegeError(f"{path} already exists; pass --overwrite to rebuild it, or choose another path")
-    specs = cfg.all_teachers()
-    if not specs:
-        raise ProtegeError("the config has no teacher to cache: add `teacher: {model: ..., weights: ...}`")
-    data = load_run_data(cfg)
-    if getattr(data, "task", None) == "lm":
-        return _build_lm_cache(cfg, data, path, top_k, overwrite, device)
-    parts = fingerprint_parts(cfg, data)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
-    if any(s.weights is None for s in specs):  # built as an online run would: the student first
-        for spec in _student_spec_models(cfg):
-            build_from(spec, data)
-    teachers = [build_from(s, data) for s in specs]
-    dev = device or ("cpu" if cfg.cpu else None)
-    reductions = teacher_reductions(_run_terms(cfg)) if settings.reduce else {}
-    index = write_cache(
-        path,
-        data,
-        teachers,
-        views=views if views is not None else settings.views,
-        top_k=top_k if top_k is not None else settings.top_k,
-        taps=settings.taps,
-        reductions={k: r for k, r in reductions.items() if k in settings.taps},
-        dtype=settings.dtype,
-        shard_size=settings.shard_size,
-        seed=settings.seed,
-        batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        parts=parts,
-        overwrite=overwrite,
-        device=dev,
-        teacher_precision=cfg.teacher_precision,
-        fold_teacher_bn=True,  # as a distill run's frozen teachers (taps kept)
-        memory_format=cfg.memory_format,
-    )
-    return {**index, "path": str(path)}
-
-
-def _build_lm_cache(
-    cfg: RunConfig, data: Any, path: Path, top_k: int | str | None, overwrite: bool, device: str | None
-) -> dict[str, Any]:
-    from ..pipeline import build_from
-    from .lm_cache import lm_fingerprint_parts, write_lm_cache
-
-    settings = cfg.cache
-    if len(cfg.all_teachers()) != 1:
-        raise ProtegeError("an lm teacher-output cache holds one teacher's outputs: give the run one teacher")
-    parts = lm_fingerprint_parts(cfg, data)
-    index = write_lm_cache(
-        path,
-        data,
-        build_from(cfg.all_teachers()[0], data),
-        top_k=top_k if top_k is not None else (settings.top_k if settings is not None else 128),
-        levels=settings.levels if settings is not None else 96,
-        shard_size=settings.shard_size if settings is not None else 10_000,
-        batch_size=cfg.data.eval_batch_size,
-        parts=parts,
-        overwrite=overwrite,
-        device=device or ("cpu" if cfg.cpu else None),
-        teacher_precision=cfg.teacher_precision,
-    )
-    return {**index, "path": str(path)}
-
-
-def _student_spec_models(cfg: RunConfig) -> list[Any]:
-    students = getattr(cfg, "all_students", None)
-    if callable(students):
-        return list(students().values())
-    return [cfg.student] if cfg.student is not None else []
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -905,8 +679,6 @@ class TeacherCache:
                 try:
                     loaded = load_tensors(blob)
                     if info.get("storage") == "lm-topk":  # one compressed top-k stream per shard
-                        from .lm_cache import decode_shard
-
                         loaded = decode_shard(loaded)
                 except Exception as e:  # a damaged header or stream that the size check could not see
                     raise ProtegeError(f"{where} is corrupted ({type(e).__name__}: {e}); {rebuild}") from None
@@ -1159,22 +931,6 @@ class TermReads:
     reduction: BoundReduction | None
 
 
-def _run_terms(cfg: RunConfig) -> list[TermReads]:
-    """What each of the run's terms reads from the teachers (without building the terms)."""
-    reads = []
-    for t in cfg.terms:
-        info = get_loss(t.loss)
-        keys = [t.teacher] if isinstance(t.teacher, str) else list(t.teacher)
-        reads.append(
-            TermReads(
-                name=term_name(t.loss, t.student, t.name),
-                taps=[k for k in keys if k not in LOGIT_KEYS] if info.uses_teacher else [],
-                reduction=teacher_reduction(info, t.teacher, t.params, t.adapter is not None),
-            )
-        )
-    return reads
-
-
 def _reads(term: Term | TermReads) -> TermReads:
     return term if isinstance(term, TermReads) else TermReads(term.name, term.taps[1], term.reduction)
 
@@ -1193,7 +949,7 @@ def teacher_reductions(terms: Sequence[Term | TermReads]) -> dict[str, BoundRedu
     return {path: bound[path] for path, keys in forms.items() if len(keys) == 1 and None not in keys}
 
 
-def _check_cached_taps(terms: Sequence[TermReads], cache: TeacherCache) -> None:
+def check_cached_taps(terms: Sequence[TermReads], cache: TeacherCache) -> None:
     """Refuse a cache that lacks a teacher tap the terms read, or holds it in another form (reduced
     where a term needs it raw, or reduced with another reduction or parameters)."""
     held = set(cache.taps)
@@ -1222,38 +978,3 @@ def _check_cached_taps(terms: Sequence[TermReads], cache: TeacherCache) -> None:
         )
 
 
-def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCache]:
-    """Open and verify ``cfg.cache`` for a distill run, and return the splits that read it.
-
-    The training split yields the stored views with the teachers' outputs; validation and test
-    yield their items with the cached teacher logits (for fidelity metrics). Load the training
-    split with :func:`cache_loader`, and build the Distiller with ``cached_teachers=cache.teachers``.
-
-    Raises:
-        ProtegeError: no cache, a stale one (teacher weights, data or transforms changed), a
-            damaged shard, or a cache that lacks a tap a term reads.
-    """
-    settings = cfg.cache
-    if settings is None:
-        raise ProtegeError("the config has no `cache:` section")
-    if getattr(data, "task", None) == "lm":  # top-k next-token rows (protege.engine.lm_cache)
-        from .lm_cache import use_lm_cache
-
-        return use_lm_cache(cfg, data)
-    cache = TeacherCache.open(settings.path, verify=settings.verify)
-    if cache.index.get("task") == "lm":
-        raise ProtegeError(f"cache {cache.path} holds a language model's outputs; this run is not an lm run")
-    cache.check(fingerprint_parts(cfg, data))
-    n = len(cfg.all_teachers())
-    if cache.teachers != n:
-        raise ProtegeError(f"cache {cache.path} holds {cache.teachers} teacher(s)' outputs, the run has {n}")
-    _check_cached_taps(_run_terms(cfg), cache)
-    splits = dataclasses.replace(
-        data,
-        train=cache.dataset("train", data.train, seed=cfg.seed),
-        val=cache.dataset("val", data.val) if "val" in cache.splits else data.val,
-        test=cache.dataset("test", data.test)
-        if data.test is not None and "test" in cache.splits
-        else data.test,
-    )
-    return splits, cache

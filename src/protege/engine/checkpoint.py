@@ -30,50 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ProtegeError
+from ..files import atomic_write_text, storable
 
 POINTERS = "pointers.json"
-
-
-def atomic_write_text(path: Path, text: str | bytes) -> None:
-    """Write ``text`` (or bytes) to ``path`` through a temp file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors, each with storage of its own: tensors sharing storage
-    (tied weights, e.g. an LM's input and output embeddings) are copied, since safetensors refuses
-    shared storage; loading the copies back restores the tie."""
-    seen: set[int] = set()
-    plain: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        value = value.detach().cpu().contiguous()
-        ptr = value.untyped_storage().data_ptr()
-        plain[key] = value.clone() if value.numel() and ptr in seen else value
-        seen.add(ptr)
-    return plain
-
-
-def atomic_save_tensors(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    """``safetensors`` save through a temp file and a rename (tensors made contiguous, on CPU)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(_storable(tensors), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- optimizer state <-> tensors + JSON ----------------------------------------------------------
@@ -153,13 +112,13 @@ def save_checkpoint(
     name = f"epoch_{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     try:
-        save_file(_storable(student), tmp / "model.safetensors")
+        save_file(storable(student), tmp / "model.safetensors")
         if extra:
-            save_file(_storable(extra), tmp / "distiller.safetensors")
+            save_file(storable(extra), tmp / "distiller.safetensors")
         if callbacks:
-            save_file(_storable(callbacks), tmp / "callbacks.safetensors")
+            save_file(storable(callbacks), tmp / "callbacks.safetensors")
         opt_tensors, opt_meta = _split_optimizer(optimizer)
-        save_file(_storable(opt_tensors), tmp / "optimizer.safetensors")
+        save_file(storable(opt_tensors), tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")

@@ -40,189 +40,48 @@ that is truncated or corrupted is refused on open.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import lzma
 import math
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..core.distiller import TeacherPrecision, check_teacher_precision, teacher_autocast
 from ..errors import ProtegeError
+from ..files import commit_dir, staged_dir
 from ..losses.sequence import EMPTY_LOGP, IGNORE_INDEX, TopKLogProbs
 from .cache import (
     FORMAT,
     FORMAT_VERSION,
     TeacherCache,
-    _commit,
     _fingerprint,
-    _parse_top_k,
-    _part,
     _ShardWriter,
-    _staged,
     _totals,
-    teacher_part,
+    fingerprint_part,
+    parse_top_k,
 )
 from .loaders import make_loader
+from .topk_codec import encode_topk
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
     from ..tasks.base import Task
 
-__all__ = [
-    "CachedLMDataset",
-    "decode_topk",
-    "encode_topk",
-    "lm_fingerprint_parts",
-    "use_lm_cache",
-    "write_lm_cache",
-]
+__all__ = ["CachedLMDataset", "lm_data_part", "write_lm_cache"]
 
 STORAGE = "lm-topk"
-#: version of the top-k stream (2: with each position's rest mass), the last entry of its layout
-CODEC = 2
-#: the smallest rest mass stored (its log must fit in fp16); a smaller one is stored as this
-MIN_REST = 1e-30
 
-
-# ------------------------------------------------------------------------------ the codec
-
-
-def encode_topk(index: torch.Tensor, logp: torch.Tensor, levels: int | None) -> dict[str, torch.Tensor]:
-    """Compress ``(N, k)`` top-k token ids and their log-probabilities (module docstring).
-
-    Returns ``{"stream.payload": uint8 (B,), "stream.layout": int64 [D, entries, id_bytes, levels, k, N,
-    CODEC]}``, which :func:`decode_topk` turns back into the rows.
-    """
-    if index.shape != logp.shape or index.dim() != 2:
-        raise ValueError(
-            f"expected (N, k) ids and log-probabilities, got {tuple(index.shape)}, {tuple(logp.shape)}"
-        )
-    if levels is not None and not 1 <= levels <= 255:
-        raise ProtegeError(f"cache levels must be in 1..255 (one byte per value) or null, got {levels}")
-    ids = index.numpy().astype(np.int64)
-    lp = logp.float().numpy()
-    n, k = ids.shape
-    if levels:
-        values: np.ndarray = np.rint(np.sqrt(np.exp(lp)) * levels).clip(0, levels).astype(np.uint8)
-        keep = values > 0
-    else:
-        values = lp.astype(np.float16)
-        keep = np.ones_like(ids, dtype=bool)
-    counts = keep.sum(1).astype(np.uint16)
-    # the mass outside the kept entries, from the unquantized values: quantization errors summed over
-    # ~100 entries (~1e-3) exceed a small rest (~1e-5), which the rows alone would then give as 0
-    rest = 1.0 - np.where(keep, np.exp(lp.astype(np.float64)), 0.0).sum(1)
-    log_rest = np.log(np.clip(rest, MIN_REST, 1.0))
-    freq = np.bincount(ids[keep], minlength=int(ids.max(initial=0)) + 1)
-    vocab = np.lexsort((np.arange(len(freq)), -freq))[: int((freq > 0).sum())]  # by count, then id
-    rank = np.zeros(len(freq), dtype=np.int64)
-    rank[vocab] = np.arange(len(vocab))
-    ranks = np.where(keep, rank[ids], np.iinfo(np.int64).max)
-    order = np.argsort(ranks, axis=1, kind="stable")  # kept entries first, by rank
-    ranks, values = np.take_along_axis(ranks, order, 1), np.take_along_axis(values, order, 1)
-    filled = np.arange(k)[None, :] < counts[:, None].astype(np.int64)
-    gaps = (np.diff(np.where(filled, ranks, 0), axis=1, prepend=-1) - 1)[filled].astype(np.uint32)
-    id_bytes = 2 if len(vocab) <= 1 << 16 else 4
-    planes = [((gaps >> (8 * b)) & 0xFF).astype(np.uint8).tobytes() for b in range(id_bytes)]
-    kept = values[filled]
-    value_bytes = _fp16_planes(kept) if not levels else [kept.tobytes()]
-    raw = b"".join(
-        [vocab.astype(np.int32).tobytes(), counts.tobytes(), *planes, *value_bytes, *_fp16_planes(log_rest)]
-    )
-    payload = lzma.compress(raw, preset=9)
-    layout = [len(vocab), int(len(gaps)), id_bytes, int(levels or 0), k, n, CODEC]
-    return {
-        "stream.payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
-        "stream.layout": torch.tensor(layout, dtype=torch.int64),
-    }
-
-
-def decode_topk(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`encode_topk`'s output → ``(N, k)`` int32 ids and fp16 log-probabilities, each row sorted by
-    probability (most likely first), empty slots ``id 0, EMPTY_LOGP``, and the ``(N,)`` float32
-    log of each row's rest mass (outside its stored entries, measured before quantization).
-
-    Raises:
-        ValueError: the stream does not decode to the sizes its layout gives (a damaged shard), or it
-            was written by an earlier codec, which stored no rest mass.
-    """
-    layout = [int(v) for v in tensors["stream.layout"].tolist()]
-    if len(layout) != 7 or layout[6] != CODEC:
-        raise ValueError(
-            "the top-k stream was written by an earlier protege, which did not store the rest mass that "
-            "the divergences need"
-        )
-    d, entries, id_bytes, levels, k, n, _ = layout
-    raw = lzma.decompress(tensors["stream.payload"].numpy().tobytes())
-    value_size = 1 if levels else 2
-    expected = 4 * d + 2 * n + id_bytes * entries + value_size * entries + 2 * n
-    if len(raw) != expected:
-        raise ValueError(f"the top-k stream holds {len(raw)} bytes, its layout says {expected}")
-    at = 0
-
-    def take(count: int, dtype: Any) -> np.ndarray:
-        nonlocal at
-        size = count * np.dtype(dtype).itemsize
-        out = np.frombuffer(raw, dtype=dtype, count=count, offset=at)
-        at += size
-        return out
-
-    vocab = take(d, np.int32)
-    counts = take(n, np.uint16).astype(np.int64)
-    gaps = np.zeros(entries, dtype=np.int64)
-    for b in range(id_bytes):
-        gaps |= take(entries, np.uint8).astype(np.int64) << (8 * b)
-    if levels:
-        q = take(entries, np.uint8).astype(np.float32)
-        values = (2.0 * np.log(q / levels)).astype(np.float16)
-    else:
-        values = _take_fp16(take, entries)
-    log_rest = _take_fp16(take, n).astype(np.float32)
-    filled = np.arange(k)[None, :] < counts[:, None]
-    rank_rows = np.zeros((n, k), dtype=np.int64)
-    rank_rows[filled] = gaps + 1
-    rank_rows = np.cumsum(rank_rows, axis=1) - 1  # gaps → ranks (each row restarts at -1)
-    ids = np.where(filled, vocab[rank_rows.clip(0, max(d - 1, 0))] if d else 0, 0).astype(np.int32)
-    logp = np.full((n, k), EMPTY_LOGP, dtype=np.float16)
-    logp[filled] = values
-    order = np.argsort(-logp.astype(np.float32), axis=1, kind="stable")
-    return (
-        torch.from_numpy(np.take_along_axis(ids, order, 1).copy()),
-        torch.from_numpy(np.take_along_axis(logp, order, 1).copy()),
-        torch.from_numpy(log_rest.copy()),
-    )
-
-
-def _fp16_planes(values: np.ndarray) -> list[bytes]:
-    """fp16 values as two byte planes, high bytes first: the high bytes (sign, exponent) repeat a lot."""
-    bits = values.astype(np.float16).view(np.uint16)
-    return [(bits >> 8).astype(np.uint8).tobytes(), (bits & 0xFF).astype(np.uint8).tobytes()]
-
-
-def _take_fp16(take: Any, count: int) -> np.ndarray:
-    hi, lo = take(count, np.uint8).astype(np.uint16), take(count, np.uint8).astype(np.uint16)
-    return ((hi << 8) | lo).view(np.float16)
-
-
-def decode_shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A shard's stored tensors → ``tokens`` and the decoded ``tok.index`` / ``tok.logp`` rows."""
-    index, logp, log_rest = decode_topk(tensors)
-    return {"tokens": tensors["tokens"], "tok.index": index, "tok.logp": logp, "tok.log_rest": log_rest}
 
 
 # ------------------------------------------------------------------------------ fingerprint
 
 
-def lm_fingerprint_parts(cfg: RunConfig, data: Any) -> dict[str, dict[str, Any]]:
-    """The ``teacher`` and ``data`` parts of an LM cache's fingerprint (module docstring)."""
+def lm_data_part(data: Any) -> dict[str, Any]:
+    """The ``data`` part of an LM cache's fingerprint (module docstring); the ``teacher`` part is
+    :func:`protege.caching.teacher_part`, from the run config."""
     vocab = sorted(data.tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if data.tokenizer else []
     splits = {"train": data.train, "val": data.val, "test": data.test}
     detail = {
@@ -233,7 +92,7 @@ def lm_fingerprint_parts(cfg: RunConfig, data: Any) -> dict[str, dict[str, Any]]
         "tokenizer_sha256": hashlib.sha256(repr(vocab).encode()).hexdigest(),
         "tokens_sha256": {name: _tokens_sha256(split) for name, split in splits.items() if split is not None},
     }
-    return {"teacher": teacher_part(cfg), "data": _part(detail)}
+    return fingerprint_part(detail)
 
 
 def _tokens_sha256(split: Any) -> str:
@@ -345,7 +204,7 @@ def write_lm_cache(
         raise ProtegeError(
             f"{out} already exists; pass --overwrite (overwrite=True) to rebuild it, or choose another path"
         )
-    k = _parse_top_k(top_k)
+    k = parse_top_k(top_k)
     vocab = int(data.vocab_size)
     k = vocab if k is None else min(k, vocab)
     if levels is not None and not 1 <= int(levels) <= 255:
@@ -357,14 +216,14 @@ def write_lm_cache(
     check_teacher_precision(teacher_precision)
     task = build_task("lm")
     settings = {"top_k": k, "levels": levels, "teacher_precision": teacher_precision}
-    parts = {**(parts or {}), "settings": _part(settings)}
+    parts = {**(parts or {}), "settings": fingerprint_part(settings)}
     dev = (
         torch.device(device)
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     teacher = teacher.to(dev).eval().requires_grad_(False)
-    with _staged(out) as tmp:
+    with staged_dir(out) as tmp:
         splits: dict[str, Any] = {}
         for name in ("train", "val", "test"):
             dataset = getattr(data, name)
@@ -407,7 +266,7 @@ def write_lm_cache(
             **_totals(splits, t0),
             "train_bytes_per_token": train_bytes / max(train["tokens"], 1),
         }
-        _commit(tmp, out, index)
+        commit_dir(tmp, out, index)
     return index
 
 
@@ -473,34 +332,3 @@ def _next_token_target(labels: torch.Tensor) -> torch.Tensor:
     from ..tasks.lm import next_token_target
 
     return next_token_target(labels)
-
-
-def use_lm_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
-    """Open and verify ``cfg.cache`` for an lm distill run; return the splits that carry the teacher.
-
-    Raises:
-        ProtegeError: no cache, a stale one (the teacher's files, the tokenizer or the tokens
-            changed), a damaged shard, or a cache of another task.
-    """
-    settings = cfg.cache
-    assert settings is not None
-    cache = TeacherCache.open(settings.path, verify=settings.verify)
-    if cache.index.get("task") != "lm":
-        raise ProtegeError(
-            f"cache {cache.path} holds a classification teacher's outputs, this is an lm run: rebuild it with "
-            "`protege cache <config> --overwrite`"
-        )
-    cache.check(lm_fingerprint_parts(cfg, data))
-    if len(cfg.all_teachers()) != 1:
-        raise ProtegeError(
-            "an lm teacher-output cache holds one teacher's outputs; the run must have one teacher"
-        )
-    splits = dataclasses.replace(
-        data,
-        **{
-            name: CachedLMDataset(cache, name, getattr(data, name))
-            for name in ("train", "val", "test")
-            if getattr(data, name) is not None and name in cache.splits
-        },
-    )
-    return splits, cache

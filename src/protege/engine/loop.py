@@ -36,14 +36,14 @@ from rich.progress import (
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..analysis.cost import model_costs
 from ..core.cohort import Cohort
 from ..core.distiller import Distiller
 from ..errors import ProtegeError
+from ..files import atomic_write_text
+from ..metrics.cost import model_costs
 from ..tasks import Outputs, Task
 from .callbacks import Callback, callbacks_state, check_callbacks, load_callbacks_state
 from .checkpoint import (
-    atomic_write_text,
     check_run_dir,
     checkpoint_dir,
     load_checkpoint,

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..engine.checkpoint import atomic_write_text
 from ..errors import ProtegeError
+from ..files import atomic_write_text
 from .config import FederationConfig
 
 #: name of the Flower CLI connection written into the run's ``FLWR_HOME``

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import yaml
 
-from ..engine.checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from .config import FederationConfig
 
 log = logging.getLogger("protege.federated")

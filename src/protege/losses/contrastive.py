@@ -448,7 +448,7 @@ def crd(
 
 # --------------------------------------------------------------------------- KD³'s contrast
 
-#: KD³ (Tang et al., ICCV 2023); its MixDistribution views come from :mod:`protege.data.proxy`
+#: KD³ (Tang et al., ICCV 2023); its MixDistribution views come from :mod:`protege.strategies.proxy`
 KD3_PAPER = (
     "Tang, Chen, Niu, Sugiyama & Gong, Distribution Shift Matters for Knowledge Distillation with "
     "Webly Collected Images, ICCV 2023"
@@ -558,7 +558,7 @@ def kd3_contrast(
     Tang, Chen, Niu, Sugiyama & Gong, "Distribution Shift Matters for Knowledge Distillation with
     Webly Collected Images", ICCV 2023. The batch holds ``2B`` rows: the ``B`` original samples,
     then their MixDistribution views ``x'`` (per-instance channel statistics mixed with another
-    instance's, :func:`protege.data.proxy.mix_distribution`; ``data.strategy: proxy`` makes them
+    instance's, :func:`protege.strategies.proxy.mix_distribution`; ``data.strategy: proxy`` makes them
     when this term is listed). Both halves go through student and teacher. With ``s = g_s(f_s)``
     and ``t = g_t(f_t)`` the two embedding heads (:class:`KD3ContrastHeads`) on the (pooled)
     features of the term's taps:

@@ -4,7 +4,8 @@ Name resolution in :func:`build_model`, first match wins:
 
 1. the protege zoo (case-insensitive): the CIFAR KD zoo of :mod:`protege.models.cifar`
    (``resnet20``, ``resnet32x4``, ``wrn_40_2``, ``vgg13``, ``mobilenetv2``, ``shufflenetv2``, ...),
-   the MNIST-scale networks of :mod:`protege.models.small` (``mlp``, ``lenet5``, ``cnn_m``, ...)
+   the MNIST-scale networks of :mod:`protege.models.small` (``mlp``, ``lenet5``, ``cnn_m``, ...),
+   the search spaces' families of :mod:`protege.models.nas` (``resnet_depth``, ``nb201``)
    and anything added with :func:`register_model`;
 2. an explicit source prefix: ``timm:NAME``, ``torchvision:NAME`` (or ``protege:NAME``);
 3. a bare name timm knows (``timm.is_model``), built with
@@ -42,11 +43,11 @@ import torch
 from torch import nn
 
 from ..errors import ProtegeError, unknown
-from . import cifar, small
+from . import cifar, nas, small
 
 __all__ = ["build_model", "list_models", "load_weights", "register_model"]
 
-_ZOO: dict[str, Callable[..., nn.Module]] = {**cifar.MODELS, **small.MODELS}
+_ZOO: dict[str, Callable[..., nn.Module]] = {**cifar.MODELS, **small.MODELS, **nas.MODELS}
 _ALIASES: dict[str, str] = dict(cifar.ALIASES)
 _PREFIXES = ("protege", "timm", "torchvision")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -116,7 +117,6 @@ def list_models(pattern: str | None = None, *, external: bool = True) -> list[st
     Returns:
         The matching names.
     """
-    _load_search_builders()
     names = sorted(_ZOO)
     if external:
         zoo = set(_ZOO)
@@ -135,12 +135,6 @@ def list_models(pattern: str | None = None, *, external: bool = True) -> list[st
 def _bare(name: str) -> str:
     prefix, sep, rest = name.partition(":")
     return rest.lower() if sep and prefix.lower() in _PREFIXES else name.lower()
-
-
-def _load_search_builders() -> None:
-    """Register the search spaces' architecture builders (``resnet_depth``, ``nb201``), so a run
-    config written by ``protege search`` builds its winner in any process."""
-    from ..search import spaces  # noqa: F401  (registers on import; imported lazily: it imports this module)
 
 
 def build_model(
@@ -166,7 +160,6 @@ def build_model(
     Raises:
         ProtegeError: unknown name, bad constructor arguments, unreadable or unfitting weights.
     """
-    _load_search_builders()
     if not isinstance(name, str) or not name.strip():
         raise ProtegeError(f"model name must be a non-empty string, got {name!r}")
     if kwargs.pop("pretrained", False):

@@ -28,9 +28,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from ..analysis.cost import count_flops, count_params, measure_latency
 from ..engine.loop import console
 from ..errors import ProtegeError
+from ..metrics.cost import count_flops, count_params, measure_latency
 from .spaces import Arch, SearchSpace
 
 __all__ = [

@@ -66,11 +66,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..analysis.cost import count_flops, count_params
 from ..core.taps import Taps
 from ..errors import ProtegeError, unknown
 from ..losses.diswot import ALIGNMENTS, relation_distance, semantic_distance
 from ..losses.registry import LossInfo, get_loss, list_losses
+from ..metrics.cost import count_flops, count_params
 
 __all__ = [
     "Batch",

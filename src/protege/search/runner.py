@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..analysis.cost import measure_latency
+from ..build import build_from, load_run_data
 from ..config import RunConfig, dump_config
 from ..engine import make_loader
-from ..engine.checkpoint import atomic_write_text
 from ..errors import ProtegeError
-from ..pipeline import build_from, load_run_data
+from ..files import atomic_write_text
+from ..metrics.cost import measure_latency
 from .config import SearchConfig
 from .evolution import Budget, Candidate, CandidateScorer, SearchHistory, random_search, regularized_evolution
 
@@ -149,7 +149,7 @@ def search(
     _plot(history, cfg.plot_cost, out / "search.png", title=f"{cfg.name}: {cfg.proxy} on {space.name}")
     result = SearchResult(history, summary, run_cfg, out)
     if distill:
-        from ..pipeline import run
+        from ..analysis.runs import run
 
         result.distill_summary = run(run_cfg, mode="distill", overwrite=True)
     return result

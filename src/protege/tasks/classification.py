@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.fidelity import classification_report
 from ..errors import ProtegeError
+from ..metrics.fidelity import classification_report
 from .base import Evaluator, Outputs, Task
 
 

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.sources import DataSplits
+from ..data.splits import DataSplits
 from ..errors import ProtegeError, closest
 from ..losses.sequence import IGNORE_INDEX, TopKLogProbs, cached_buckets
 from .base import Evaluator, Outputs, Task
@@ -597,7 +597,7 @@ class LMDataSplits(DataSplits):
     ``num_classes`` is the shared vocabulary size and ``input_size`` the sequence length.
     """
 
-    #: the task that reads these splits and builds their models (see ``protege.pipeline.build_from``)
+    #: the task that reads these splits and builds their models (see ``protege.build.build_from``)
     task: ClassVar[str] = "lm"
 
     tokenizer: Any = None

@@ -64,11 +64,12 @@ from accelerate.utils import send_to_device
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from ..data.sources import load_data
+from ..data.splits import DataSplits
 from ..engine.callbacks import Callback
 from ..engine.loaders import EpochShuffleSampler, make_loader
 from ..engine.loop import console, ensemble_logits
 from ..errors import ProtegeError
-from .sources import DataSplits, load_data
 
 if TYPE_CHECKING:
     from ..config import ProxyConfig, RunConfig

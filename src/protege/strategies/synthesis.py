@@ -53,32 +53,38 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from ..engine.cache import _commit, _digest, _staged
+from ..data.splits import DataSplits, TensorImageDataset
+from ..data.synthetic import (
+    GRID,
+    SetSpec,
+    SyntheticSet,
+    decode_pixels,
+    encode_pixels,
+    grid_png,
+    load_synthetic_set,
+    read_index,
+    save_synthetic_set,
+    to_unit_range,
+)
 from ..engine.callbacks import Callback
-from ..engine.checkpoint import atomic_write_text, checkpoint_dir, load_checkpoint, read_pointers
+from ..engine.checkpoint import checkpoint_dir, load_checkpoint, read_pointers
 from ..engine.loaders import make_loader
 from ..engine.loop import console
 from ..errors import ProtegeError
-from .sources import DataSplits, TensorImageDataset, stratified_split
+from ..files import atomic_write_text, digest
 
 if TYPE_CHECKING:
     from ..config import RunConfig, SynthesisConfig
@@ -108,10 +114,6 @@ __all__ = [
     "write_synthetic_set",
 ]
 
-FORMAT = "protege-synthetic-set"
-VERSION = 1
-IMAGES = "images.safetensors"
-GRID = "grid.png"
 
 # -- losses (pure functions) --------------------------------------------------------------------
 
@@ -244,65 +246,6 @@ class BatchNormStatistics:
 # -- pixel range and storage --------------------------------------------------------------------
 
 
-def pixel_range(
-    in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[Tensor, Tensor]:
-    """The normalized values of pixel 0 and pixel 1 per channel, each ``(C, 1, 1)``: what a real
-    image can hold. Without ``mean``/``std`` the images are in [0, 1]."""
-    if mean is None or std is None:
-        return torch.zeros(in_chans, 1, 1), torch.ones(in_chans, 1, 1)
-    m = torch.tensor([float(v) for v in mean]).expand(in_chans) if len(mean) == 1 else torch.tensor(mean)
-    s = torch.tensor([float(v) for v in std]).expand(in_chans) if len(std) == 1 else torch.tensor(std)
-    m, s = m.float().reshape(-1, 1, 1), s.float().reshape(-1, 1, 1)
-    return (0.0 - m) / s, (1.0 - m) / s
-
-
-def _encode(images: Tensor, lo: Tensor, hi: Tensor, dtype: str) -> Tensor:
-    """Normalized images → storage: uint8 pixels (0-255) or float16 normalized values."""
-    if dtype == "float16":
-        return images.half()
-    pixels = (images - lo) / (hi - lo)
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _decode(stored: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Storage → normalized float32 images."""
-    if stored.dtype == torch.uint8:
-        return lo + stored.float() / 255.0 * (hi - lo)
-    return stored.float()
-
-
-def _pixels(images: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    return ((images - lo) / (hi - lo)).clamp(0, 1)
-
-
-def grid_png(
-    pixels: Tensor, labels: Tensor, num_classes: int, per_class: int = 8, max_classes: int = 16
-) -> bytes:
-    """A PNG with one row per class (the first ``max_classes``; row ``c`` is class ``c``, blank where
-    there is no image of it) of up to ``per_class`` images. ``pixels``: ``(N, C, H, W)`` in [0, 1];
-    small images are enlarged (nearest)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    rows = []
-    for c in range(min(num_classes, max_classes)):
-        picked = pixels[labels == c][:per_class]
-        pad = torch.ones(per_class - len(picked), *pixels.shape[1:])
-        rows.append(torch.cat([picked, pad]))
-    tiles = torch.cat(rows) if rows else pixels[:0]
-    scale = max(1, 64 // max(pixels.shape[-1], 1))
-    if scale > 1:
-        tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    grid = make_grid(tiles, nrow=per_class, padding=2, pad_value=1.0)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    if array.shape[-1] == 1:
-        array = array[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # -- fingerprint --------------------------------------------------------------------------------
 
 
@@ -331,42 +274,6 @@ _DEEPINVERSION_KEYS = (
     "flip",
     "dtype",
 )
-
-
-@dataclass(frozen=True)
-class SetSpec:
-    """What a synthesized set is made from: the data's image geometry and normalization, the
-    options and the seed. With the teacher's (and competing student's) weights it decides the
-    set's fingerprint."""
-
-    num_classes: int
-    in_chans: int
-    size: int
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    seed: int
-
-    @classmethod
-    def of(cls, data: DataSplits, seed: int) -> SetSpec:
-        return cls(
-            data.num_classes,
-            data.in_chans,
-            data.input_size,
-            None if data.mean is None else tuple(data.mean),
-            None if data.std is None else tuple(data.std),
-            int(seed),
-        )
-
-    def data_part(self) -> dict[str, Any]:
-        return {
-            "num_classes": self.num_classes,
-            "shape": [self.in_chans, self.size, self.size],
-            "mean": None if self.mean is None else list(self.mean),
-            "std": None if self.std is None else list(self.std),
-        }
-
-    def range(self) -> tuple[Tensor, Tensor]:
-        return pixel_range(self.in_chans, self.mean, self.std)
 
 
 def fingerprint_parts(
@@ -400,21 +307,6 @@ def _what_differs(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 # -- DeepInversion ------------------------------------------------------------------------------
-
-
-@dataclass
-class SyntheticSet:
-    """Synthesized images (normalized float32, as stored) with the class each was made for and the
-    teacher's prediction and confidence on it; ``index`` is what ``index.json`` holds."""
-
-    images: Tensor
-    target: Tensor
-    teacher_pred: Tensor
-    teacher_conf: Tensor
-    index: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.images)
 
 
 def balanced_targets(n: int, num_classes: int, start: int = 0) -> Tensor:
@@ -519,7 +411,7 @@ def _finish(
 ) -> SyntheticSet:
     """Round the images through their storage format and label what the teacher sees in them."""
     lo, hi = spec.range()
-    images = _decode(_encode(images.cpu(), lo, hi, dtype), lo, hi)
+    images = decode_pixels(encode_pixels(images.cpu(), lo, hi, dtype), lo, hi)
     with _evaluating(teacher):
         pred, conf = _teacher_predictions(teacher, images)
     index.update(
@@ -579,67 +471,6 @@ def synthesize_images(
     return _finish(torch.cat(batches), torch.cat(targets), teacher, spec, options.dtype, index)
 
 
-# -- a set on disk ------------------------------------------------------------------------------
-
-
-def save_synthetic_set(sset: SyntheticSet, out: str | Path, spec: SetSpec, dtype: str) -> Path:
-    """Write ``sset`` to the directory ``out`` (images, index.json, grid.png), atomically: the
-    directory is assembled beside ``out`` and renamed into place."""
-    out = Path(out)
-    lo, hi = spec.range()
-    index = {
-        "format": FORMAT,
-        "version": VERSION,
-        **sset.index,
-        **spec.data_part(),
-        "dtype": dtype,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    tensors = {
-        "images": _encode(sset.images, lo, hi, dtype),
-        "target": sset.target.long(),
-        "teacher_pred": sset.teacher_pred.long(),
-        "teacher_conf": sset.teacher_conf.float(),
-    }
-    with _staged(out) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / IMAGES)
-        (tmp / GRID).write_bytes(grid_png(_pixels(sset.images, lo, hi), sset.target, spec.num_classes))
-        _commit(tmp, out, index)
-    return out
-
-
-def read_index(path: str | Path) -> dict[str, Any] | None:
-    """``index.json`` of the set at ``path``; ``None`` when there is no set there."""
-    file = Path(path) / "index.json"
-    if not file.is_file():
-        return None
-    try:
-        index = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ProtegeError(f"{file} is not valid JSON ({e}): remove {path} to synthesize it again") from None
-    if index.get("format") != FORMAT:
-        raise ProtegeError(f"{path} is not a protege synthetic set (its index.json has no format {FORMAT!r})")
-    return index
-
-
-def load_synthetic_set(path: str | Path) -> SyntheticSet:
-    """Read a set written by :func:`save_synthetic_set` (images normalized float32)."""
-    path = Path(path)
-    index = read_index(path)
-    if index is None:
-        raise ProtegeError(f"no synthetic set at {path} (no index.json): write one with 'protege synthesize'")
-    try:
-        tensors = load_file(path / IMAGES)
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise ProtegeError(
-            f"cannot read {path / IMAGES} ({e}): remove {path} and synthesize it again"
-        ) from None
-    c = index["shape"][0]
-    lo, hi = pixel_range(c, index.get("mean"), index.get("std"))
-    images = _decode(tensors["images"], lo, hi)
-    return SyntheticSet(images, tensors["target"], tensors["teacher_pred"], tensors["teacher_conf"], index)
-
-
 def open_or_synthesize(
     path: str | Path,
     teacher: nn.Module,
@@ -654,7 +485,7 @@ def open_or_synthesize(
     again); synthesized and saved when there is none."""
     path = Path(path)
     parts = fingerprint_parts(options, spec, teacher, student)
-    fingerprint = _digest(parts)
+    fingerprint = digest(parts)
     index = read_index(path)
     if index is not None and index.get("fingerprint") == fingerprint:
         if log is not None:
@@ -846,7 +677,7 @@ class AdversarialSynthesis(Callback):
             images = self.sample(64, seed=0, batch_size=64)
             pred, _ = _teacher_predictions(teacher, images)
             lo, hi = self.generator.lo.cpu(), self.generator.hi.cpu()
-            atomic_write_text(self.grid_path, grid_png(_pixels(images, lo, hi), pred, self.num_classes))
+            atomic_write_text(self.grid_path, grid_png(to_unit_range(images, lo, hi), pred, self.num_classes))
 
     def sample(self, n: int, seed: int, batch_size: int) -> Tensor:
         """``n`` images (on the CPU) from noise drawn with ``seed``, in batches of ``batch_size``
@@ -1029,60 +860,3 @@ def _sample_generator(
     return path
 
 
-# -- a set as a data source ---------------------------------------------------------------------
-
-
-def load_synthetic_source(
-    *,
-    source: str,
-    root: Path | None,
-    transforms: str,
-    val_fraction: float,
-    seed: int,
-    options: dict[str, Any],
-    **_: Any,
-) -> DataSplits:
-    """``data: {source: synthetic, root: <set>}``: a synthesized set as a labelled data set. Labels
-    are the teacher's predictions (option ``labels: target``: the classes the images were made
-    for); a stratified ``val_fraction`` is held out with ``seed``; no test split."""
-    if root is None:
-        raise ProtegeError("data source 'synthetic' needs root: the directory of a synthesized set")
-    labels_from = options.get("labels", "teacher")
-    if labels_from not in ("teacher", "target"):
-        raise ProtegeError(
-            f"option labels of source 'synthetic' is 'teacher' or 'target', got {labels_from!r}"
-        )
-    sset = load_synthetic_set(root)
-    labels = sset.teacher_pred if labels_from == "teacher" else sset.target
-    keep, held = stratified_split(labels.numpy(), val_fraction, seed)
-    index = sset.index
-    c, size = index["shape"][0], index["shape"][-1]
-    lo, _ = pixel_range(c, index.get("mean"), index.get("std"))
-    fill = float(lo.flatten()[0])
-    shift = 2 if transforms == "augment" else 0
-
-    def part(ix: np.ndarray, s: int = 0) -> TensorImageDataset:
-        t = torch.from_numpy(ix)
-        return TensorImageDataset(sset.images[t], labels[t], shift=s, fill=fill)
-
-    n = index["num_classes"]
-    return DataSplits(
-        train=part(keep, shift),
-        val=part(held),
-        test=None,
-        num_classes=n,
-        in_chans=c,
-        input_size=size,
-        class_names=[str(i) for i in range(n)],
-        source=source,
-        options={
-            "root": str(Path(root).resolve()),
-            "fingerprint": index.get("fingerprint"),
-            "labels": labels_from,
-            "transforms": "augment" if shift else "none",
-            "val_fraction": val_fraction,
-            "seed": seed,
-        },
-        mean=None if index.get("mean") is None else tuple(index["mean"]),
-        std=None if index.get("std") is None else tuple(index["std"]),
-    )

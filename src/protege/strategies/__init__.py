@@ -1,7 +1,7 @@
 """What the student trains on, when it is not the original training set (``data.strategy``).
 
-- ``proxy``: an unlabelled pool of other images (:mod:`protege.data.proxy`, KD³);
-- ``synthetic``: images synthesized from the teacher (:mod:`protege.data.synthesis`).
+- ``proxy``: an unlabelled pool of other images (:mod:`protege.strategies.proxy`, KD³);
+- ``synthetic``: images synthesized from the teacher (:mod:`protege.strategies.synthesis`).
 
 Each strategy returns the training loader and the :class:`~protege.engine.callbacks.Callback` s
 that :func:`protege.engine.fit` runs with it (per-epoch selection, a generator trained between
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
     from ..config import RunConfig
     from ..core.distiller import Distiller
+    from ..data.splits import DataSplits
     from ..engine.callbacks import Callback
-    from .sources import DataSplits
 
 
 def training_data(

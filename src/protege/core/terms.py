@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core.distiller import Term
+from .distiller import Term
 
 
 def term(loss: str, weight: float = 1.0, **kwargs: Any) -> Term:

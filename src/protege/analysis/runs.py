@@ -1,0 +1,73 @@
+"""A run as the user asks for it (``pg.run``, ``protege distill``): the pipeline, then the run report.
+
+:func:`protege.pipeline.run` trains and tests; the report reads the finished run back from disk
+(:func:`protege.analysis.report.build_report`), so it is written *after* the run, from this layer,
+never from inside the pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from ..build import Mode
+from ..config import RunConfig
+from ..engine.loop import console
+from ..pipeline import run as run_pipeline
+from .report import build_report
+
+__all__ = ["run", "write_run_report"]
+
+
+def run(
+    cfg: RunConfig,
+    mode: Mode = "distill",
+    resume: bool = False,
+    overwrite: bool = False,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Train (``mode="train"``: plain CE) or distill as ``cfg`` says; write ``runs/<name>/``.
+
+    See :func:`protege.pipeline.run` for the run itself (fit, test of the last and best
+    checkpoints, export, ``summary.json``). A finished distillation then gets its
+    ``report.html`` (:func:`write_run_report`; ``report=False``: not).
+    """
+    summary = run_pipeline(cfg, mode, resume, overwrite)
+    finished = not cfg.stages or bool(summary.get("test"))  # every stage ran
+    if report and mode == "distill" and finished:
+        write_run_report(cfg)
+    return summary
+
+
+def write_run_report(cfg: RunConfig) -> Path | None:
+    """``report.html`` at the end of a distillation; a failure only warns: the run is saved.
+
+    Not for a run distilled from a teacher-output cache (the report would load the teacher the
+    cache exists to avoid) nor for tasks the report does not cover: those say how to write it.
+    Returns the report's path, or ``None`` when none was written."""
+    run_dir = cfg.run_dir
+    if not PartialState().is_main_process:
+        return None
+    if cfg.task != "classification":
+        console.print(
+            f"report: the run report covers classification runs; task {cfg.task!r} has its own metrics"
+        )
+        return None
+    if cfg.cache is not None:
+        console.print(
+            f"report: not written automatically for a run distilled from a cache (it loads the teacher); "
+            f"write it with: protege report {run_dir}"
+        )
+        return None
+    try:
+        path = build_report(run_dir)
+    except Exception as e:  # whatever went wrong, the finished run must stand
+        console.print(
+            f"[yellow]warning: no report ({type(e).__name__}: {e}); the run is complete. "
+            f"Retry with: protege report {run_dir}"
+        )
+        return None
+    console.print(f"report: {path}")
+    return path

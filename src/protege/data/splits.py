@@ -1,0 +1,166 @@
+"""What a data source returns: :class:`DataSplits` (train/val/test and metadata), and the in-memory
+datasets and the stratified split the sources build on (:mod:`protege.data.sources`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ProtegeError
+
+__all__ = ["DataSplits", "TensorImageDataset", "TransformSubset", "stratified_split"]
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass
+class DataSplits:
+    """The datasets and metadata one :func:`load_data` call returns.
+
+    Attributes:
+        train, val, test: datasets of ``(float32 (C, H, W) image, int64 label)``; ``test`` is
+            ``None`` when the source has no test split.
+        num_classes: number of classes; labels are ``0 .. num_classes - 1``.
+        in_chans: image channels ``C``.
+        input_size: side length of the square images the model sees (``H == W``).
+        class_names: one name per class index.
+        source: the source name, e.g. ``"mnist5k"``.
+        options: everything besides the source that decided the contents (root, transforms,
+            seed, fractions, source options); part of :meth:`fingerprint`.
+        mean, std: the per-channel normalisation applied, or ``None`` when images are in [0, 1].
+    """
+
+    train: Dataset[Any]
+    val: Dataset[Any]
+    test: Dataset[Any] | None
+    num_classes: int
+    in_chans: int
+    input_size: int
+    class_names: list[str]
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def sizes(self) -> dict[str, int]:
+        """Number of items per split (``test`` is 0 when absent)."""
+        return {
+            "train": len(self.train),  # type: ignore[arg-type]
+            "val": len(self.val),  # type: ignore[arg-type]
+            "test": 0 if self.test is None else len(self.test),  # type: ignore[arg-type]
+        }
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the source, split sizes, shapes and options.
+
+        Stable across runs and processes (no object ids, sorted JSON keys); use it as a cache key
+        for anything computed from the data, e.g. teacher logits.
+        """
+        payload = {
+            "source": self.source,
+            "sizes": self.sizes(),
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "input_size": self.input_size,
+            "options": self.options,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """In-memory images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64.
+
+    With ``shift > 0`` each item is shifted by a random offset of up to ``shift`` pixels in each
+    direction (padding with ``fill``), drawn from torch's global RNG.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: float = 0.0) -> None:
+        if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"bad shapes: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+        self.images = images.float().contiguous()
+        self.labels = labels.long().contiguous()
+        self.shift = int(shift)
+        self.fill = float(fill)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)``, like :class:`torch.utils.data.TensorDataset`."""
+        return self.images, self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index]
+        if self.shift:
+            s = self.shift
+            h, w = x.shape[-2:]
+            padded = torch.nn.functional.pad(x, (s, s, s, s), value=self.fill)
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            x = padded[:, dy : dy + h, dx : dx + w]
+        return x, self.labels[index]
+
+
+class TransformSubset(Dataset[tuple[torch.Tensor, int]]):
+    """Items ``indices`` of ``base`` (which yields ``(raw image, label)``) with ``transform`` applied.
+
+    Lets the train and val splits share one base dataset with different transforms.
+    """
+
+    def __init__(
+        self, base: Dataset[Any], indices: Sequence[int], transform: Callable[[Any], torch.Tensor]
+    ) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, label = self.base[self.indices[index]]
+        return self.transform(img), int(label)
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(labels))`` into ``(kept, held_out)`` with ``fraction`` held out.
+
+    Stratified by label (scikit-learn ``train_test_split``) when every class can be split,
+    otherwise a plain random split. Both index arrays are sorted. ``fraction == 0`` holds out
+    nothing.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    idx = np.arange(len(labels))
+    if fraction <= 0 or len(idx) == 0:
+        return idx, idx[:0]
+    try:
+        kept, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:
+        try:
+            kept, held = train_test_split(idx, test_size=fraction, random_state=seed)
+        except ValueError as e:
+            raise ProtegeError(f"cannot hold out {fraction:g} of {len(idx)} items: {e}") from e
+    return np.sort(kept), np.sort(held)
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+# ------------------------------------------------------------------------------ in-memory sources
+
+
+# ----------------------------------------------------------------------------- file-based sources
+
+

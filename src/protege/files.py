@@ -1,0 +1,143 @@
+"""Files that are never half written: atomic text and safetensors writes, and staged directories.
+
+Everything protege writes into a run, a cache or a synthetic set goes through here: a file is
+written beside its destination and renamed into place (``os.replace``), a directory is assembled
+beside its destination, fsync'ed and renamed, so a reader (or a crash) only ever sees complete
+files. This module sits at the bottom of the package: any layer may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "atomic_save_tensors",
+    "atomic_write_text",
+    "commit_dir",
+    "digest",
+    "fsync_dir",
+    "replace_dir",
+    "sha256_file",
+    "staged_dir",
+    "storable",
+    "write_durable",
+]
+
+
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` through a temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, each with storage of its own: tensors sharing storage
+    (tied weights, e.g. an LM's input and output embeddings) are copied, since safetensors refuses
+    shared storage; loading the copies back restores the tie."""
+    seen: set[int] = set()
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        plain[key] = value.clone() if value.numel() and ptr in seen else value
+        seen.add(ptr)
+    return plain
+
+
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors`` save through a temp file and a rename (tensors made contiguous, on CPU)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(storable(tensors), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of a JSON-able value (keys sorted), stable across processes."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (inside a staged directory, before its rename)."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A new directory beside ``out`` to write into (then :func:`commit_dir` it); removed on failure,
+    so a crash leaves nothing half written at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def commit_dir(tmp: Path, out: Path, index: dict[str, Any], index_name: str = "index.json") -> None:
+    """Write ``index`` into the finished ``tmp`` directory, then move it to ``out`` (atomically)."""
+    write_durable(tmp / index_name, json.dumps(index, indent=2).encode())
+    fsync_dir(tmp)
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "cache")
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
