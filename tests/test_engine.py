@@ -16,7 +16,7 @@ import protege as pg
 from protege.engine.checkpoint import checkpoint_dir, read_pointers
 from protege.engine.loop import lr_factor
 from protege.engine.options import ScheduleConfig, TrainConfig
-from protege.errors import ProtegeError
+from protege.errors import ProtegeError, TrainingFailed
 from protege.tasks import ClassificationTask
 
 
@@ -86,17 +86,31 @@ class _NaNAfterFirstPass(Dataset):
         return (x * math.nan if self.reads > len(self.base) else x), y
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
+def test_nan_loss_fails_the_run_and_keeps_last_good_checkpoint(tmp_path, digits):
     d = _distiller(digits)
     train = pg.make_loader(_NaNAfterFirstPass(digits.train), 64, shuffle=True)
-    summary = pg.fit(
-        d, train, pg.make_loader(digits.val, 256, False), _cfg(epochs=3, log_every=5), tmp_path / "run"
-    )
-    assert summary["status"].startswith("stopped: non-finite loss in epoch 2")
+    with pytest.raises(TrainingFailed) as failed:
+        pg.fit(d, train, pg.make_loader(digits.val, 256, False), _cfg(epochs=3, log_every=5), tmp_path / "run")
+    # the exact step (the check runs every 5 steps), the terms, and what is on disk
+    message = str(failed.value)
+    assert f"epoch 2, step 1 of {len(train)}" in message and "'ce' = nan" in message and "'kd' = nan" in message
+    assert "checkpoint epoch_0000 (epoch 1, the last good one" in message
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"].startswith("failed: non-finite loss in epoch 2, step 1")
     assert summary["epochs_completed"] == 1
     assert read_pointers(tmp_path / "run" / "checkpoints")["last"] == "epoch_0000"
     assert all(torch.isfinite(p).all() for p in d.student.parameters())
     assert len(_lines(tmp_path / "run")) == 1
+
+
+def test_nan_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, digits):
+    d = _distiller(digits)
+    bad = _NaNAfterFirstPass(digits.train)
+    bad.reads = len(digits.train)  # NaN from the first read on
+    train = pg.make_loader(bad, 64, shuffle=True)
+    with pytest.raises(TrainingFailed, match=r"epoch 1, step 1 of .*On disk: no checkpoint"):
+        pg.fit(d, train, None, _cfg(epochs=2, log_every=3), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not read_pointers(tmp_path / "run" / "checkpoints")
 
 
 def test_checkpoint_is_safetensors_and_loads_into_build_model(tmp_path, digits):
@@ -105,7 +119,14 @@ def test_checkpoint_is_safetensors_and_loads_into_build_model(tmp_path, digits):
     ckpt = checkpoint_dir(tmp_path / "run", "best")
     files = sorted(p.name for p in ckpt.iterdir())
     assert files == sorted(
-        ["model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer.json"]
+        [
+            "manifest.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+            "optimizer.json",
+            "rng.safetensors",
+            "trainer.json",
+        ]
     )
     assert not list((tmp_path / "run" / "checkpoints").glob(".*")), "no temporary leftovers"
     reloaded = pg.build_model("mlp_s", num_classes=10, in_chans=1, input_size=8, weights=str(ckpt))

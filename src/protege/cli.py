@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ProtegeError
+from .errors import ProtegeError, TrainingFailed
 
 app = typer.Typer(
     name="protege",
@@ -33,31 +33,51 @@ SetOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run from its last checkpoint")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run of the same name")]
+OverrideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--override-config",
+        help="with --resume: accept a config that differs from the run's stored one; the change takes "
+        "effect from the resumed epoch and is recorded in config_changes.jsonl",
+    ),
+]
 
 
-def _run(config: Path, overrides: list[str] | None, mode: str, resume: bool, overwrite: bool) -> None:
+def _run(
+    config: Path, overrides: list[str] | None, mode: str, resume: bool, overwrite: bool, override_config: bool
+) -> None:
     from .analysis.runs import run
     from .config import load_config
 
+    if override_config and not resume:
+        raise ProtegeError("--override-config only applies with --resume")
     cfg = load_config(config, overrides or [])
-    summary = run(cfg, mode=mode, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
+    summary = run(cfg, mode=mode, resume=resume, overwrite=overwrite, override_config=override_config)  # type: ignore[arg-type]
     _print_run(summary, cfg.run_dir)
 
 
 @app.command()
 def train(
-    config: ConfigArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    override_config: OverrideOpt = False,
 ) -> None:
     """Train the config's student with plain label losses (a teacher, or the no-KD baseline)."""
-    _run(config, overrides, "train", resume, overwrite)
+    _run(config, overrides, "train", resume, overwrite, override_config)
 
 
 @app.command()
 def distill(
-    config: ConfigArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    override_config: OverrideOpt = False,
 ) -> None:
     """Distill the config's teacher(s) into its student with the config's terms."""
-    _run(config, overrides, "distill", resume, overwrite)
+    _run(config, overrides, "distill", resume, overwrite, override_config)
 
 
 @app.command()
@@ -406,12 +426,16 @@ def _print_run(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors print one message (no traceback) and exit with status 2."""
+    """Entry point: user errors print one message (no traceback) and exit with status 2; a run that
+    failed (non-finite loss) says what happened and exits with status 1."""
     try:
         app()  # standalone: usage errors print their own message and exit 2
     except ProtegeError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
+    except TrainingFailed as e:
+        Console(stderr=True).print(f"[bold red]run failed:[/] {e}", highlight=False)
+        sys.exit(1)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)

@@ -652,3 +652,58 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (what ``runs/<name>/config.yaml`` holds)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# -- resuming a run: the stored config is the truth ----------------------------------------------
+
+#: keys a resumed run may change without ``--override-config``: they change what is evaluated,
+#: logged or shown, never what is trained (``epochs`` too, when more are asked for under a constant
+#: schedule: the learning rate of the epochs done stays what it was)
+RESUME_SAFE_KEYS = (
+    "eval_every",
+    "log_every",
+    "progress",
+    "trackers",
+    "measure_cost",
+    "keep_checkpoints",
+    "baseline",
+    "data.num_workers",
+    "data.eval_batch_size",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """Every resolved key whose value differs, as ``(dotted.key, old, new)`` (``<absent>`` where a
+    key exists on one side only, e.g. a term added)."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    missing = "<absent>"
+    return [
+        (k, a.get(k, missing), b.get(k, missing))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def unsafe_resume_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """The changes of :func:`config_changes` that a resume may not make without ``--override-config``
+    (everything but :data:`RESUME_SAFE_KEYS`, and more ``epochs`` under a constant schedule)."""
+    constant = old.schedule.name == new.schedule.name == "constant"
+    return [
+        (k, a, b)
+        for k, a, b in config_changes(old, new)
+        if k not in RESUME_SAFE_KEYS and not (k == "epochs" and constant and b > a)
+    ]

@@ -2,6 +2,8 @@
 
 A :class:`ProtegeError` is a mistake the user can fix (a bad config value, a missing file, an
 unknown name). The CLI prints its message alone, without a traceback, and exits with code 2.
+A :class:`TrainingFailed` is a run that started and could not finish (its loss went non-finite):
+the CLI prints what happened and what is on disk, and exits with code 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from collections.abc import Iterable
 
 class ProtegeError(Exception):
     """An error caused by user input; its message says what to do."""
+
+
+class TrainingFailed(Exception):
+    """A run stopped before its end; the message says where, why, and what is on disk."""
 
 
 def closest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .errors import ProtegeError
+
 __all__ = [
     "atomic_save_tensors",
     "atomic_write_text",
     "commit_dir",
     "digest",
+    "exclusive_lock",
     "fsync_dir",
     "replace_dir",
     "sha256_file",
@@ -141,3 +146,56 @@ def replace_dir(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK = ".lock"
+_held: dict[str, int] = {}  # directories this process holds the lock of, and how deeply
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s writer lock (``<directory>/.lock``) for the duration of the block.
+
+    One writer per run: a second process that asks for the lock of a directory another holds gets
+    a :class:`ProtegeError` naming the holder (pid, host, since when). The lock is an OS lock on the
+    file (``fcntl.flock``), released by the kernel when its process ends however it ends, so a lock
+    file left by a killed run never blocks the next one (no stale locks); the file keeps its last
+    holder's description. The same process may nest the lock (``fit`` inside ``pg.run``). Creates
+    ``directory`` if needed: validate before locking."""
+    key = str(directory.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _take(fd, directory)
+        os.ftruncate(fd, 0)
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.write(fd, holder.encode())
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _take(fd: int, directory: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: one writer is not enforced
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        raise ProtegeError(
+            f"{directory} is being written by {holder}: one writer per run. Wait for it to finish or "
+            "stop it, or give this run another name"
+        ) from None

@@ -6,9 +6,12 @@ API (``pg.run(cfg)``), so nothing is possible from the CLI that is not possible 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,17 +24,17 @@ from torch import nn
 
 from .build import Mode, build_distiller, build_from, build_teachers, load_run_data
 from .caching import use_cache
-from .config import RunConfig, dump_config, load_config
+from .config import RunConfig, config_changes, dump_config, load_config, unsafe_resume_changes
 from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
 from .data import DataSplits, WithIndex
 from .engine import checkpoint_dir, evaluate, fit, make_loader
 from .engine.cache import CachedTeacherDataset, cache_loader
 from .engine.callbacks import Callback
-from .engine.checkpoint import check_run_dir, load_checkpoint, read_pointers
+from .engine.checkpoint import check_run_dir, intact_checkpoint, load_checkpoint, read_pointers
 from .engine.loop import console
 from .errors import ProtegeError
-from .files import atomic_save_tensors, atomic_write_text, replace_dir
+from .files import atomic_save_tensors, atomic_write_text, exclusive_lock, replace_dir
 from .losses import get_loss
 from .metrics.cost import model_costs
 from .strategies import training_data
@@ -58,6 +61,7 @@ def run(
     mode: Mode = "distill",
     resume: bool = False,
     overwrite: bool = False,
+    override_config: bool = False,
 ) -> dict[str, Any]:
     """Train (``mode="train"``: plain CE) or distill as ``cfg`` says; write ``runs/<name>/``.
 
@@ -65,44 +69,152 @@ def run(
     split, and their metrics join ``summary.json`` under ``"test"``. A config with ``stages``
     runs them one after another (see :func:`run_stages`). The run report is written after the
     run, by the layer above (``pg.run``, :func:`protege.analysis.runs.run`).
+
+    Nothing is written before everything that can be checked is: the run directory's state, on
+    ``resume`` the config against the run's stored one (:func:`check_resume`; ``override_config``
+    accepts a changed one and records the change), the data, the models, and one batch through the
+    student, the teachers and every term (:func:`dry_step`). Then the run directory is locked
+    for this process alone (:func:`protege.files.exclusive_lock`).
     """
     if cfg.stages:
-        return run_stages(cfg, mode, resume, overwrite)
+        return run_stages(cfg, mode, resume, overwrite, override_config)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, overwrite)  # before anything is written over
+    changes = check_resume(cfg, override_config) if resume else []
     data = load_run_data(cfg)
     if mode == "distill" and cfg.cache is not None:  # verified; its splits carry the teachers' outputs
         data, _ = use_cache(cfg, data)
     distiller = build_distiller(cfg, data, mode)
     train_loader, val_loader = _loaders(cfg, data, distiller)
-    callbacks: list[Callback] = []
-    if mode == "distill" and cfg.data.strategy != "original":  # a proxy pool or synthesized images
-        assert isinstance(distiller, Distiller)
-        train_loader, callbacks = training_data(cfg, data, distiller, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    summary = fit(
-        distiller,
-        train_loader,
-        val_loader,
-        cfg.train_config(),
-        run_dir,
-        resume=resume,
-        overwrite=overwrite,
-        callbacks=callbacks,
-    )
-    summary.update({"name": cfg.name, "mode": mode, "data": data.source})
-    if data.test is not None and summary["checkpoints"]:
-        summary["test"] = test_checkpoints(distiller, data, cfg)
-    if isinstance(distiller, Cohort) and summary["checkpoints"]:
-        summary["students"] = export_students(distiller, cfg)
-    elif summary["checkpoints"] and PartialState().is_main_process:
-        exported = export_model(distiller, data, cfg)
-        if exported is not None:
-            summary["export"] = exported
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    distiller.close()
+    if cfg.data.strategy == "original" or mode == "train":
+        dry_step(distiller, train_loader, cfg)
+    try:
+        with exclusive_lock_main(run_dir):
+            check_run_dir(run_dir, resume, overwrite)  # again, now that no one else can write it
+            callbacks: list[Callback] = []
+            if mode == "distill" and cfg.data.strategy != "original":  # a proxy pool or synthesized images
+                assert isinstance(distiller, Distiller)
+                train_loader, callbacks = training_data(cfg, data, distiller, run_dir)
+            _write_config(cfg, resume, changes)
+            summary = fit(
+                distiller,
+                train_loader,
+                val_loader,
+                cfg.train_config(),
+                run_dir,
+                resume=resume,
+                overwrite=overwrite,
+                callbacks=callbacks,
+            )
+            summary.update({"name": cfg.name, "mode": mode, "data": data.source})
+            if data.test is not None and summary["checkpoints"]:
+                summary["test"] = test_checkpoints(distiller, data, cfg)
+            if isinstance(distiller, Cohort) and summary["checkpoints"]:
+                summary["students"] = export_students(distiller, cfg)
+            elif summary["checkpoints"] and PartialState().is_main_process:
+                exported = export_model(distiller, data, cfg)
+                if exported is not None:
+                    summary["export"] = exported
+            if PartialState().is_main_process:
+                atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    finally:
+        distiller.close()
     return summary
+
+
+@contextlib.contextmanager
+def exclusive_lock_main(run_dir: Path) -> Iterator[None]:
+    """The run directory's writer lock, taken by the main process (the others of an ``accelerate
+    launch`` job write nothing)."""
+    if PartialState().is_main_process:
+        with exclusive_lock(run_dir):
+            yield
+    else:
+        yield
+
+
+def check_resume(cfg: RunConfig, override_config: bool) -> list[tuple[str, Any, Any]]:
+    """Compare ``cfg`` with the config the run was started with (``config.yaml``, the truth).
+
+    Returns the changes to record (none: resume as is). A change outside
+    :data:`~protege.config.RESUME_SAFE_KEYS` is refused with the list of changed keys unless
+    ``override_config``: then it takes effect from the resumed epoch on. Writes nothing."""
+    stored = cfg.run_dir / "config.yaml"
+    if not stored.is_file():
+        raise ProtegeError(
+            f"cannot resume {cfg.run_dir}: it has checkpoints but no config.yaml; start it again with --overwrite"
+        )
+    old = load_config(stored)
+    unsafe = unsafe_resume_changes(old, cfg)
+    if unsafe and not override_config:
+        listed = "\n".join(f"  {k}: {_short(a)} -> {_short(b)}" for k, a, b in unsafe)
+        raise ProtegeError(
+            f"cannot resume {cfg.run_dir}: the config differs from the one the run was started with "
+            f"({stored}):\n{listed}\nResume with the run's own config (protege distill {stored} --resume), "
+            "or pass --override-config to apply the change from the resumed epoch on (recorded in "
+            f"{cfg.run_dir / CHANGES})"
+        )
+    return config_changes(old, cfg)
+
+
+CHANGES = "config_changes.jsonl"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _write_config(cfg: RunConfig, resume: bool, changes: list[tuple[str, Any, Any]]) -> None:
+    """``config.yaml`` of a new run; on resume, only when the config changed, with the change and the
+    epoch it takes effect from appended to ``config_changes.jsonl``."""
+    if not PartialState().is_main_process or (resume and not changes):
+        return
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        try:  # a multi-stage run may have been stopped in an earlier stage: no checkpoint here yet
+            last, _ = intact_checkpoint(run_dir, "last")
+            epoch: int | None = json.loads((last / "trainer.json").read_text())["epoch"] + 1
+        except ProtegeError:
+            epoch = None
+        entry = {
+            "from_epoch": None if epoch is None else epoch + 1,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "changes": [{"key": k, "old": a, "new": b} for k, a, b in changes],
+        }
+        with (run_dir / CHANGES).open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        console.print(
+            f"config changed from epoch {'?' if epoch is None else epoch + 1} on: "
+            + ", ".join(f"{k} {_short(a, 30)} -> {_short(b, 30)}" for k, a, b in changes)
+        )
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+
+def dry_step(distiller: Distiller | Cohort, train_loader: Any, cfg: RunConfig) -> None:
+    """Run the first training batch through the student(s), the teacher(s) and every term, and
+    change nothing: what would fail the first step (mismatched shapes without an adapter, a loss
+    parameter out of range, incompatible taps) fails here, before the run directory exists.
+
+    Builds the shape-dependent adapters first (``prepare``, seeded as :func:`fit` would); the
+    forward runs without gradients, the distiller's weights and buffers (BatchNorm statistics,
+    memory banks) are restored afterwards and the random state is untouched."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    batch = send_to_device(next(iter(train_loader)), device)
+    distiller.to(device)
+    if distiller.needs_prepare:
+        set_seed(cfg.seed)
+        distiller.prepare(batch, num_samples=len(train_loader.dataset))
+    saved = {k: v.detach().clone() for k, v in distiller.state_dict().items()}
+    was_training = distiller.training
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            distiller.train()
+            distiller(batch)
+    finally:
+        distiller.train(was_training)
+        distiller.load_state_dict(saved)
 
 
 def synthesize(cfg: RunConfig, overwrite: bool = False) -> Path:
@@ -132,6 +244,7 @@ def run_stages(
     mode: Mode = "distill",
     resume: bool = False,
     overwrite: bool = False,
+    override_config: bool = False,
 ) -> dict[str, Any]:
     """A multi-stage run: one :func:`fit` per stage on the same student (and teachers).
 
@@ -162,13 +275,26 @@ def run_stages(
             f"{cfg.run_dir} already holds a run. Resume it with --resume, start over with --overwrite, "
             "or choose another name."
         )
+    changes = check_resume(cfg, override_config) if resume else []
     data = load_run_data(cfg)
     set_seed(cfg.seed)
     assert cfg.student is not None
     student = build_from(cfg.student, data)
     teachers = build_teachers(cfg, data)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
+    with exclusive_lock_main(cfg.run_dir):
+        _write_config(cfg, resume, changes)
+        return _run_stages(cfg, mode, resume, data, student, teachers)
+
+
+def _run_stages(
+    cfg: RunConfig,
+    mode: Mode,
+    resume: bool,
+    data: DataSplits,
+    student: nn.Module,
+    teachers: dict[str, nn.Module],
+) -> dict[str, Any]:
+    dirs = _stage_dirs(cfg)
     carried: dict[str, dict[str, torch.Tensor]] = {}
     stages: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}

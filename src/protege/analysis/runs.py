@@ -27,14 +27,16 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     report: bool = True,
+    override_config: bool = False,
 ) -> dict[str, Any]:
     """Train (``mode="train"``: plain CE) or distill as ``cfg`` says; write ``runs/<name>/``.
 
     See :func:`protege.pipeline.run` for the run itself (fit, test of the last and best
-    checkpoints, export, ``summary.json``). A finished distillation then gets its
-    ``report.html`` (:func:`write_run_report`; ``report=False``: not).
+    checkpoints, export, ``summary.json``; on ``resume`` the config must be the run's own unless
+    ``override_config``). A finished distillation then gets its ``report.html``
+    (:func:`write_run_report`; ``report=False``: not).
     """
-    summary = run_pipeline(cfg, mode, resume, overwrite)
+    summary = run_pipeline(cfg, mode, resume, overwrite, override_config)
     finished = not cfg.stages or bool(summary.get("test"))  # every stage ran
     if report and mode == "distill" and finished:
         write_run_report(cfg)

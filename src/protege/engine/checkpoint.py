@@ -8,11 +8,18 @@ Layout of ``<run>/checkpoints/``::
         optimizer.safetensors + optimizer.json
         rng.safetensors + trainer.json   (epoch, step, best metric, scheduler, Python/NumPy RNG)
         callbacks.safetensors  state of fit's callbacks (e.g. a data-free generator), when any
+        manifest.json        every file's size and SHA-256, written last
     pointers.json            {"last": "epoch_0003", "best": "epoch_0002"}, replaced atomically
 
 A reader only ever sees complete checkpoints: a directory becomes visible by ``os.replace`` of a
 finished temporary directory, and the pointer file is written to a temp file and renamed.
 No pickle is involved anywhere.
+
+What the rename cannot prevent (a disk that loses or truncates files later, a copy that stopped
+halfway, a hand edit) the manifest catches: :func:`verify_checkpoint` checks every file's size and
+SHA-256, and :func:`intact_checkpoint` falls back from a damaged checkpoint to the newest intact
+one, saying what it skipped and why. A kill during a write leaves a ``.epoch_NNNN.*`` temp folder;
+:func:`remove_partial_checkpoints` clears them when the run is next started or resumed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,12 +35,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ProtegeError
-from ..files import atomic_write_text, storable
+from ..files import atomic_write_text, fsync_dir, sha256_file, storable, write_durable
 
 POINTERS = "pointers.json"
+MANIFEST = "manifest.json"
+#: the files every checkpoint has (the others are optional)
+REQUIRED = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer.json")
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
 
 # -- optimizer state <-> tensors + JSON ----------------------------------------------------------
@@ -123,6 +136,10 @@ def save_checkpoint(
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({**trainer, "rng": rng_meta}))
+        files = sorted(f for f in tmp.iterdir() if f.is_file())
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
+        write_durable(tmp / MANIFEST, json.dumps({"epoch": epoch, "files": manifest}, indent=1).encode())
+        fsync_dir(tmp)
         final = ckpt_root / name
         if final.exists():
             shutil.rmtree(final)
@@ -143,8 +160,120 @@ def save_checkpoint(
 
 
 def read_pointers(ckpt_root: Path) -> dict[str, str]:
+    """``pointers.json`` of a checkpoints folder; ``{}`` when there is none.
+
+    A damaged pointer file (truncated, not JSON) is rebuilt in memory from the checkpoint folders
+    themselves: ``last`` is the newest ``epoch_NNNN``, ``best`` the best epoch its ``trainer.json``
+    records when that folder exists (else ``last``). Nothing is written here."""
     path = ckpt_root / POINTERS
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        pointers = json.loads(path.read_text())
+        if isinstance(pointers, dict) and isinstance(pointers.get("last"), str):
+            return pointers
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return _pointers_from_folders(ckpt_root)
+
+
+def _epoch_dirs(ckpt_root: Path) -> list[Path]:
+    """The ``epoch_NNNN`` folders, newest first."""
+    found = [d for d in ckpt_root.glob("epoch_*") if d.is_dir() and _EPOCH_DIR.match(d.name)]
+    return sorted(found, key=lambda d: int(d.name.split("_")[1]), reverse=True)
+
+
+def _pointers_from_folders(ckpt_root: Path) -> dict[str, str]:
+    folders = _epoch_dirs(ckpt_root)
+    if not folders:
+        return {}
+    last = folders[0].name
+    best = last
+    try:
+        best_epoch = json.loads((folders[0] / "trainer.json").read_text())["best"]["epoch"]
+        if (ckpt_root / f"epoch_{int(best_epoch):04d}").is_dir():
+            best = f"epoch_{int(best_epoch):04d}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {"last": last, "best": best}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be used, or ``None`` when it is intact.
+
+    With a manifest (every checkpoint written since manifests exist): each listed file is present,
+    has its size and its SHA-256. Without one (older checkpoints): the required files are present
+    and non-empty and the JSON parts parse."""
+    if not path.is_dir():
+        return "its folder is missing"
+    manifest_file = path / MANIFEST
+    if manifest_file.exists():
+        try:
+            files = json.loads(manifest_file.read_text())["files"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            return f"{MANIFEST} is damaged"
+        for name in REQUIRED:
+            if name not in files:
+                return f"{MANIFEST} does not list {name}"
+        for name, info in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            size = file.stat().st_size
+            if size != info["bytes"]:
+                return f"{name} has {size} bytes, {info['bytes']} were written"
+            if sha256_file(file) != info["sha256"]:
+                return f"{name} does not match its SHA-256"
+        return None
+    for name in REQUIRED:
+        file = path / name
+        if not file.is_file() or file.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    for name in ("trainer.json", "optimizer.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{name} is damaged"
+    return None
+
+
+def intact_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Path, list[str]]:
+    """The checkpoint ``which`` points to if it is intact, else the newest intact older one.
+
+    Returns the folder and one note per checkpoint skipped (its name and why), for the caller to
+    show. Raises a :class:`ProtegeError` naming every damaged checkpoint when none is intact."""
+    root = Path(run_dir) / "checkpoints"
+    pointers = read_pointers(root)
+    if which not in pointers:
+        raise ProtegeError(
+            f"no {which} checkpoint in {root}: was the run started (and did it finish an epoch)?"
+        )
+    target = root / pointers[which]
+    match = _EPOCH_DIR.match(target.name)
+    newest = int(match.group(1)) if match else None
+    candidates = [target] + [
+        d for d in _epoch_dirs(root) if d != target and (newest is None or int(d.name[6:]) < newest)
+    ]
+    skipped: list[str] = []
+    for folder in candidates:
+        reason = verify_checkpoint(folder)
+        if reason is None:
+            return folder, skipped
+        skipped.append(f"{folder.name}: {reason}")
+    raise ProtegeError(
+        f"no intact checkpoint in {root} ({'; '.join(skipped)}). Start the run again with --overwrite"
+    )
+
+
+def remove_partial_checkpoints(ckpt_root: Path) -> list[str]:
+    """Remove the temp folders (``.epoch_NNNN.*``) that a kill during a checkpoint write leaves;
+    returns their names."""
+    removed = []
+    for tmp in ckpt_root.glob(".epoch_*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp.name)
+    return sorted(removed)
 
 
 def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
@@ -171,20 +300,26 @@ def checkpoint_dir(run_dir: str | Path, which: str = "last") -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read every part of a checkpoint directory (RNG state is returned, not applied)."""
-    trainer = json.loads((path / "trainer.json").read_text())
-    distiller_file = path / "distiller.safetensors"
-    callbacks_file = path / "callbacks.safetensors"
-    return {
-        "callbacks": load_file(callbacks_file) if callbacks_file.exists() else {},
-        "student": load_file(path / "model.safetensors"),
-        "extra": load_file(distiller_file) if distiller_file.exists() else {},
-        "optimizer": _join_optimizer(
-            load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
-        ),
-        "trainer": trainer,
-        "rng": (load_file(path / "rng.safetensors"), trainer["rng"]),
-    }
+    """Read every part of a checkpoint directory (RNG state is returned, not applied).
+
+    A part that cannot be read is a :class:`ProtegeError` naming the file (check a folder first
+    with :func:`verify_checkpoint`, or pick one with :func:`intact_checkpoint`)."""
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+        distiller_file = path / "distiller.safetensors"
+        callbacks_file = path / "callbacks.safetensors"
+        return {
+            "callbacks": load_file(callbacks_file) if callbacks_file.exists() else {},
+            "student": load_file(path / "model.safetensors"),
+            "extra": load_file(distiller_file) if distiller_file.exists() else {},
+            "optimizer": _join_optimizer(
+                load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+            ),
+            "trainer": trainer,
+            "rng": (load_file(path / "rng.safetensors"), trainer["rng"]),
+        }
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ProtegeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def restore_rng(rng: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:

@@ -38,18 +38,21 @@ from torch.utils.data import DataLoader
 
 from ..core.cohort import Cohort
 from ..core.distiller import Distiller
-from ..errors import ProtegeError
-from ..files import atomic_write_text
+from ..errors import ProtegeError, TrainingFailed
+from ..files import atomic_write_text, exclusive_lock
 from ..metrics.cost import model_costs
 from ..tasks import Outputs, Task
 from .callbacks import Callback, callbacks_state, check_callbacks, load_callbacks_state
 from .checkpoint import (
+    POINTERS,
     check_run_dir,
-    checkpoint_dir,
+    intact_checkpoint,
     load_checkpoint,
     read_pointers,
+    remove_partial_checkpoints,
     restore_rng,
     save_checkpoint,
+    verify_checkpoint,
 )
 from .options import ScheduleConfig, TrainConfig
 
@@ -219,6 +222,56 @@ def _fmt(metrics: dict[str, float], keys: Sequence[str]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
+def _apply_optim(
+    optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, steps_per_epoch: int
+) -> None:
+    """After a resume, the config's optimizer settings hold from here on: the restored state keeps
+    its moments and step count, the hyper-parameters are the config's (the same values, bit for bit,
+    when the config did not change; a changed one, accepted with ``--override-config``, takes effect)."""
+    o = cfg.optim
+    scheduler.base_lrs = [o.lr for _ in optimizer.param_groups]
+    factor = lr_factor(scheduler.last_epoch, steps_per_epoch, cfg.epochs, cfg.schedule)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * factor
+        group["weight_decay"] = o.weight_decay
+        if "momentum" in group:
+            group["momentum"], group["nesterov"] = o.momentum, o.nesterov
+        if "betas" in group:
+            group["betas"] = tuple(o.betas)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _non_finite(recent: list[tuple[int, dict[str, torch.Tensor]]], epoch: int, steps: int) -> str:
+    """Where the loss first went non-finite among the steps since the last check, and which terms."""
+    for i, losses in recent:
+        bad = {name: v.item() for name, v in losses.items() if not math.isfinite(v.item())}
+        if bad:
+            terms = ", ".join(f"{name!r} = {value}" for name, value in bad.items())
+            return f"non-finite loss in epoch {epoch + 1}, step {i + 1} of {steps}: term {terms}"
+    return f"non-finite loss in epoch {epoch + 1}"  # the sum overflowed: no term alone is non-finite
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Keep the ``metrics.jsonl`` lines of epochs before ``start_epoch`` (the checkpoint the run
+    resumes from); a line a kill cut in half is dropped, with a note."""
+    if not path.exists():
+        return
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            epoch = int(record["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            torn += 1
+            continue
+        if epoch < start_epoch:
+            kept.append(line)
+    if torn:
+        console.print(f"[yellow]warning: dropped {torn} unreadable line(s) of {path} (a write cut short)")
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
 def fit(
     distiller: Distiller | Cohort,
     train: DataLoader,
@@ -237,8 +290,11 @@ def fit(
     and returns the summary. ``resume=True`` continues from the last checkpoint exactly (same data
     order, RNG, optimizer and schedule state). ``stop_after_epochs`` ends this call early after that
     many epochs (the schedule still spans ``cfg.epochs``): for preemptible jobs, resume later.
-    A non-finite loss stops training, restores the last good weights and keeps their checkpoint;
-    the summary's ``status`` says where it happened. With ``cfg.memory_format`` (``auto`` on a CPU)
+    A non-finite loss stops training, restores the last good weights and keeps their checkpoint,
+    writes the summary (``status: failed: …``: epoch, step, the terms that went non-finite, what is on
+    disk) and raises :class:`~protege.errors.TrainingFailed`. A damaged last checkpoint is skipped on
+    resume for the newest intact one (with a warning); ``run_dir`` is locked for one writer
+    (:func:`protege.files.exclusive_lock`). With ``cfg.memory_format`` (``auto`` on a CPU)
     the models train in ``channels_last`` and are handed back contiguous, also after an error.
     ``callbacks`` (:class:`~protege.engine.callbacks.Callback`) run code between steps (KD³'s
     instance selection, a data-free generator); their state is checkpointed with the run.
@@ -294,23 +350,40 @@ def _fit(
     best: dict[str, Any] = {}
     history_final: dict[str, Any] = {}
     start_epoch = 0
+    if main:  # one writer per run directory, from here on (everything above only read it)
+        cleanup.enter_context(exclusive_lock(run_dir))
+        check_run_dir(run_dir, resume, overwrite)  # again, now that no one else can write it
+        for name in remove_partial_checkpoints(ckpt_root):
+            console.print(f"[yellow]removed {ckpt_root / name}: a checkpoint write that never finished")
     if resume:
-        state = load_checkpoint(checkpoint_dir(run_dir, "last"))
-        distiller.student.load_state_dict(state["student"])
-        if state["extra"]:
-            distiller.load_state_dict(state["extra"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        last, skipped = intact_checkpoint(run_dir, "last")
+        for note in skipped:
+            console.print(f"[yellow]warning: skipped damaged checkpoint {note}; resuming from {last.name}")
+        state = load_checkpoint(last)
+        try:
+            distiller.student.load_state_dict(state["student"])
+            if state["extra"]:
+                distiller.load_state_dict(state["extra"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ProtegeError(
+                f"checkpoint {last} does not fit this run's models or optimizer ({str(e).splitlines()[0]}): "
+                "resume with the config the run was started with"
+            ) from None
         trainer = state["trainer"]
         scheduler.load_state_dict(trainer["scheduler"])
+        _apply_optim(optimizer, scheduler, cfg, steps_per_epoch)
         restore_rng(state["rng"])
         load_callbacks_state(callbacks, state["callbacks"])
         start_epoch = trainer["epoch"] + 1
         best, history_final = trainer["best"], trainer["final"]
-        if main and metrics_path.exists():  # drop lines written after the checkpoint
-            kept = [
-                ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["epoch"] < start_epoch
-            ]
-            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        if main:
+            if skipped:  # point last (and a damaged best) at what the run resumes from
+                pointers = read_pointers(ckpt_root)
+                best_ok = pointers.get("best") and verify_checkpoint(ckpt_root / pointers["best"]) is None
+                pointers = {"last": last.name, "best": pointers["best"] if best_ok else last.name}
+                atomic_write_text(ckpt_root / POINTERS, json.dumps(pointers))
+            _truncate_metrics(metrics_path, start_epoch)
     elif main:  # a fresh start (check_run_dir allowed it): nothing of an earlier run may linger
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
@@ -345,7 +418,8 @@ def _fit(
             sums: dict[str, torch.Tensor] = {}
             n_batches = 0
             bar.update(job, description=f"epoch {epoch + 1}/{cfg.epochs}")
-            bad_step: int | None = None
+            failure: str | None = None
+            recent: list[tuple[int, dict[str, torch.Tensor]]] = []  # steps since the last check
             for i, batch in enumerate(train_loader):
                 distiller.set_progress(epoch + i / len(train_loader))
                 for cb in callbacks:
@@ -360,25 +434,34 @@ def _fit(
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                for name, value in losses.items():
-                    v = value.detach().float()
+                detached = {name: value.detach().float() for name, value in losses.items()}
+                recent.append((i, detached))
+                for name, v in detached.items():
                     sums[name] = sums[name] + v if name in sums else v
                 n_batches += 1
                 if (i + 1) % cfg.log_every == 0 or i + 1 == len(train_loader):
                     running = sum(sums.values()).item() / n_batches
                     if not math.isfinite(running):
-                        bad_step = i
+                        failure = _non_finite(recent, epoch, len(train_loader))
                         break
+                    recent.clear()
                     bar.update(job, completed=epoch * len(train_loader) + i + 1, info=f"loss {running:.4f}")
-            if bad_step is not None:
-                status = f"stopped: non-finite loss in epoch {epoch + 1} (by step {bad_step + 1}); last good checkpoint kept"
-                console.print(f"[red]{status}")
+            if failure is not None:
                 if read_pointers(ckpt_root):  # hand back the last good weights, not the diverged ones
-                    good = load_checkpoint(checkpoint_dir(run_dir, "last"))
+                    last, _ = intact_checkpoint(run_dir, "last")
+                    good = load_checkpoint(last)
                     distiller.student.load_state_dict(good["student"])
                     if good["extra"]:
                         distiller.load_state_dict(good["extra"], strict=False)
                     load_callbacks_state(callbacks, good["callbacks"])
+                    failure += (
+                        f". On disk: checkpoint {last.name} (epoch {good['trainer']['epoch'] + 1}, the last "
+                        f"good one; resume from it with a lower lr, e.g. --resume --override-config)"
+                    )
+                else:
+                    failure += ". On disk: no checkpoint (the run failed in its first epoch)"
+                status = f"failed: {failure}"
+                console.print(f"[red]{escape(status)}")
                 epoch -= 1
                 break
 
@@ -475,6 +558,8 @@ def _fit(
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     if cfg.trackers:
         accelerator.end_training()
+    if status.startswith("failed"):
+        raise TrainingFailed(status.removeprefix("failed: ") + f"; summary: {run_dir / 'summary.json'}")
     return summary
 
 
