@@ -148,16 +148,38 @@ def test_term_warmup_and_errors():
         pg.Distiller(student, teacher, [pg.term("kd", student="missing_key")])
 
 
+def _kd64(zs: torch.Tensor, zt: torch.Tensor, T: float) -> float:
+    """T^2 mean KL(softmax(zt / T) || softmax(zs / T)), written out in float64."""
+    pt = torch.softmax(zt.double() / T, -1)
+    return float(T * T * (pt * (pt.log() - torch.log_softmax(zs.double() / T, -1))).sum(-1).mean())
+
+
 def test_ctkd_temperature_trains_through_distiller():
     student, teacher = _pair()
-    d = pg.Distiller(student, teacher, [pg.ctkd(1.0)])
+    # float64: at T ~ 15.6 dL/dT is the small difference of 2T KL and T^2 dKL/dT (~1e-4 of each), which
+    # float32 resolves to ~2% only
+    d = pg.Distiller(student, teacher, [pg.ctkd(1.0)]).to(torch.float64)
     params = dict(d.named_parameters())
-    temp_keys = [k for k in params if k.startswith("terms.0.state")]
-    assert temp_keys, "the learnable temperature must be a trainable part of the distiller"
-    d.set_progress(5.0)
-    _, losses = d((torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)))
+    assert list(k for k in params if k.startswith("terms.0.state")) == ["terms.0.state.raw_T"]
+    state = d.terms[0].state
+    d.set_progress(5.0)  # half-way through the 10-epoch cosine curriculum: lambda = (1 + cos(1.5 pi)) / 2
+    assert state.lambda_at(5.0) == pytest.approx(0.5, abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)
+    out, losses = d((x, torch.zeros(4, dtype=torch.long)))
     losses["ctkd"].backward()
-    assert params[temp_keys[0]].grad is not None
+    # The reversed gradient: -lambda * dL/dT * dT/draw, with dL/dT by central differences of the
+    # float64 KD formula on the same logits and dT/draw = 20 sigmoid(raw) (1 - sigmoid(raw)).
+    zs, zt, T = out["logits"].detach(), teacher(x).detach(), state.temperature
+    h = 1e-3
+    dL_dT = (_kd64(zs, zt, T + h) - _kd64(zs, zt, T - h)) / (2 * h)
+    sig = (T - 1.0) / 20.0
+    expected = -0.5 * dL_dT * 20.0 * sig * (1.0 - sig)
+    assert state.raw_T.grad.item() == pytest.approx(expected, rel=1e-6)
+    assert state.raw_T.grad.item() * dL_dT < 0  # reversed: descending it moves T up the KD loss
+    torch.optim.SGD([state.raw_T], lr=1.0).step()
+    assert (state.temperature - T) * dL_dT > 0
+    assert _kd64(zs, zt, state.temperature) > _kd64(zs, zt, T)
 
 
 def test_distiller_to_moves_teacher():

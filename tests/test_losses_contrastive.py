@@ -7,6 +7,7 @@ paper's and RepDistiller's formulas, sharing no code path with the implementatio
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -271,13 +272,23 @@ def test_gradients_reach_the_student_and_both_heads_not_the_banks() -> None:
 
 
 def test_nce_k_is_clamped_with_a_warning() -> None:
-    mem = built_memory(n=8)
-    with pytest.warns(UserWarning, match="nce_k=7"):
-        loss = crd(torch.randn(3, 5), torch.randn(3, 7), index=torch.tensor([0, 1, 2]), memory=mem)
-    assert torch.isfinite(loss)
+    # 8 samples: at most 7 negatives. The default nce_k (16384) must give exactly the loss, the
+    # estimated Z and the bank update of nce_k=7, from the same memory and the same random draws.
+    pristine = built_memory(n=8)
+    mem, explicit = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    fs, ft, index = torch.randn(3, 5), torch.randn(3, 7), torch.tensor([0, 1, 2])
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="nce_k=16384 .* only 7 other samples; using nce_k=7"):
+        loss = crd(fs, ft, index=index, memory=mem)
+    torch.manual_seed(5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        crd(torch.randn(3, 5), torch.randn(3, 7), index=torch.tensor([0, 1, 2]), memory=mem, nce_k=7)
+        expected = crd(fs, ft, index=index, memory=explicit, nce_k=7)
+    assert torch.equal(loss, expected)
+    for key, value in explicit.state_dict().items():
+        assert torch.equal(mem.state_dict()[key], value), key
+    torch.manual_seed(5)
+    assert not torch.equal(crd(fs, ft, index=index, memory=pristine, nce_k=6), expected)  # k matters
 
 
 def test_bad_inputs_raise_value_errors_naming_shapes() -> None:

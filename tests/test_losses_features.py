@@ -246,30 +246,47 @@ def test_cc_taylor_series_approaches_the_gaussian_rbf() -> None:
 # --------------------------------------------------------------------------- RKD
 
 
-def huber(a: float, b: float) -> float:
+def huber(a, b):
     d = abs(a - b)
     return 0.5 * d * d if d < 1 else d - 0.5
 
 
-def np_rkd(s: np.ndarray, t: np.ndarray, w_dist: float, w_angle: float) -> float:
+def loop_rkd(s: torch.Tensor, t: torch.Tensor, w_dist: float, w_angle: float) -> torch.Tensor:
+    """RKD by its definition, one pair and one triplet at a time, on float64 tensors (so autograd
+    gives the reference gradient). A zero difference (i == j, or duplicate samples) has neither
+    length nor direction: its distance and unit vector are the constants 0 (no gradient)."""
     n = s.shape[0]
     s, t = s.reshape(n, -1), t.reshape(n, -1)
 
+    def diff_or_none(x, i, j):
+        v = x[i] - x[j]
+        return v if bool((v != 0).any()) else None
+
     def dists(x):
-        d = [[math.sqrt(np.sum((x[i] - x[j]) ** 2)) for j in range(n)] for i in range(n)]
+        d = [[x.new_zeros(()) for _ in range(n)] for _ in range(n)]
+        for i, j in itertools.product(range(n), repeat=2):
+            v = diff_or_none(x, i, j)
+            if v is not None:
+                d[i][j] = (v * v).sum().sqrt()
         mu = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
         return [[v / mu for v in row] for row in d]
 
+    def unit(x, i, j):
+        v = diff_or_none(x, i, j)
+        return x.new_zeros(x.shape[1]) if v is None else v / (v * v).sum().sqrt()
+
     def angle(x, i, j, k):  # cosine at vertex j
-        if i == j or k == j:
-            return 0.0
-        return dot(unit(list(x[i] - x[j])), unit(list(x[k] - x[j])))
+        return (unit(x, i, j) * unit(x, k, j)).sum()
 
     ds, dt = dists(s), dists(t)
     loss_d = sum(huber(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n**2
     triplets = list(itertools.product(range(n), repeat=3))
     loss_a = sum(huber(angle(s, i, j, k), angle(t, i, j, k)) for i, j, k in triplets) / n**3
     return w_dist * loss_d + w_angle * loss_a
+
+
+def np_rkd(s: np.ndarray, t: np.ndarray, w_dist: float, w_angle: float) -> float:
+    return float(loop_rkd(t64(s), t64(t), w_dist, w_angle))
 
 
 @pytest.mark.parametrize(("w_dist", "w_angle"), [(25.0, 50.0), (1.0, 0.0), (0.0, 1.0)])
@@ -297,11 +314,22 @@ def test_rkd_zero_and_invariances() -> None:
     assert rkd(t64(moved), t64(ET)).item() == pytest.approx(base, rel=1e-9)
 
 
-def test_rkd_gradient_finite_with_duplicate_samples() -> None:
-    s = t64(np.array([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]]), grad=True)
-    loss = rkd(s, t64(rand(3, 4, seed=16)))
+def test_rkd_with_duplicate_samples_matches_the_reference() -> None:
+    # Samples 0 and 1 coincide: their difference has no direction, so it adds a cosine of 0 and no
+    # gradient, as the reference says (F.normalize would pass 1/eps = 1e12 times the upstream one).
+    x = np.array([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0], [-1.0, 0.5]])
+    t = rand(4, 4, seed=16)
+    s = t64(x, grad=True)
+    loss = rkd(s, t64(t))
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    ref_s = t64(x, grad=True)
+    ref = loop_rkd(ref_s, t64(t), 25.0, 50.0)
+    ref.backward()
+    # rel 1e-6: the duplicate pair's distance is sqrt(1e-12) = 1e-6, not 0 (the clamp before the root,
+    # as in the authors' pdist), which moves the value by 2e-7 of itself
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    np.testing.assert_allclose(s.grad.numpy(), ref_s.grad.numpy(), rtol=1e-5, atol=1e-6)  # (the same floor)
+    assert s.grad.abs().max() < 10.0 and s.grad[2:].abs().sum() > 0
 
 
 def test_rkd_needs_two_samples() -> None:

@@ -115,12 +115,16 @@ def test_kd_zero_when_equal_and_gradients() -> None:
     assert teacher.grad is None and not teacher.requires_grad
 
 
-def test_kd_is_finite_for_extreme_logits() -> None:
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kd_exact_for_extreme_logits(T: float) -> None:
+    # The teacher's softmax is exactly one-hot in float32 (exp(-1e4 / T) underflows to 0), so with a
+    # uniform student KL = -log(1/3) = log 3 and L = T^2 log 3; dL/ds = T (p_s - p_t) = T [-2/3, 1/3, 1/3].
     s = torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True)
     t = torch.tensor([[1e4, -1e4, 0.0]])
-    loss = kd(s, t, T=1.0)
+    loss = kd(s, t, T=T)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert loss.item() == pytest.approx(T * T * math.log(3.0), rel=1e-6)
+    torch.testing.assert_close(s.grad, T * torch.tensor([[-2 / 3, 1 / 3, 1 / 3]]), rtol=0.0, atol=1e-6)
 
 
 def test_kd_standardize_matches_numpy_and_is_invariant() -> None:
@@ -176,12 +180,34 @@ def test_dkd_reformulates_kd() -> None:
         assert got.item() == pytest.approx(np_kd(s, t, 4.0), rel=1e-10)
 
 
-def test_dkd_stable_for_confident_teacher() -> None:
+def np_dkd_confident(
+    s: np.ndarray, t: np.ndarray, y: np.ndarray, alpha: float, beta: float
+) -> tuple[float, np.ndarray]:
+    """DKD (T = 1) and its gradient for teachers sure of the target: p^t_y = 1 - O(e^-200), so the
+    binary teacher distribution is (1, 0) and TCKD = -log p^s_y with gradient p^s - onehot(y) (the
+    rest is below 1e-80); NCKD is the KL of the non-target softmaxes, with gradient p~^s - p~^t on
+    the non-target columns. Float64, one sample at a time."""
+    n = len(y)
+    value, grad = 0.0, np.zeros_like(s)
+    for i in range(n):
+        ps = np.exp(np_log_softmax(s[i]))
+        others = np.arange(s.shape[1]) != y[i]
+        ns, nt = np.exp(np_log_softmax(s[i][others])), np.exp(np_log_softmax(t[i][others]))
+        value += alpha * -np.log(ps[y[i]]) + beta * np_kl(nt, ns)
+        grad[i] = alpha * (ps - np.eye(s.shape[1])[y[i]])
+        grad[i][others] += beta * (ns - nt)
+    return value / n, grad / n
+
+
+def test_dkd_exact_for_confident_teacher() -> None:
     s = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]], requires_grad=True)
     t = torch.tensor([[200.0, 0.0, -50.0], [0.0, 0.0, 3000.0]])
-    loss = dkd(s, t, torch.tensor([0, 2]), T=1.0)
+    y = np.array([0, 2])
+    loss = dkd(s, t, torch.tensor(y), alpha=1.0, beta=8.0, T=1.0)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    ref, grad = np_dkd_confident(s.detach().double().numpy(), t.double().numpy(), y, 1.0, 8.0)
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    np.testing.assert_allclose(s.grad.numpy(), grad, rtol=0.0, atol=1e-6)
 
 
 def test_dkd_standardize_invariant() -> None:
@@ -245,10 +271,26 @@ def test_ctkd_per_instance_temperature() -> None:
 
 
 def test_ctkd_gradient_reaches_temperature() -> None:
+    s, t = rand(4, 5, seed=20), rand(4, 5, seed=21)
+    h = 1e-5  # dL/dT of the numpy reference by central differences
+    dL_dT = (np_kd(s, t, 2.0 + h) - np_kd(s, t, 2.0 - h)) / (2 * h)
+    assert dL_dT > 0.5  # for these logits a hotter softmax raises the loss
     temp = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    loss = ctkd(t64(rand(4, 5, seed=20)), t64(rand(4, 5, seed=21)), temperature=temp)
-    loss.backward()
-    assert temp.grad is not None and temp.grad.item() != 0.0
+    ctkd(t64(s), t64(t), temperature=temp).backward()
+    assert temp.grad.item() == pytest.approx(dL_dT, rel=1e-6)
+
+    # Through the state: T = 1 + 20 sigmoid(GRL(raw)), with raw at T = 2, so dT/draw = 20 * 0.05 * 0.95;
+    # at epoch 2.5 of the 10-epoch cosine curriculum lambda = (1 + cos(1.25 pi)) / 2 = (1 - cos(pi/4)) / 2.
+    state = CTKDTemperature(init_T=2.0).double()
+    lam = (1.0 - math.cos(math.pi / 4)) / 2.0
+    assert state.lambda_at(2.5) == pytest.approx(lam, rel=1e-12) and lam == pytest.approx(0.1464466094)
+    ctkd(t64(s), t64(t), **state(2.5)).backward()
+    reversed_grad = state.raw_T.grad.item()
+    assert reversed_grad == pytest.approx(-lam * dL_dT * 0.95, rel=1e-6)
+    assert reversed_grad < 0  # opposite to dL/draw: gradient descent on raw ascends the loss
+    with torch.no_grad():
+        state.raw_T -= 0.5 * state.raw_T.grad  # one SGD step
+    assert state.temperature > 2.0 and np_kd(s, t, state.temperature) > np_kd(s, t, 2.0)
 
 
 def test_gradient_reversal() -> None:

@@ -41,7 +41,7 @@ def _assert_bf16_close(low: torch.Tensor, ref: torch.Tensor) -> None:
 
 def test_bf16_teacher_is_close_to_fp32_and_the_losses_get_float32(one_thread, monkeypatch):
     teacher = _resnet(0).eval()
-    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
+    x, y = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
     full = pg.Distiller(_resnet(1), copy.deepcopy(teacher), _terms())
     low = pg.Distiller(_resnet(1), copy.deepcopy(teacher), _terms(), teacher_precision="bf16")
     ref, out = full.teacher_outputs(x)[0], low.teacher_outputs(x)[0]
@@ -62,9 +62,13 @@ def test_bf16_teacher_is_close_to_fp32_and_the_losses_get_float32(one_thread, mo
     _, losses = low((x, y))
     _, losses_full = full((x, y))
     assert seen == [torch.float32, torch.float32]
+    assert torch.equal(losses["ce"], losses_full["ce"])  # reads no teacher: the student side is untouched
     for name, value in losses.items():
         assert value.dtype == torch.float32
-        torch.testing.assert_close(value, losses_full[name], rtol=0.05, atol=1e-6)
+        # The teacher outputs carry bf16 rounding (at most 2^-8 = 0.4% of a value per rounding); the
+        # losses are smooth averages of them computed in float32, so they move by a few such units at
+        # most: measured <= 0.35% (AT) and 0.2% (KD) over 40 random batches. 1e-2 = 2.5 units.
+        torch.testing.assert_close(value, losses_full[name], rtol=1e-2, atol=0.0)
     sum(losses.values()).backward()  # the student's graph is intact (fp32)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in low.student.parameters())
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import ProtegeError, closest
 from ..losses import BoundReduction, BuildContext, LossInfo, get_loss
+from ..losses.registry import autocast_disabled
 from ..tasks import ClassificationTask, Outputs, Task
 from .adapters import KINDS as ADAPTER_KINDS
 from .adapters import build_adapter
@@ -58,7 +59,9 @@ class Term(nn.Module):
             differ), or the name of one to build from the two tensors' shapes (``"auto"``,
             ``"linear"``, ``"conv1x1"``, ``"conv_bn"``, ``"conv_bn_relu"``; see
             :mod:`protege.core.adapters`) when :meth:`Distiller.prepare` sees a first batch. It
-            trains with the student and is dropped at export.
+            trains with the student and is dropped at export. It runs at the training's precision
+            (bf16 under autocast), like the student layers it extends; the loss then computes in
+            float32 from its output (see :mod:`protege.losses.registry`, "Precision").
         **params: the loss's hyper-parameters (and those of its state module, if any).
     """
 
@@ -223,8 +226,9 @@ class Term(nn.Module):
             if self.adapter is not None:
                 s = self.adapter(s)
             kwargs = dict(self.params)
-            if self.state is not None:
-                kwargs.update(self.state(progress))
+            if self.state is not None:  # in float32, like the loss (its parameters are float32)
+                with autocast_disabled(s):
+                    kwargs.update(self.state(progress))
             if self.info.uses_target:
                 if target is None:
                     raise ProtegeError(f"term {self.name!r} needs labels, but the batch carries none")

@@ -403,8 +403,10 @@ def crd(
 
     Deviations from RepDistiller: negatives are drawn uniformly from all *other* samples (the
     reference's CIFAR loader draws them from the other *classes*, ``mode="exact"``, which needs
-    every sample's label up front); the scores are computed in (at least) float32 even under mixed
-    precision, and ``Z`` and the logs in log space (the same values, without overflow).
+    every sample's label up front); like every registered loss, this one (embedding heads and
+    scores included) computes in float32 even under mixed precision
+    (:func:`~protege.losses.registry.computes_in_float32`), and ``Z`` and the logs in log space (the
+    same values, without overflow).
 
     Several teachers: the bank holds one teacher's embeddings; give the term ``teacher_index=``.
     """
@@ -425,22 +427,17 @@ def crd(
         warnings.warn(
             f"crd: nce_k={k} negatives per sample, but the training set has only {n - 1} other samples; "
             f"using nce_k={n - 1}",
-            stacklevel=2,
+            stacklevel=3,  # the caller of the registry's float32 wrapper
         )
         k = n - 1
     index = _check_index(index, student_features.shape[0], n)
     v_s, v_t = memory.embed(student_features, teacher_features)
     rows = memory.sample(index, k)
-    device_type = v_s.device.type
-    with torch.autocast(device_type=device_type, enabled=False):  # exp(score / 0.07): at least float32
-        dtype = torch.promote_types(v_s.dtype, torch.float32)
-        a_s, a_t = v_s.to(dtype), v_t.to(dtype)
-        bank_t = memory.bank_t[rows].to(dtype)  # (N, 1 + K, feat_dim), constants
-        bank_s = memory.bank_s[rows].to(dtype)
-        scores_s = torch.einsum("nkd,nd->nk", bank_t, a_s)  # student anchor vs the teacher bank
-        scores_t = torch.einsum("nkd,nd->nk", bank_s, a_t)  # teacher anchor vs the student bank
-        Z = memory.normalizers(scores_s.detach(), scores_t.detach(), nce_t)
-        loss = crd_nce(scores_s, Z[0], n, nce_t) + crd_nce(scores_t, Z[1], n, nce_t)
+    bank_t, bank_s = memory.bank_t[rows], memory.bank_s[rows]  # (N, 1 + K, feat_dim), constants
+    scores_s = torch.einsum("nkd,nd->nk", bank_t, v_s)  # student anchor vs the teacher bank
+    scores_t = torch.einsum("nkd,nd->nk", bank_s, v_t)  # teacher anchor vs the student bank
+    Z = memory.normalizers(scores_s.detach(), scores_t.detach(), nce_t)
+    loss = crd_nce(scores_s, Z[0], n, nce_t) + crd_nce(scores_t, Z[1], n, nce_t)
     if memory.training:
         memory.update(index, v_s, v_t)
     return loss
@@ -475,12 +472,11 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 0.5) -> Tensor:
     if not temperature > 0:
         raise ValueError(f"nt_xent: the temperature must be positive, got {temperature}")
     n = a.shape[0]
-    with torch.autocast(device_type=a.device.type, enabled=False):  # exp(sim / T): in float32
-        z = F.normalize(torch.cat([a, b]).float(), dim=1)
-        logits = z @ z.t() / temperature
-        logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-        return F.cross_entropy(logits, partner)
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    logits = z @ z.t() / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, partner)
 
 
 def _embedding_head(width: int, out: int, device: torch.device | str | None = None) -> nn.Sequential:

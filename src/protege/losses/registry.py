@@ -41,19 +41,100 @@ applies it to the teacher tensor online, and a teacher-output cache stores the r
 instead of the raw map when only such terms read a tap (:mod:`protege.engine.cache`), so online and
 cached training hand the loss the same value. The reduction may be exact only for some shapes
 (``exact(student_shape, teacher_shape)``); elsewhere the term hands the loss the raw tensor.
+
+**Precision.** Every registered loss, and every teacher-side reduction, computes in (at least)
+float32 whatever its inputs' dtype: :func:`register_loss` wraps the function
+(:func:`computes_in_float32`), so direct calls such as ``protege.losses.logits.dkd(s, t, y)`` get it
+too. The wrapper disables autocast on the inputs' devices for the duration of the call (so the
+modules a state hands the loss, CRD's heads or VID's regressor, run in float32 as well) and casts
+every floating tensor narrower than float32 among the arguments, in lists, tuples and dicts too, to
+float32 (a differentiable cast: the gradient reaches the bf16 tensor); integer tensors (targets,
+indices) and float64 ones are left as they are. A loss written against this registry therefore
+needs no casts of its own. State modules keep float32 parameters (like the master weights of mixed
+precision); the term calls ``state(progress)`` with autocast disabled as well. A term's adapter is
+not part of the loss: it runs at the training's precision, like the student layers it extends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import unknown
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _narrow(x: torch.Tensor) -> bool:
+    """A floating tensor with fewer bits than float32 (bfloat16, float16, float8)."""
+    return x.is_floating_point() and x.dtype.itemsize < 4
+
+
+def widen(value: Any) -> Any:
+    """``value`` with every floating tensor narrower than float32 cast to float32, looked for in
+    lists, tuples (named tuples keep their type) and dicts; anything else, float64 and integer
+    tensors included, is returned as it is (containers too, when nothing in them changed)."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if _narrow(value) else value
+    if isinstance(value, (list, tuple)):
+        items = [widen(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        out = {k: widen(v) for k, v in value.items()}
+        return value if all(out[k] is v for k, v in value.items()) else out
+    return value
+
+
+def _device_types(value: Any, found: set[str]) -> set[str]:
+    if isinstance(value, torch.Tensor):
+        found.add(value.device.type)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _device_types(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _device_types(v, found)
+    return found
+
+
+@contextlib.contextmanager
+def autocast_disabled(*values: Any) -> Iterator[None]:
+    """Autocast switched off, for the block, on the device types of the tensors in ``values``
+    (looked for in lists, tuples and dicts); nothing changes where it is not on."""
+    with contextlib.ExitStack() as stack:
+        for device_type in sorted(_device_types(values, set())):
+            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
+def computes_in_float32(fn: _Fn) -> _Fn:
+    """``fn`` computing in (at least) float32 whatever its inputs: called with autocast disabled on
+    its tensors' devices, its narrower floating tensor arguments cast to float32 (:func:`widen`), and
+    a narrower result cast too. Keeps ``fn``'s name, docs and signature (``inspect.signature``
+    follows ``__wrapped__``). See the module docs, "Precision"."""
+    if getattr(fn, "_computes_in_float32", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = widen(args), widen(kwargs)
+        with autocast_disabled(args, kwargs):
+            return widen(fn(*args, **kwargs))
+
+    wrapper._computes_in_float32 = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
 
 
 def _always(student_shape: torch.Size, teacher_shape: torch.Size) -> bool:
@@ -114,7 +195,8 @@ class BoundReduction:
         return self.reduction.exact(student_shape, teacher_shape)
 
     def __call__(self, teacher: torch.Tensor) -> torch.Tensor:
-        return self.reduction.fn(teacher, **dict(self.values))
+        """The reduced teacher tensor, computed in float32 (see the module docs, "Precision")."""
+        return computes_in_float32(self.reduction.fn)(teacher, **dict(self.values))
 
 
 @dataclass(frozen=True)
@@ -174,7 +256,8 @@ def register_loss(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a pure loss function under ``name``.
 
-    The keyword parameters with defaults in the function's signature become the loss's
+    The function is registered, and returned, wrapped by :func:`computes_in_float32`: it computes
+    in float32 whatever its inputs' dtype, however it is called. The keyword parameters with defaults in the function's signature become the loss's
     documented hyper-parameters (shown by ``protege methods``). ``teacher_reduction``: what the
     loss accepts in place of the raw teacher tensor (see :class:`TeacherReduction`); its
     ``params`` must be parameters of the loss.
@@ -200,9 +283,10 @@ def register_loss(
             if state is not None
             else {}
         )
+        wrapped = computes_in_float32(fn)
         _LOSSES[name] = LossInfo(
             name=name,
-            fn=fn,
+            fn=wrapped,
             paper=paper,
             reads=reads,
             uses_teacher=uses_teacher,
@@ -214,7 +298,7 @@ def register_loss(
             state_params=state_params,
             teacher_reduction=teacher_reduction,
         )
-        return fn
+        return wrapped
 
     return decorator
 
@@ -230,4 +314,3 @@ def get_loss(name: str) -> LossInfo:
 def list_losses() -> list[LossInfo]:
     """Every registered loss, sorted by name."""
     return [_LOSSES[k] for k in sorted(_LOSSES)]
-

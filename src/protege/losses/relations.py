@@ -161,12 +161,16 @@ def _normalized_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
     return d / mean.clamp_min(eps)
 
 
-def _angles(x: Tensor) -> Tensor:
+def _angles(x: Tensor, eps: float = 1e-12) -> Tensor:
     """``a[j, i, k] = cos`` of the angle at ``x_j`` between ``x_i - x_j`` and ``x_k - x_j`` (N, N, N).
 
-    Degenerate triplets (``i == j`` or ``k == j``) give a zero vector, hence a cosine of 0.
+    Degenerate triplets (``i == j`` or ``k == j``, or duplicate samples ``x_i == x_j``) give a zero
+    vector, hence a cosine of 0, and no gradient through it (as the clamped distance of a duplicate
+    pair): ``F.normalize`` would hand a zero difference ``1 / eps`` (1e12) times its upstream gradient.
     """
-    e = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2.0, dim=2)  # e[j, i] = unit(x_i - x_j)
+    diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[j, i] = x_i - x_j
+    norm = diff.norm(p=2, dim=2, keepdim=True)
+    e = torch.where(norm > eps, diff / norm.clamp_min(eps), torch.zeros_like(diff))  # unit(x_i - x_j)
     return torch.bmm(e, e.transpose(1, 2))
 
 

@@ -417,15 +417,15 @@ def kd3_align(
         raise ValueError(f"kd3_align: the KD weight kd must be >= 0, got {kd}")
     projected, t = _projected_pair(student_features, teacher_features, projector, "kd3_align")
     with torch.no_grad():
-        z_t = head(torch.flatten(F.adaptive_avg_pool2d(t, 1), 1)).float()
-    z_s = head(torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1)).float()
+        z_t = head(torch.flatten(F.adaptive_avg_pool2d(t, 1), 1))
+    z_s = head(torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1))
     with torch.no_grad():
         gap = 0.5 * ((z_t / T).softmax(-1) - (z_s.detach() / T).softmax(-1)).abs().sum(-1)
     per_sample = (projected - t).pow(2).flatten(1).mean(1)
-    loss = ((1.0 + gap).to(per_sample.dtype) * per_sample).mean()
+    loss = ((1.0 + gap) * per_sample).mean()
     if kd > 0:
         log_q_t = F.log_softmax(z_t / kd_T, dim=-1)
         log_q_s = F.log_softmax(z_s / kd_T, dim=-1)
         kl = (log_q_t.exp() * (log_q_t - log_q_s)).sum(-1).mean()
-        loss = loss + (kd * kd_T**2) * kl.to(loss.dtype)
+        loss = loss + (kd * kd_T**2) * kl
     return loss

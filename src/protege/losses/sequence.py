@@ -120,11 +120,6 @@ def _rows(student: Tensor, teacher: Tensor, target: Tensor, loss: str) -> tuple[
     return student.reshape(-1, d)[keep], teacher.reshape(-1, d)[keep]
 
 
-def _wide(x: Tensor) -> Tensor:
-    """Half-precision tensors in float32 (softmax over a large vocabulary); others as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def _mean(per_row: Tensor) -> Tensor:
     """Mean over the kept positions; 0 (still attached to the graph) when none is kept."""
     return per_row.mean() if per_row.numel() else per_row.sum()
@@ -178,8 +173,8 @@ def token_divergence(
             divergence(*_cached_buckets(student_logits, teacher_logits, target, T, int(top_k), loss))
         )
     s, t = _rows(student_logits, teacher_logits, target, loss)
-    log_ps = F.log_softmax(_wide(s) / T, dim=-1)
-    log_pt = F.log_softmax(_wide(t) / T, dim=-1)
+    log_ps = F.log_softmax(s / T, dim=-1)
+    log_pt = F.log_softmax(t / T, dim=-1)
     if top_k:
         log_ps, log_pt = top_k_buckets(log_ps, log_pt, int(top_k))
     return _mean(divergence(log_ps, log_pt))
@@ -209,11 +204,11 @@ def _cached_buckets(
     v, k = student_logits.shape[-1], teacher.index.shape[-1]
     s = student_logits.reshape(-1, v)[keep]
     index = teacher.index.reshape(-1, k)[keep].long()
-    log_pt = teacher.logp.reshape(-1, k)[keep].float()
+    log_pt = teacher.logp.reshape(-1, k)[keep]
     if top_k and top_k < k:
         log_pt, at = log_pt.topk(top_k, dim=-1)
         index = index.gather(-1, at)
-    return cached_buckets(F.log_softmax(_wide(s), dim=-1), TopKLogProbs(index, log_pt))
+    return cached_buckets(F.log_softmax(s, dim=-1), TopKLogProbs(index, log_pt))
 
 
 def cached_buckets(log_ps: Tensor, teacher: TopKLogProbs) -> tuple[Tensor, Tensor]:
@@ -457,7 +452,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, target: Tensor) -
     Shapes: ``(B, L, D_t)`` each (after the adapter), and ``target`` ``(B, L)``.
     """
     s, t = _rows(student_hidden, teacher_hidden, target, "hidden_mse")
-    return _mean((_wide(s) - _wide(t)).pow(2).mean(-1))
+    return _mean((s - t).pow(2).mean(-1))
 
 
 @register_loss(
@@ -478,7 +473,7 @@ def hidden_cosine(student_hidden: Tensor, teacher_hidden: Tensor, target: Tensor
     DistilBERT needs equal widths; with the term's learned ``linear`` adapter any student width works.
     """
     s, t = _rows(student_hidden, teacher_hidden, target, "hidden_cosine")
-    return _mean(1.0 - F.cosine_similarity(_wide(s), _wide(t), dim=-1, eps=1e-8))
+    return _mean(1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8))
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -503,7 +498,7 @@ def _relation_logp(a: Tensor, b: Tensor, heads: int, who: str) -> Tensor:
     if a.shape[-1] % heads:
         raise ValueError(f"minilm: the {who} width {a.shape[-1]} does not split into {heads} relation heads")
     width = a.shape[-1] // heads
-    ha, hb = _heads(_wide(a), width, who), _heads(_wide(b), width, who)
+    ha, hb = _heads(a, width, who), _heads(b, width, who)
     if heads % hb.shape[1]:
         raise ValueError(
             f"minilm: the {who} keys have {hb.shape[1]} heads of width {width}, which do not divide the "
@@ -573,7 +568,7 @@ def minilm(
                     f"{tuple(target.shape)}, got {tuple(x.shape)}"
                 )
     keep = target != IGNORE_INDEX  # (B, L): the query rows that count
-    total = _wide(student_qkv[0]).new_zeros(())
+    total = student_qkv[0].new_zeros(())
     for rel in relations:
         a, b = rel
         log_s = _relation_logp(s_map[a], s_map[b], int(heads), "student")
