@@ -73,6 +73,17 @@ def test_resume_matches_straight_run(tmp_path, digits):
         assert torch.allclose(va, vb, atol=1e-6), k
 
 
+def test_resuming_a_finished_run_says_so_and_keeps_it(tmp_path, digits, capsys):
+    cfg = _cfg(epochs=1)
+    pg.fit(_distiller(digits), *_loaders(digits), cfg, tmp_path / "run")
+    before = (_lines(tmp_path / "run"), read_pointers(tmp_path / "run" / "checkpoints"))
+    capsys.readouterr()
+    summary = pg.fit(_distiller(digits, seed=7), *_loaders(digits), cfg, tmp_path / "run", resume=True)
+    assert "run: finished (1 of 1 epochs), nothing to resume" in capsys.readouterr().err
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    assert (_lines(tmp_path / "run"), read_pointers(tmp_path / "run" / "checkpoints")) == before
+
+
 class _NaNAfterFirstPass(Dataset):
     def __init__(self, base):
         self.base, self.reads = base, 0
@@ -90,10 +101,14 @@ def test_nan_loss_fails_the_run_and_keeps_last_good_checkpoint(tmp_path, digits)
     d = _distiller(digits)
     train = pg.make_loader(_NaNAfterFirstPass(digits.train), 64, shuffle=True)
     with pytest.raises(TrainingFailed) as failed:
-        pg.fit(d, train, pg.make_loader(digits.val, 256, False), _cfg(epochs=3, log_every=5), tmp_path / "run")
+        pg.fit(
+            d, train, pg.make_loader(digits.val, 256, False), _cfg(epochs=3, log_every=5), tmp_path / "run"
+        )
     # the exact step (the check runs every 5 steps), the terms, and what is on disk
     message = str(failed.value)
-    assert f"epoch 2, step 1 of {len(train)}" in message and "'ce' = nan" in message and "'kd' = nan" in message
+    assert (
+        f"epoch 2, step 1 of {len(train)}" in message and "'ce' = nan" in message and "'kd' = nan" in message
+    )
     assert "checkpoint epoch_0000 (epoch 1, the last good one" in message
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"].startswith("failed: non-finite loss in epoch 2, step 1")
@@ -110,7 +125,9 @@ def test_nan_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, digits)
     train = pg.make_loader(bad, 64, shuffle=True)
     with pytest.raises(TrainingFailed, match=r"epoch 1, step 1 of .*On disk: no checkpoint"):
         pg.fit(d, train, None, _cfg(epochs=2, log_every=3), tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists() or not read_pointers(tmp_path / "run" / "checkpoints")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not read_pointers(
+        tmp_path / "run" / "checkpoints"
+    )
 
 
 def test_checkpoint_is_safetensors_and_loads_into_build_model(tmp_path, digits):

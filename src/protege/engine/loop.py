@@ -384,6 +384,11 @@ def _fit(
                 pointers = {"last": last.name, "best": pointers["best"] if best_ok else last.name}
                 atomic_write_text(ckpt_root / POINTERS, json.dumps(pointers))
             _truncate_metrics(metrics_path, start_epoch)
+            if start_epoch >= cfg.epochs:
+                console.print(
+                    f"{run_dir}: finished ({cfg.epochs} of {cfg.epochs} epochs), nothing to resume",
+                    soft_wrap=True,
+                )
     elif main:  # a fresh start (check_run_dir allowed it): nothing of an earlier run may linger
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
