@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ProtegeError, TrainingFailed
@@ -425,16 +426,26 @@ def _print_run(summary: dict[str, Any], run_dir: Path) -> None:
     out.print(table)
 
 
+def _message(error: ProtegeError) -> str:
+    """The error's own message; one raised in a DataLoader worker comes back wrapped in the worker's
+    traceback text, which is not for the user: its last line is the message."""
+    text = str(error)
+    marker = "ProtegeError: "
+    if text.startswith("Caught ProtegeError") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def main() -> None:
     """Entry point: user errors print one message (no traceback) and exit with status 2; a run that
     failed (non-finite loss) says what happened and exits with status 1."""
     try:
         app()  # standalone: usage errors print their own message and exit 2
     except ProtegeError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(_message(e))}", highlight=False)
         sys.exit(2)
     except TrainingFailed as e:
-        Console(stderr=True).print(f"[bold red]run failed:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]run failed:[/] {escape(str(e))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

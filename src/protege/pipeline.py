@@ -485,7 +485,7 @@ def load_run(run_dir: str | Path, which: Literal["last", "best"] = "best") -> Lo
     teachers = [build_from(s, data) for s in cfg.all_teachers()]
     task = build_task(cfg.task)
     final_cfg = cfg.stage_config(len(cfg.stages) - 1) if cfg.stages else cfg
-    terms = [Term(**t.model_dump()) for t in final_cfg.terms]
+    terms = [Term(**t.term_kwargs()) for t in final_cfg.terms]
     if (where / "distiller.safetensors").is_file() and any(hasattr(t.state, "inference") for t in terms):
         # the method predicts through trained modules of its own (SimKD: projector + teacher head)
         n_teachers = max(len(cfg.all_teachers()), 1)  # the same terms, so state keys line up
