@@ -355,7 +355,11 @@ class CacheConfig(BaseModel):
         description="augmented views stored per training sample (1 when the transform has no randomness)",
     )
     top_k: int | Literal["all"] = Field(
-        10, description="teacher classes stored per view (fp16 log-probs + indices), or 'all' for full logits"
+        "all",
+        description="'all': the teacher's full logits, in float32, from which every term computes its online "
+        "loss exactly; k: only the top-k log-probabilities (dtype) + indices per view, for runs whose terms "
+        "read no teacher logits (a distill run whose terms read them is refused: no loss over the classes is "
+        "exact from top-k). lm caches: top-k next tokens, 128 when not set",
     )
     taps: list[str] = Field(
         default_factory=list, description="teacher taps to store too (for feature losses)"
@@ -366,7 +370,8 @@ class CacheConfig(BaseModel):
         "(AT: the attention map, H*W floats instead of C*H*W); false: store raw maps",
     )
     dtype: Literal["float16", "float32", "bfloat16"] = Field(
-        "float16", description="storage of logits and taps"
+        "float16",
+        description="storage of the taps (and of top-k log-probabilities); full logits are always float32",
     )
     shard_size: int = Field(10_000, gt=0, description="samples per shard file")
     seed: int = Field(0, description="seed of the drawn augmentation parameters")
