@@ -29,8 +29,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -402,6 +404,16 @@ class CacheConfig(BaseModel):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be a positive number of classes or 'all'")
         return v
+
+    @model_serializer(mode="wrap")
+    def _top_k_unset_stays_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A dump leaves ``top_k`` out when the config did not set it, so that it stays unset through
+        ``--set`` overrides (applied to a dump, validated again): an lm cache then takes its own
+        default, 128 tokens, rather than the classification default, all classes."""
+        data = handler(self)
+        if "top_k" not in self.model_fields_set:
+            data.pop("top_k", None)
+        return data
 
 
 class RunConfig(TrainConfig):

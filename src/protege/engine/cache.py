@@ -908,12 +908,12 @@ class TermReads:
 
 
 def describe_temperature(info: LossInfo, params: Mapping[str, Any]) -> str:
-    """A term's temperature in words: ``"T = 4"`` (its ``T``), ``"T = 4 (kd's default)"``, ``"a
+    """A term's temperature in words: ``"T = 4"`` (its ``T``), ``"T = 4, kd's default"``, ``"a
     learned temperature"`` (CTKD) or ``"no temperature"``."""
     if "T" in params:
         return f"T = {params['T']:g}" if isinstance(params["T"], (int, float)) else f"T = {params['T']}"
     if "T" in info.params:
-        return f"T = {info.params['T']:g} ({info.name}'s default)"
+        return f"T = {info.params['T']:g}, {info.name}'s default"
     if "init_T" in info.state_params:
         return "a learned temperature"
     return "no temperature"
