@@ -964,10 +964,11 @@ def check_cached_logits(terms: Sequence[Term | TermReads], cache: TeacherCache) 
         k = cache.index.get("top_k")
         raise ProtegeError(
             f"{who} the teacher's logits, but cache {cache.path} holds only the teacher's top-{k} of "
-            f"{c} classes per view, from which the loss cannot be computed exactly: a divergence over "
-            f"the {c} classes needs the teacher's probability of each of the other {c - k} classes (the "
-            "tail of its distribution), which a top-k cache does not keep, and filling the tail in "
-            f"(e.g. uniformly) changes the loss by an amount nothing bounds. {fix}"
+            f"{c} classes per view, from which no loss over the teacher's class distribution is exact, "
+            f"at any temperature: it needs the teacher's logit of each of the other {c - k} classes, "
+            "which a top-k cache does not keep (their total probability does not tell how it splits "
+            f"among them), and filling them in (e.g. uniformly) changes the loss by an amount nothing "
+            f"bounds. {fix}"
         )
     dtype = train.get("logits_dtype", train.get("dtype"))
     raise ProtegeError(
