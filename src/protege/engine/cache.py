@@ -956,9 +956,9 @@ def check_cached_logits(terms: Sequence[Term | TermReads], cache: TeacherCache) 
     who = f"term {named} reads" if len(readers) == 1 else f"terms {named} read"
     c = cache.num_classes
     fix = (
-        "Rebuild the cache with the full logits, stored in float32, from which every term computes "
-        "exactly its online loss: `protege cache <config> --top-k all --overwrite` (or set "
-        "`cache: {top_k: all}` in the config)."
+        "Rebuild the cache with the full logits, stored in float32, from which every term reading "
+        "them computes exactly its online loss: `protege cache <config> --top-k all --overwrite` (or "
+        "set `cache: {top_k: all}` in the config)."
     )
     if train.get("storage") != "full":
         k = cache.index.get("top_k")
