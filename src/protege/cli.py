@@ -89,7 +89,12 @@ def cache(
         int | None, typer.Option("--views", help="augmented views stored per training sample")
     ] = None,
     top_k: Annotated[
-        str | None, typer.Option("--top-k", help="teacher classes stored per view, or 'all'")
+        str | None,
+        typer.Option(
+            "--top-k",
+            help="teacher classes stored per view: 'all' (the default: full float32 logits, exact for every "
+            "term) or k (top-k only: for runs whose terms read no teacher logits; lm caches: default 128)",
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="cache directory (default: the config's cache.path)")
@@ -112,9 +117,16 @@ def cache(
             soft_wrap=True,
         )
         return
+    logits = (
+        "full float32 logits"
+        if index["top_k"] == "all"
+        else f"top-{index['top_k']} of {index['num_classes']} classes ({index['dtype']}; for terms that read "
+        "no teacher logits)"
+    )
+    taps = f", taps in {index['dtype']}" if index.get("taps") else ""
     out.print(
         f"cache {index['path']}: {train['samples']} training samples x {index['views']} view(s), "
-        f"top-k {index['top_k']} ({index['dtype']}), {len(train['shards'])} shard(s); "
+        f"{logits}{taps}, {len(train['shards'])} shard(s); "
         f"{index['bytes'] / 1e6:.2f} MB in all, {index['train_bytes_per_sample']:.0f} bytes per training "
         f"sample; built in {index['build_seconds']:.1f} s",
         soft_wrap=True,

@@ -30,8 +30,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -374,7 +376,11 @@ class CacheConfig(BaseModel):
         description="augmented views stored per training sample (1 when the transform has no randomness)",
     )
     top_k: int | Literal["all"] = Field(
-        10, description="teacher classes stored per view (fp16 log-probs + indices), or 'all' for full logits"
+        "all",
+        description="'all': the teacher's full logits, in float32, from which every term computes its online "
+        "loss exactly; k: only the top-k log-probabilities (dtype) + indices per view, for runs whose terms "
+        "read no teacher logits (a distill run whose terms read them is refused: no loss over the classes is "
+        "exact from top-k). lm caches: top-k next tokens, 128 when not set",
     )
     taps: list[str] = Field(
         default_factory=list, description="teacher taps to store too (for feature losses)"
@@ -385,7 +391,8 @@ class CacheConfig(BaseModel):
         "(AT: the attention map, H*W floats instead of C*H*W); false: store raw maps",
     )
     dtype: Literal["float16", "float32", "bfloat16"] = Field(
-        "float16", description="storage of logits and taps"
+        "float16",
+        description="storage of the taps (and of top-k log-probabilities); full logits are always float32",
     )
     shard_size: int = Field(10_000, gt=0, description="samples per shard file")
     seed: int = Field(0, description="seed of the drawn augmentation parameters")
@@ -416,6 +423,16 @@ class CacheConfig(BaseModel):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be a positive number of classes or 'all'")
         return v
+
+    @model_serializer(mode="wrap")
+    def _top_k_unset_stays_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A dump leaves ``top_k`` out when the config did not set it, so that it stays unset through
+        ``--set`` overrides (applied to a dump, validated again): an lm cache then takes its own
+        default, 128 tokens, rather than the classification default, all classes."""
+        data = handler(self)
+        if "top_k" not in self.model_fields_set:
+            data.pop("top_k", None)
+        return data
 
 
 class RunConfig(TrainConfig):
