@@ -337,3 +337,11 @@ def test_imagefolder_errors_name_the_file_and_the_empty_split(tmp_path, monkeypa
         image.unlink()
     code, err = _cli(monkeypatch, capsys, "train", str(path), "--overwrite")
     assert code == 2 and f"{images / 'val'} holds no images" in err
+
+
+def test_reading_a_damaged_checkpoint_is_a_clear_error(tmp_path, paused, monkeypatch, capsys):
+    _damage(paused, "model")
+    with pytest.raises(ProtegeError, match=r"checkpoint .*epoch_0001 is damaged \(model.safetensors has"):
+        pg.evaluate_run(paused, split="val", which="last", latency=False)
+    code, err = _cli(monkeypatch, capsys, "evaluate", str(paused))
+    assert code == 2 and "is damaged" in err and "Traceback" not in err

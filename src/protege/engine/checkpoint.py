@@ -289,14 +289,23 @@ def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
 
 
 def checkpoint_dir(run_dir: str | Path, which: str = "last") -> Path:
-    """The directory of a run's ``last`` or ``best`` checkpoint."""
+    """The directory of a run's ``last`` or ``best`` checkpoint, verified (:func:`verify_checkpoint`):
+    a damaged one is a :class:`ProtegeError` that says what is wrong (resuming falls back to an
+    intact one; reading a damaged checkpoint's weights never happens silently)."""
     root = Path(run_dir) / "checkpoints"
     pointers = read_pointers(root)
     if which not in pointers:
         raise ProtegeError(
             f"no {which} checkpoint in {root}: was the run started (and did it finish an epoch)?"
         )
-    return root / pointers[which]
+    path = root / pointers[which]
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise ProtegeError(
+            f"the {which} checkpoint {path} is damaged ({reason}); resume the run (--resume) to continue "
+            "from the newest intact checkpoint, or train it again"
+        )
+    return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
