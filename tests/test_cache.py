@@ -1,11 +1,11 @@
-"""Teacher-output cache (offline KD): reconstruction, replayable views, equivalence with online
-distillation, staleness and corruption checks, and the ``protege cache`` command."""
+"""Teacher-output cache (offline KD): replayable views, equivalence with online distillation,
+staleness and corruption checks, and the ``protege cache`` command (exactness of logit terms and the
+refusal of top-k caches: tests/test_cache_exact.py)."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -24,61 +24,11 @@ from protege.config import load_config
 from protege.data import DataSplits, TensorImageDataset, TransformSubset, build_transforms
 from protege.data.views import ReplayDataset, replay_for, view_offsets
 from protege.engine import evaluate, make_loader
-from protege.engine.cache import TeacherCache, cache_loader, dense_logits, index_dtype, write_cache
+from protege.engine.cache import TeacherCache, cache_loader, index_dtype, write_cache
 from protege.errors import ProtegeError
 from protege.tasks import ClassificationTask
 
-# -- dense logits from top-k ----------------------------------------------------------------------
-
-
-def _softmax64(z: np.ndarray) -> np.ndarray:
-    out = np.empty_like(z)
-    for r in range(z.shape[0]):
-        m = max(z[r])
-        e = [math.exp(v - m) for v in z[r]]
-        s = sum(e)
-        out[r] = [v / s for v in e]
-    return out
-
-
-def _store(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse = z.logsumexp(-1)
-    top, idx = z.topk(k, dim=-1)
-    return top - lse.unsqueeze(-1), idx, lse
-
-
-def test_dense_logits_exact_with_all_classes():
-    z = torch.randn(5, 7, dtype=torch.float64) * 3
-    logp, idx, lse = _store(z, 7)
-    dense = dense_logits(logp, idx, lse, 7)
-    assert dense.dtype == torch.float32
-    torch.testing.assert_close(dense.double(), z, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_dense_logits_keeps_top_k_and_spreads_the_tail(dtype, tol):
-    torch.manual_seed(0)
-    z = torch.randn(4, 9, dtype=torch.float64) * 2
-    k, c = 3, 9
-    logp, idx, lse = _store(z, k)
-    dense = dense_logits(logp.to(dtype), idx.to(torch.uint8), lse.float(), c).double()
-    ref = _softmax64(z.numpy())
-    got = _softmax64(dense.numpy())
-    for r in range(4):
-        top = sorted(range(c), key=lambda j: -ref[r][j])[:k]
-        tail = 1.0 - sum(ref[r][j] for j in top)
-        for j in range(c):
-            want = ref[r][j] if j in top else tail / (c - k)
-            assert abs(got[r][j] - want) <= tol * want
-            if j in top:  # the stored classes keep their raw logits
-                assert abs(dense[r, j].item() - z[r, j].item()) <= tol * 4
-
-
-def test_dense_logits_validates_shapes():
-    with pytest.raises(ValueError, match=r"\(\.\.\., k\)"):
-        dense_logits(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2), 10)
-    with pytest.raises(ValueError, match="exceed num_classes"):
-        dense_logits(torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2), 4)
+# -- storage ---------------------------------------------------------------------------------------
 
 
 def test_index_dtype_is_the_smallest_that_fits():
@@ -280,15 +230,21 @@ def _same(a, b) -> None:
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
-def test_batched_reads_equal_single_reads(tmp_path):
+@pytest.mark.parametrize("top_k", [2, "all"])
+def test_batched_reads_equal_single_reads(tmp_path, top_k):
     data = _tensor_data()
-    write_cache(tmp_path / "c", data, [_mlp(1), _mlp(4)], views=3, top_k=2, taps=["1"])
+    write_cache(tmp_path / "c", data, [_mlp(1), _mlp(4)], views=3, top_k=top_k, taps=["1"])
     cache = TeacherCache.open(tmp_path / "c")
     assert cache.tensors["train"]["params"].dtype == torch.int16
     for split, ds in (("train", data.train), ("val", data.val)):
         cached = cache.dataset(split, ds, seed=1)
         indices = [3, 40 + 7, 2 * 40 + 3, 11] if split == "train" else [0, 5, 11]
         _same(cached.__getitems__(indices), [cached[i] for i in indices])
+        # logits only where they are exact: a top-k training split hands out its taps alone
+        keys = set(cached[indices[0]][2]["teacher_outputs"][1])
+        assert keys == (
+            {"1"} if split == "train" and top_k == 2 else {"logits", "1"} if split == "train" else {"logits"}
+        )
 
 
 def test_pil_recipe_cache_replays_its_views(tmp_path):
@@ -305,14 +261,14 @@ def test_pil_recipe_cache_replays_its_views(tmp_path):
     )
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 3))
-    write_cache(tmp_path / "c", data, [teacher], views=2, top_k=2)
+    write_cache(tmp_path / "c", data, [teacher], views=2)  # full fp32 logits by default
     train = TeacherCache.open(tmp_path / "c").dataset("train", data.train)
     _same(train.__getitems__([13, 2]), [train[13], train[2]])
     x, _, meta = train[13]  # epoch 1, sample 3
-    probs = teacher(x[None]).softmax(-1)[0].detach()
-    got = meta["teacher_outputs"][0]["logits"].softmax(-1)
-    top = probs.topk(2).indices
-    torch.testing.assert_close(got[top], probs[top], atol=2e-3, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            meta["teacher_outputs"][0]["logits"], teacher(x[None])[0], rtol=1e-6, atol=1e-6
+        )
 
 
 def _step_losses(distiller: Distiller, loader, epochs: int) -> list[dict[str, float]]:
@@ -363,17 +319,21 @@ def test_distilling_from_the_cache_equals_online_distillation(tmp_path):
         assert abs(val_online[k] - val_cached[k]) < 1e-6
 
 
-def test_fp16_top_k_cache_trains_and_gradients_flow(tmp_path):
+def test_fp16_top_k_cache_trains_feature_terms_and_gradients_flow(tmp_path):
+    """A top-k cache (k < C) is for terms that read no teacher logits: a feature term trains from it."""
     data = _tensor_data()
-    write_cache(tmp_path / "c", data, [_mlp(1)], views=2, top_k=2)
+    index = write_cache(tmp_path / "c", data, [_mlp(1)], views=2, top_k=2, taps=["2"])
+    assert index["top_k"] == 2 and index["splits"]["train"]["storage"] == "topk"
     cache = TeacherCache.open(tmp_path / "c")
     assert cache.tensors["train"]["t0.logp"].dtype == torch.float16
     assert cache.tensors["train"]["t0.index"].dtype == torch.uint8
-    distiller = Distiller(_mlp(2), None, [Term("kd", 1.0, T=2.0)], cached_teachers=1)
+    assert cache.tensors["train"]["t0.tap.2"].dtype == torch.float16
+    distiller = Distiller(_mlp(2), None, [Term("fitnet", 1.0, student="2", teacher="2")], cached_teachers=1)
     batch = next(iter(cache_loader(cache.dataset("train", data.train), 8, shuffle=True)))
     _, losses = distiller(batch)
-    losses["kd"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
+    losses["fitnet:2"].backward()
+    trained = list(distiller.student.parameters())[:2]  # the layers before the tap
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
 
 
 # -- corruption ---------------------------------------------------------------------------------------
@@ -455,7 +415,7 @@ def _run_config(tmp_path: Path, teacher_weights: Path, **cache) -> Path:
         "epochs": 1,
         "progress": False,
         "measure_cost": False,
-        "cache": {"path": str(tmp_path / "cache"), "views": 2, "top_k": 3, **cache},
+        "cache": {"path": str(tmp_path / "cache"), "views": 2, **cache},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -544,9 +504,7 @@ def test_cli_cache_then_distill_without_the_teacher(tmp_path, monkeypatch, capsy
 
     built: list[str] = []
     real = build.build_from
-    monkeypatch.setattr(
-        build, "build_from", lambda spec, data: built.append(spec.model) or real(spec, data)
-    )
+    monkeypatch.setattr(build, "build_from", lambda spec, data: built.append(spec.model) or real(spec, data))
     assert _cli(monkeypatch, "distill", str(config)) == 0
     assert built == ["mlp_s"]
     summary = json.loads((tmp_path / "runs" / "kd" / "summary.json").read_text())

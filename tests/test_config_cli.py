@@ -158,4 +158,4 @@ def test_example_configs_validate():
         stages = [cfg.stage_config(i) for i in range(len(cfg.stages))] or [cfg]
         for stage in stages:
             for t in stage.terms:
-                Term(**t.model_dump())
+                Term(**t.term_kwargs())

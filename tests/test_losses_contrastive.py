@@ -500,7 +500,7 @@ def test_crd_bank_survives_checkpoint_and_resume(tmp_path: Path, monkeypatch: py
 def test_example_config_builds_its_terms() -> None:
     path = Path(__file__).parent.parent / "configs" / "mnist-crd.yaml"
     cfg = load_config(path)
-    terms = [Term(**t.model_dump()) for t in cfg.terms]
+    terms = [Term(**t.term_kwargs()) for t in cfg.terms]
     crd_terms = [t for t in terms if t.loss == "crd"]
     assert len(crd_terms) == 1 and crd_terms[0].info.uses_index
     raw = yaml.safe_load(path.read_text())

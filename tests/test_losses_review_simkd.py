@@ -535,7 +535,7 @@ def test_configs_build_and_run_one_step(name: str) -> None:
     torch.manual_seed(0)
     student = pg.build_model(cfg.student.model, num_classes=classes, in_chans=chans)
     teacher = pg.build_model(cfg.teacher.model, num_classes=classes, in_chans=chans)
-    terms = [pg.Term(**t.model_dump()) for t in cfg.terms]
+    terms = [pg.Term(**t.term_kwargs()) for t in cfg.terms]
     d = pg.Distiller(student, teacher, terms)
     example = (torch.randn(2, chans, side, side), torch.randint(0, classes, (2,)))
     d.prepare(example)

@@ -606,7 +606,7 @@ def test_config_builds_and_runs_one_step(name: str) -> None:
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
     carried: dict[str, dict] = {}
     for scfg in stage_cfgs:
-        terms = [Term(**t.model_dump()) for t in scfg.terms]
+        terms = [Term(**t.term_kwargs()) for t in scfg.terms]
         d = pg.Distiller(student, teacher, terms)
         d.prepare((x, y))
         for term in d.terms:

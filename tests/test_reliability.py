@@ -253,3 +253,95 @@ def test_cli_exit_code_of_a_run_that_went_non_finite_is_1(tmp_path):
     err = " ".join(proc.stderr.split())
     assert "run failed:" in err and "non-finite loss in epoch" in err
     assert "Traceback" not in proc.stderr and "the run is complete" not in proc.stdout
+
+
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from protege import cli
+
+    monkeypatch.setattr(sys, "argv", ["protege", *args])
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+def _image_folder(root: Path, bad: bool = False, val_images: int = 2) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", val_images)):
+        for c in "ab":
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray((rng.random((12, 12, 3)) * 255).astype("uint8")).save(
+                    root / split / c / f"{i}.png"
+                )
+    if bad:
+        (root / "train" / "b" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"name: a\nepochs: 2\nepochs: 3\nstudent: {model: mlp_s}\n", "found the key 'epochs' twice"),
+        (b"name: \xe9t\xe9\nstudent: {model: mlp_s}\n", "is not UTF-8 text"),
+        (b"student: {model: mlp_s}\nterms: [{loss: ce, weight: -1}]\n", "weight -1.0 is negative"),
+        (b"student: {model: mlp_s}\nterms: [{loss: ce, weight: .nan}]\n", "weight must be a finite number"),
+        (
+            b"data: {source: digits}\nstudent: {model: mlp_s, kwargs: {num_classes: 100, input_size: 8}}\n",
+            "kwargs.num_classes is 100, but the data (digits) has 10",
+        ),
+    ],
+)
+def test_config_mistakes_are_clear_errors_that_leave_nothing(tmp_path, monkeypatch, capsys, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(
+        content + f"output_dir: {tmp_path / 'runs'}\nepochs: 1\n".encode()
+        if b"epochs" not in content
+        else content + f"output_dir: {tmp_path / 'runs'}\n".encode()
+    )
+    code, err = _cli(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_directory_as_the_config_path_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    code, err = _cli(monkeypatch, capsys, "train", str(tmp_path))
+    assert code == 2 and "is a directory; give the config file itself" in err
+
+
+def test_a_negative_weight_is_accepted_when_asked_for(tmp_path):
+    cfg = load_config(None, **_cfg(tmp_path, terms=[{"loss": "ce", "weight": -0.5, "allow_negative": True}]))
+    assert cfg.terms[0].weight == -0.5 and "allow_negative" not in cfg.terms[0].params
+
+
+def test_imagefolder_errors_name_the_file_and_the_empty_split(tmp_path, monkeypatch, capsys):
+    images = _image_folder(tmp_path / "images", bad=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            _cfg(tmp_path, data={"source": "imagefolder", "root": str(images), "batch_size": 64}, epochs=1)
+        )
+    )
+    code, err = _cli(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and "cannot read image" in err and "broken.png" in err and "skip_bad_images" in err
+    assert not (tmp_path / "runs").exists()  # found by the first batch, before the run directory
+    code, err = _cli(monkeypatch, capsys, "train", str(path), "--set", "data.options.skip_bad_images=true")
+    assert code == 0 and "left out 1 unreadable image(s)" in err and "broken.png" in err
+    for image in (images / "val").rglob("*.png"):
+        image.unlink()
+    code, err = _cli(monkeypatch, capsys, "train", str(path), "--overwrite")
+    assert code == 2 and f"{images / 'val'} holds no images" in err
+
+
+def test_reading_a_damaged_checkpoint_is_a_clear_error(tmp_path, paused, monkeypatch, capsys):
+    _damage(paused, "model")
+    with pytest.raises(ProtegeError, match=r"checkpoint .*epoch_0001 is damaged \(model.safetensors has"):
+        pg.evaluate_run(paused, split="val", which="last", latency=False)
+    code, err = _cli(monkeypatch, capsys, "evaluate", str(paused))
+    assert code == 2 and "is damaged" in err and "Traceback" not in err

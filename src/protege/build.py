@@ -66,8 +66,17 @@ def build_from(spec: ModelConfig, data: DataSplits) -> nn.Module:
     own = task.build_model(spec.model, weights, spec.kwargs, data)
     if own is not None:
         return own
+    kwargs = dict(spec.kwargs)
+    for key, value in (("num_classes", data.num_classes), ("in_chans", data.in_chans)):
+        if key in kwargs:  # the data decides; the same value said twice is fine
+            if kwargs[key] != value:
+                raise ProtegeError(
+                    f"model {spec.model!r}: kwargs.{key} is {kwargs[key]!r}, but the data "
+                    f"({data.source}) has {value}; remove kwargs.{key} (it is taken from the data)"
+                )
+            del kwargs[key]
     return build_model(
-        spec.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights, **spec.kwargs
+        spec.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights, **kwargs
     )
 
 
@@ -88,7 +97,7 @@ def build_terms(cfg: RunConfig, mode: Mode = "distill", stage: bool = False) -> 
     ``stage``: the terms of one stage of a multi-stage run, which may train on labels only (the
     run checks that some stage reads the teacher).
     """
-    terms = [Term(**t.model_dump()) for t in cfg.terms]  # extra keys are the loss's params
+    terms = [Term(**t.term_kwargs()) for t in cfg.terms]  # extra keys are the loss's params
     if mode == "train":
         return [t for t in terms if not t.uses_teacher] or [Term("ce")]
     if stage:
@@ -176,5 +185,3 @@ def _eos_ids(data: DataSplits) -> tuple[int, ...]:
     """The EOS token of the data's tokenizer (what ends a generated completion), if it has one."""
     eos = getattr(getattr(data, "tokenizer", None), "eos_token_id", None)
     return () if eos is None else (int(eos),)
-
-

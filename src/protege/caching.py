@@ -21,8 +21,10 @@ from .data.splits import DataSplits
 from .engine.cache import (
     TeacherCache,
     TermReads,
+    check_cached_logits,
     check_cached_taps,
     data_parts,
+    describe_temperature,
     fingerprint_part,
     teacher_reductions,
     write_cache,
@@ -32,7 +34,14 @@ from .errors import ProtegeError
 from .files import sha256_file
 from .losses import get_loss
 
-__all__ = ["build_cache", "fingerprint_parts", "lm_fingerprint_parts", "teacher_part", "use_cache", "use_lm_cache"]
+__all__ = [
+    "build_cache",
+    "fingerprint_parts",
+    "lm_fingerprint_parts",
+    "teacher_part",
+    "use_cache",
+    "use_lm_cache",
+]
 
 
 def _weights_file(weights: str) -> Path:
@@ -127,7 +136,7 @@ def build_cache(
     if settings is None:
         if out is None:
             raise ProtegeError(
-                "where should the cache go? add `cache: <path>` (or `cache: {path: ..., views: 4, top_k: 10}`) "
+                "where should the cache go? add `cache: <path>` (or `cache: {path: ..., views: 4}`) "
                 "to the config, or pass --out DIR"
             )
         settings = CacheConfig(path=str(out))
@@ -182,7 +191,7 @@ def _build_lm_cache(
         path,
         data,
         build_from(cfg.all_teachers()[0], data),
-        top_k=top_k if top_k is not None else (settings.top_k if settings is not None else 128),
+        top_k=top_k if top_k is not None else _lm_top_k(settings),
         levels=settings.levels if settings is not None else 96,
         shard_size=settings.shard_size if settings is not None else 10_000,
         batch_size=cfg.data.eval_batch_size,
@@ -192,6 +201,12 @@ def _build_lm_cache(
         teacher_precision=cfg.teacher_precision,
     )
     return {**index, "path": str(path)}
+
+
+def _lm_top_k(settings: CacheConfig | None) -> int | str:
+    """An lm cache's ``top_k``: the config's when it sets one, else 128 (``CacheConfig``'s default,
+    ``all``, is the classification cache's: a vocabulary's full rows are far too large to store)."""
+    return settings.top_k if settings is not None and "top_k" in settings.model_fields_set else 128
 
 
 def _student_spec_models(cfg: RunConfig) -> list[Any]:
@@ -218,6 +233,8 @@ def _run_terms(cfg: RunConfig) -> list[TermReads]:
                 name=term_name(t.loss, t.student, t.name),
                 taps=[k for k in keys if k not in LOGIT_KEYS] if info.uses_teacher else [],
                 reduction=teacher_reduction(info, t.teacher, t.params, t.adapter is not None),
+                logits=info.uses_teacher and any(k in LOGIT_KEYS for k in keys),
+                temperature=describe_temperature(info, t.params),
             )
         )
     return reads
@@ -230,9 +247,14 @@ def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCach
     yield their items with the cached teacher logits (for fidelity metrics). Load the training
     split with :func:`cache_loader`, and build the Distiller with ``cached_teachers=cache.teachers``.
 
+    Nothing is written: the pipeline calls this before it creates the run directory, so a refused
+    cache leaves no trace of the run.
+
     Raises:
         ProtegeError: no cache, a stale one (teacher weights, data or transforms changed), a
-            damaged shard, or a cache that lacks a tap a term reads.
+            damaged shard, a cache from which a term that reads the teacher's logits would not get
+            them exactly (top-k, or float16 logits of an older version; see
+            :func:`protege.engine.cache.check_cached_logits`), or a cache that lacks a tap a term reads.
     """
     settings = cfg.cache
     if settings is None:
@@ -246,7 +268,9 @@ def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCach
     n = len(cfg.all_teachers())
     if cache.teachers != n:
         raise ProtegeError(f"cache {cache.path} holds {cache.teachers} teacher(s)' outputs, the run has {n}")
-    check_cached_taps(_run_terms(cfg), cache)
+    terms = _run_terms(cfg)
+    check_cached_logits(terms, cache)
+    check_cached_taps(terms, cache)
     splits = dataclasses.replace(
         data,
         train=cache.dataset("train", data.train, seed=cfg.seed),

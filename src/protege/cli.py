@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ProtegeError, TrainingFailed
@@ -88,7 +89,12 @@ def cache(
         int | None, typer.Option("--views", help="augmented views stored per training sample")
     ] = None,
     top_k: Annotated[
-        str | None, typer.Option("--top-k", help="teacher classes stored per view, or 'all'")
+        str | None,
+        typer.Option(
+            "--top-k",
+            help="teacher classes stored per view: 'all' (the default: full float32 logits, exact for every "
+            "term) or k (top-k only: for runs whose terms read no teacher logits; lm caches: default 128)",
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="cache directory (default: the config's cache.path)")
@@ -111,9 +117,16 @@ def cache(
             soft_wrap=True,
         )
         return
+    logits = (
+        "full float32 logits"
+        if index["top_k"] == "all"
+        else f"top-{index['top_k']} of {index['num_classes']} classes ({index['dtype']}; for terms that read "
+        "no teacher logits)"
+    )
+    taps = f", taps in {index['dtype']}" if index.get("taps") else ""
     out.print(
         f"cache {index['path']}: {train['samples']} training samples x {index['views']} view(s), "
-        f"top-k {index['top_k']} ({index['dtype']}), {len(train['shards'])} shard(s); "
+        f"{logits}{taps}, {len(train['shards'])} shard(s); "
         f"{index['bytes'] / 1e6:.2f} MB in all, {index['train_bytes_per_sample']:.0f} bytes per training "
         f"sample; built in {index['build_seconds']:.1f} s",
         soft_wrap=True,
@@ -425,16 +438,26 @@ def _print_run(summary: dict[str, Any], run_dir: Path) -> None:
     out.print(table)
 
 
+def _message(error: ProtegeError) -> str:
+    """The error's own message; one raised in a DataLoader worker comes back wrapped in the worker's
+    traceback text, which is not for the user: its last line is the message."""
+    text = str(error)
+    marker = "ProtegeError: "
+    if text.startswith("Caught ProtegeError") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def main() -> None:
     """Entry point: user errors print one message (no traceback) and exit with status 2; a run that
     failed (non-finite loss) says what happened and exits with status 1."""
     try:
         app()  # standalone: usage errors print their own message and exit 2
     except ProtegeError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(_message(e))}", highlight=False)
         sys.exit(2)
     except TrainingFailed as e:
-        Console(stderr=True).print(f"[bold red]run failed:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]run failed:[/] {escape(str(e))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

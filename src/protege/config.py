@@ -19,6 +19,7 @@ reported in one message that names the key, the problem and the closest valid sp
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,8 +30,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -278,10 +281,28 @@ class TermConfig(BaseModel):
     warmup: float = Field(0.0, ge=0)
     teacher_index: int | None = None
     adapter: str | None = Field(None, description="auto | linear | conv1x1 | conv_bn | conv_bn_relu")
+    allow_negative: bool = Field(
+        False, description="accept a negative weight (the student then moves away from what the term measures)"
+    )
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def term_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`protege.core.distiller.Term` (the loss's params included)."""
+        return self.model_dump(exclude={"allow_negative"})
+
+    @model_validator(mode="after")
+    def _weight(self) -> TermConfig:
+        if not math.isfinite(self.weight):
+            raise ValueError(f"weight must be a finite number, got {self.weight}")
+        if self.weight < 0 and not self.allow_negative:
+            raise ValueError(
+                f"weight {self.weight} is negative: the term would be maximized (the student pushed away "
+                "from it). Use a positive weight, or set allow_negative: true on the term if that is meant"
+            )
+        return self
 
 
 class StudentConfig(ModelConfig):
@@ -355,7 +376,11 @@ class CacheConfig(BaseModel):
         description="augmented views stored per training sample (1 when the transform has no randomness)",
     )
     top_k: int | Literal["all"] = Field(
-        10, description="teacher classes stored per view (fp16 log-probs + indices), or 'all' for full logits"
+        "all",
+        description="'all': the teacher's full logits, in float32, from which every term computes its online "
+        "loss exactly; k: only the top-k log-probabilities (dtype) + indices per view, for runs whose terms "
+        "read no teacher logits (a distill run whose terms read them is refused: no loss over the classes is "
+        "exact from top-k). lm caches: top-k next tokens, 128 when not set",
     )
     taps: list[str] = Field(
         default_factory=list, description="teacher taps to store too (for feature losses)"
@@ -366,7 +391,8 @@ class CacheConfig(BaseModel):
         "(AT: the attention map, H*W floats instead of C*H*W); false: store raw maps",
     )
     dtype: Literal["float16", "float32", "bfloat16"] = Field(
-        "float16", description="storage of logits and taps"
+        "float16",
+        description="storage of the taps (and of top-k log-probabilities); full logits are always float32",
     )
     shard_size: int = Field(10_000, gt=0, description="samples per shard file")
     seed: int = Field(0, description="seed of the drawn augmentation parameters")
@@ -397,6 +423,16 @@ class CacheConfig(BaseModel):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be a positive number of classes or 'all'")
         return v
+
+    @model_serializer(mode="wrap")
+    def _top_k_unset_stays_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A dump leaves ``top_k`` out when the config did not set it, so that it stays unset through
+        ``--set`` overrides (applied to a dump, validated again): an lm cache then takes its own
+        default, 128 tokens, rather than the classification default, all classes."""
+        data = handler(self)
+        if "top_k" not in self.model_fields_set:
+            data.pop("top_k", None)
+        return data
 
 
 class RunConfig(TrainConfig):
@@ -558,14 +594,43 @@ def _index(part: str, node: list[Any], where: str) -> int:
     return int(part)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last one
+    silently: half a config would be ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice (first {seen[key]}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = f"line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str, keys: str) -> dict[str, Any]:
     """The mapping a YAML file holds; a clear error for a missing file, bad YAML or another type
     (``what``: the kind of file, ``keys``: examples of its keys, both for the messages)."""
     p = Path(path)
+    if p.is_dir():
+        raise ProtegeError(f"{p} is a directory; give the {what} itself (a .yaml file)")
     if not p.is_file():
         raise ProtegeError(f"{what} not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtegeError(
+            f"{p} is not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ProtegeError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ProtegeError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(loaded, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -115,7 +116,7 @@ def run(
                 exported = export_model(distiller, data, cfg)
                 if exported is not None:
                     summary["export"] = exported
-            if PartialState().is_main_process:
+            if is_main_process():
                 atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     finally:
         distiller.close()
@@ -126,11 +127,18 @@ def run(
 def exclusive_lock_main(run_dir: Path) -> Iterator[None]:
     """The run directory's writer lock, taken by the main process (the others of an ``accelerate
     launch`` job write nothing)."""
-    if PartialState().is_main_process:
+    if is_main_process():
         with exclusive_lock(run_dir):
             yield
     else:
         yield
+
+
+def is_main_process() -> bool:
+    """Whether this is the job's main process, known before any process group exists (as
+    ``torchrun`` and ``accelerate launch`` set ``RANK``). ``PartialState()`` must not be asked
+    before ``fit`` builds the Accelerator: made first, on a CPU it would fix the job as one process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_resume(cfg: RunConfig, override_config: bool) -> list[tuple[str, Any, Any]]:
@@ -168,7 +176,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def _write_config(cfg: RunConfig, resume: bool, changes: list[tuple[str, Any, Any]]) -> None:
     """``config.yaml`` of a new run; on resume, only when the config changed, with the change and the
     epoch it takes effect from appended to ``config_changes.jsonl``."""
-    if not PartialState().is_main_process or (resume and not changes):
+    if not is_main_process() or (resume and not changes):
         return
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +493,7 @@ def load_run(run_dir: str | Path, which: Literal["last", "best"] = "best") -> Lo
     teachers = [build_from(s, data) for s in cfg.all_teachers()]
     task = build_task(cfg.task)
     final_cfg = cfg.stage_config(len(cfg.stages) - 1) if cfg.stages else cfg
-    terms = [Term(**t.model_dump()) for t in final_cfg.terms]
+    terms = [Term(**t.term_kwargs()) for t in final_cfg.terms]
     if (where / "distiller.safetensors").is_file() and any(hasattr(t.state, "inference") for t in terms):
         # the method predicts through trained modules of its own (SimKD: projector + teacher head)
         n_teachers = max(len(cfg.all_teachers()), 1)  # the same terms, so state keys line up

@@ -58,6 +58,7 @@ Transforms: file-based sources take a recipe name from :mod:`protege.data.transf
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -558,7 +559,7 @@ class _FixedClassFolder(ImageFolder):
 
     def __init__(self, root: str, class_to_idx: dict[str, int]) -> None:
         self.fixed_class_to_idx = dict(class_to_idx)
-        super().__init__(root, allow_empty=True)
+        super().__init__(root, loader=_checked_loader, allow_empty=True)
 
     def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
         mapping = self.fixed_class_to_idx
@@ -572,6 +573,45 @@ def _fixed_class_folder(directory: Path, class_to_idx: dict[str, int]) -> Any:
         raise ProtegeError(f"{directory} has class folders missing from train/: {', '.join(extra)}")
 
     return _FixedClassFolder(str(directory), class_to_idx)
+
+
+def _checked_loader(path: str) -> Any:
+    """``ImageFolder``'s PIL loader, with an error that names the file it could not read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ProtegeError(
+            f"cannot read image {path} ({type(e).__name__}: {e}); fix or remove it, or set "
+            "data.options.skip_bad_images: true to leave out every file that cannot be read"
+        ) from None
+
+
+def _drop_unreadable(folders: Sequence[Any]) -> None:
+    """``skip_bad_images``: check every image of the folders (PIL's header check and a decode) and
+    leave out those that cannot be read, saying how many and which."""
+    from PIL import Image
+
+    for folder in folders:
+        keep, bad = [], []
+        for path, target in folder.samples:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                keep.append((path, target))
+            except Exception:  # noqa: BLE001 - any file PIL cannot decode is left out and named
+                bad.append(path)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            print(
+                f"warning: skip_bad_images: left out {len(bad)} unreadable image(s) of {folder.root}: {shown}",
+                file=sys.stderr,
+            )
+        folder.samples = folder.imgs = keep
+        folder.targets = [t for _, t in keep]
 
 
 def _load_imagefolder(
@@ -593,18 +633,35 @@ def _load_imagefolder(
             f"imagefolder root {root} has no train/ folder (expected root/train/<class>/<image>)"
         )
     try:
-        base = ImageFolder(str(train_dir))
+        base = ImageFolder(str(train_dir), loader=_checked_loader)
     except (FileNotFoundError, OSError) as e:
         raise ProtegeError(f"cannot read image folder {train_dir}: {e}") from e
     val_dir = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
     test_dir = root / "test" if (root / "test").is_dir() else None
+    folders = [base]
     if val_dir is not None:
         val_base: Any = _fixed_class_folder(val_dir, base.class_to_idx)
+        folders.append(val_base)
+    test_base = _fixed_class_folder(test_dir, base.class_to_idx) if test_dir is not None else None
+    if test_base is not None:
+        folders.append(test_base)
+    if options.get("skip_bad_images"):
+        _drop_unreadable(folders)
+    for folder in folders:
+        if len(folder) == 0:
+            raise ProtegeError(
+                f"{folder.root} holds no images: put them in {folder.root}/<class>/, or remove the folder "
+                + (
+                    "(val_fraction of train/ is then held out)"
+                    if val_dir is not None and folder is val_base
+                    else ""
+                )
+            )
+    if val_dir is not None:
         train_idx, val_idx = np.arange(len(base)), np.arange(len(val_base))
     else:
         val_base = base
         train_idx, val_idx = stratified_split(base.targets, val_fraction, seed)
-    test_base = _fixed_class_folder(test_dir, base.class_to_idx) if test_dir is not None else None
     in_chans = _int_option(options, "in_chans", (1, 3)) or 3
     native = _default_size(base.loader(base.samples[0][0]))
     return _pil_splits(
@@ -776,7 +833,10 @@ _SOURCES: dict[str, _Source] = {
         "shifted-pool", _load_shifted_pool, needs_root=False, options=("size", "parts"), bundled=True
     ),
     "imagefolder": _Source(
-        "imagefolder", _load_imagefolder, needs_root=True, options=("size", "mean", "std", "in_chans")
+        "imagefolder",
+        _load_imagefolder,
+        needs_root=True,
+        options=("size", "mean", "std", "in_chans", "skip_bad_images"),
     ),
     "hf": _Source(
         "hf",

@@ -11,13 +11,31 @@ outputs are stored for each of those views, and training replays exactly those v
 ``i`` at epoch ``e`` is view ``(e + offset[i]) % V``, so every ``V`` epochs each view is seen
 once. Transforms without randomness have ``V = 1``.
 
-**What is stored.** Per view: the teacher's top-``k`` log-probabilities ``log p_j = z_j - LSE(z)``
-(``dtype``, fp16 by default), their class indices (the smallest integer type that holds
-``num_classes - 1``) and the log-sum-exp ``LSE(z)`` of the full logits (fp32), or the full logits
-when ``top_k`` is ``"all"`` or ≥ the number of classes; optionally named taps (``dtype``). The
-validation and test splits are stored too (no augmentation, full fp32 logits), so fidelity
-metrics (agreement, KL) are computed exactly as online. Storing log-probabilities rather than
-raw logits keeps fp16's precision where the probability mass is.
+**What is stored.** Per view, by default (``top_k: "all"``, or ``k`` ≥ the number of classes ``C``):
+the teacher's full logits, in float32 whatever ``dtype`` says, so a term reads exactly the values
+an online run's teacher computes (rounding them to float16 changes KD or DKD by 1e-5 to 7e-4 of
+its value, the more the closer the student is to the teacher).
+``dtype`` (fp16 by default) applies to the taps, and to the top-``k`` log-probabilities below.
+With ``top_k: k < C``: the teacher's top-``k`` log-probabilities ``log p_j = z_j - LSE(z)``
+(``dtype``), their class indices (the smallest integer type that holds ``C - 1``) and the
+log-sum-exp ``LSE(z)`` of the full logits (fp32) -- a much smaller cache for runs whose terms never
+read the teacher's logits (feature terms on taps); optionally named taps (``dtype``). The
+validation and test splits are stored with full fp32 logits whatever ``top_k`` says, so fidelity
+metrics (agreement, KL) are computed exactly as online.
+
+**Exact or refused.** A term that reads the teacher's logits gets them from the cache only when the
+cache holds them whole in float32 (:func:`exact_logits`); it then computes exactly the online
+run's loss. No divergence over the full class distribution -- KD at any temperature (T = 1 too),
+DKD, standardized KD, DIST, CTKD, multi-teacher KD ... -- can be computed from a top-``k`` cache
+(``k < C``): its cross term ``Σ_j p_t(j) log p_s(j)`` needs the teacher's probability of each
+of the ``C - k`` classes outside the top-``k``, which are not stored (their total mass, or the
+log-sum-exp at some temperature, fixes the teacher's entropy, not this term; spreading the mass
+uniformly over them, as older versions did, is an approximation whose error nothing bounds).
+So a top-``k`` cache's training split hands the terms its taps and no ``"logits"``, and
+:func:`check_cached_logits` (which :func:`protege.caching.use_cache` runs before a distill run
+writes anything) refuses a run any of whose terms reads the teacher's logits from it -- or from a
+cache an older version built with float16 full logits -- naming the terms, their temperatures and
+the rebuild command (``protege cache <config> --top-k all --overwrite``).
 
 **Reduced taps.** A loss may declare a teacher-side reduction (:class:`~protege.losses.TeacherReduction`:
 AT needs only the teacher's attention map, ``H*W`` floats, not its ``C*H*W`` feature map). A tap that
@@ -28,14 +46,6 @@ index's ``reductions`` and the fingerprint's settings record it. A distill run w
 that tap raw, or reduced otherwise (AT with ``p: 4`` against a cache built for ``p: 2``), is
 refused, naming the tap, what the cache holds and how to rebuild. ``cache: {reduce: false}``
 stores every tap raw (:func:`teacher_reductions` picks the reductions from a run's terms).
-
-**Dense logits from top-k** (:func:`dense_logits`): the ``k`` stored classes get their exact raw
-logits ``z_j = log p_j + LSE``; the remaining mass ``m = 1 - Σ_j p_j`` is spread uniformly over
-the other ``C - k`` classes, i.e. each gets ``LSE + log(m / (C - k))``. The softmax at ``T = 1`` is
-then exactly the teacher's top-``k`` probabilities plus a uniform tail (FKD's "marginal
-smoothing"); at ``T ≠ 1`` the tail is an approximation (its true shape is unknown), and losses
-reading raw logit values beyond the softmax (logit standardisation, DIST's correlations) see the
-flattened tail. With ``top_k: all`` the logits are stored whole and nothing is approximated.
 
 **Layout.** A cache is a directory::
 
@@ -59,8 +69,9 @@ transform's replayable steps and the evaluation transforms) and ``settings`` (vi
 top-k, dtype, taps and their reductions). A distill run recomputes the first three and refuses a
 cache whose parts differ, naming the part and the command to rebuild; shards are checked for presence and size
 always and for their SHA-256 when ``verify: sha256`` (the default: SHA-256 runs at about
-1.1 GB/s on the project's 2-core CPU box, i.e. ~7 ms for CIFAR-100 with 4 views and top-10, ~0.6 s
-for ImageNet-1k with 10 views and top-10). The ``settings`` part is not compared: a distill run
+1.1 GB/s on the project's 2-core CPU box, i.e. ~70 ms for CIFAR-100 with 4 views of full fp32
+logits (80 MB), ~47 s for ImageNet-1k with 10 views of them (51 GB, which the reader holds in
+memory; top-10: 0.6 s)). The ``settings`` part is not compared: a distill run
 uses the views and top-k the cache holds, whatever its config's ``cache:`` asks for building.
 
 **Scope.** Teachers run in fp32 (no autocast) on CUDA when available, or with the run's
@@ -88,6 +99,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.distiller import (
+    LOGIT_KEYS,
     TeacherPrecision,
     Term,
     check_teacher_precision,
@@ -99,7 +111,7 @@ from ..data.splits import DataSplits
 from ..data.views import Replay, content_hash, replay_for, sample_rng, split_index, view_offsets
 from ..errors import ProtegeError
 from ..files import commit_dir, digest, staged_dir, write_durable
-from ..losses import BoundReduction
+from ..losses import BoundReduction, LossInfo
 from .loaders import EpochShuffleSampler, make_loader
 from .loop import console, set_memory_format
 from .topk_codec import decode_shard
@@ -116,7 +128,9 @@ __all__ = [
     "ViewEpochSampler",
     "cache_loader",
     "data_parts",
-    "dense_logits",
+    "check_cached_logits",
+    "describe_temperature",
+    "exact_logits",
     "fingerprint_part",
     "index_dtype",
     "teacher_reductions",
@@ -141,42 +155,6 @@ def index_dtype(num_classes: int) -> torch.dtype:
     if num_classes <= 32768:
         return torch.int16
     return torch.int32
-
-
-def dense_logits(
-    logp: torch.Tensor, index: torch.Tensor, lse: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """Full ``(..., C)`` logits from the top-``k`` log-probabilities of a teacher.
-
-    Args:
-        logp: ``(..., k)`` top-k log-probabilities ``z_j - LSE(z)`` (any float dtype).
-        index: ``(..., k)`` their class indices.
-        lse: ``(...)`` the log-sum-exp of the full logits ``z``.
-        num_classes: ``C`` (``≥ k``).
-
-    Returns:
-        float32 logits ``l`` with ``l_j = logp_j + lse = z_j`` on the stored classes and
-        ``lse + log(m / (C - k))`` elsewhere, where ``m = 1 - Σ_j exp(logp_j)`` is the mass outside
-        the top-k (clamped at the smallest positive float32: fp16 rounding can make the stored
-        probabilities sum to slightly more than 1). So ``softmax(l)`` gives exactly the stored
-        probabilities and spreads the rest uniformly; with ``k = C`` it is ``z`` itself.
-    """
-    if logp.shape != index.shape or logp.shape[:-1] != lse.shape:
-        raise ValueError(
-            f"top-k log-probabilities {tuple(logp.shape)}, indices {tuple(index.shape)} and log-sum-exp "
-            f"{tuple(lse.shape)} do not fit: expected (..., k), (..., k) and (...)"
-        )
-    k = logp.shape[-1]
-    if k > num_classes:
-        raise ValueError(f"{k} stored classes exceed num_classes={num_classes}")
-    logp = logp.float()
-    lse = lse.float().unsqueeze(-1)
-    out = torch.empty(*logp.shape[:-1], num_classes, dtype=torch.float32, device=logp.device)
-    if k < num_classes:
-        tail = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
-        out.copy_((tail / (num_classes - k)).log().expand_as(out))
-    out.scatter_(-1, index.long(), logp)
-    return out + lse
 
 
 # ---------------------------------------------------------------------------------- fingerprint
@@ -328,8 +306,8 @@ def _teacher_pass(
                 if not isinstance(logits, torch.Tensor):
                     logits = logits["logits"] if isinstance(logits, dict) else logits.logits
                 logits = logits.float().reshape(b, v, -1).cpu().contiguous()
-                if storage == "full":
-                    out[f"t{j}.logits"] = logits.to(dtype)
+                if storage == "full":  # float32 whatever ``dtype``: what the online teacher computes
+                    out[f"t{j}.logits"] = logits
                 else:
                     lse = logits.logsumexp(-1)
                     top, idx = logits.topk(k, dim=-1)
@@ -399,7 +377,7 @@ def write_cache(
     teachers: Sequence[nn.Module],
     *,
     views: int = 4,
-    top_k: int | str = 10,
+    top_k: int | str = "all",
     taps: Sequence[str] = (),
     dtype: str = "float16",
     shard_size: int = 10_000,
@@ -418,13 +396,17 @@ def write_cache(
 
     The Python API under :func:`build_cache` (which takes a run config): use it with your own
     :class:`~protege.data.DataSplits` and teacher modules. ``views`` is forced to 1 when the
-    training transform draws nothing. ``parts`` are the fingerprint parts (``teacher``, ``data``,
-    ``transform``; see :func:`fingerprint_parts`); without them only the settings are
-    fingerprinted and :func:`use_cache` cannot check staleness. ``teacher_precision="bf16"`` runs
-    the teachers under bfloat16 autocast over the training views (as a distill run's
-    ``teacher_precision``); validation and test outputs stay fp32. ``reductions``: taps (among
-    ``taps``) to store reduced, ``{path: reduction}``, e.g. :func:`teacher_reductions` of the terms
-    that will read the cache (see the module docs).
+    training transform draws nothing. ``top_k="all"`` (the default) stores the full logits in
+    float32, which every term reads exactly; an integer ``k`` below the number of classes stores
+    the top-``k`` log-probabilities in ``dtype``, which no term reading the teacher's logits may
+    use (see the module docs: for runs whose terms read only taps). ``dtype`` is the storage of
+    the taps (and of top-``k`` log-probabilities), never of full logits. ``parts`` are the
+    fingerprint parts (``teacher``, ``data``, ``transform``; see :func:`fingerprint_parts`);
+    without them only the settings are fingerprinted and :func:`use_cache` cannot check
+    staleness. ``teacher_precision="bf16"`` runs the teachers under bfloat16 autocast over the
+    training views (as a distill run's ``teacher_precision``); validation and test outputs stay
+    fp32. ``reductions``: taps (among ``taps``) to store reduced, ``{path: reduction}``, e.g.
+    :func:`teacher_reductions` of the terms that will read the cache (see the module docs).
 
     How the teachers run (outputs equal up to float summation order, as in a distill run):
     ``fold_teacher_bn`` folds their BatchNorms into the preceding convolutions in place (the taps
@@ -513,7 +495,8 @@ def write_cache(
                 "samples": len(replay),
                 "views": views,
                 "storage": storage,
-                "dtype": dtype,
+                "dtype": dtype,  # of the taps and the top-k log-probabilities
+                **({"logits_dtype": "float32"} if storage == "full" else {}),
                 "shards": writer.shards,
             }
         }
@@ -532,6 +515,7 @@ def write_cache(
                 "views": 1,
                 "storage": "full",
                 "dtype": "float32",
+                "logits_dtype": "float32",
                 "shards": w.shards,
             }
         train_bytes = sum(s["bytes"] for s in splits["train"]["shards"])
@@ -771,12 +755,13 @@ def _short(value: Any, limit: int = 120) -> str:
 class CachedTeacherDataset(Dataset):
     """A split's samples with their cached teacher outputs: ``(x, y, {"teacher_outputs": [...], "index": i})``.
 
-    ``teacher_outputs`` holds one dict per teacher with ``"logits"`` (float32 ``(C,)``, dense, see
-    :func:`dense_logits`) and the cached taps (float32; a reduced tap under its reduced name,
-    ``<path>@<reduction>``, which the terms look for). On the training split, sample ``i`` at
-    epoch ``e`` is the stored view ``(e + offset[i]) % V``, replayed exactly; the epoch comes in
-    the index (``e * n + i``, as :class:`ViewEpochSampler` yields them) or from :meth:`set_epoch`
-    for plain indices. Evaluation splits are the dataset's own items (one view).
+    ``teacher_outputs`` holds one dict per teacher with ``"logits"`` (float32 ``(C,)``, the
+    teacher's own) when the split holds them exactly (:func:`exact_logits`: whole, in float32;
+    a top-``k`` split has none, see :func:`check_cached_logits`) and the cached taps (float32; a
+    reduced tap under its reduced name, ``<path>@<reduction>``, which the terms look for). On the
+    training split, sample ``i`` at epoch ``e`` is the stored view ``(e + offset[i]) % V``,
+    replayed exactly; the epoch comes in the index (``e * n + i``, as :class:`ViewEpochSampler`
+    yields them) or from :meth:`set_epoch` for plain indices. Evaluation splits are the dataset's own items (one view).
     """
 
     def __init__(self, cache: TeacherCache, split: str, dataset: Any, seed: int = 0) -> None:
@@ -793,15 +778,12 @@ class CachedTeacherDataset(Dataset):
                 "rebuild the cache with `protege cache <config> --overwrite`"
             )
         self.views = int(info["views"])
-        self.full = info["storage"] == "full"
         self.num_classes = cache.num_classes
         t = cache.tensors[split]
+        exact = exact_logits(info)
         self.teachers = [
             {
-                "logits": t.get(f"t{j}.logits"),
-                "logp": t.get(f"t{j}.logp"),
-                "index": t.get(f"t{j}.index"),
-                "lse": t.get(f"t{j}.lse"),
+                "logits": t.get(f"t{j}.logits") if exact else None,
                 "taps": {k.split(".tap.", 1)[1]: v for k, v in t.items() if k.startswith(f"t{j}.tap.")},
             }
             for j in range(cache.teachers)
@@ -834,11 +816,8 @@ class CachedTeacherDataset(Dataset):
         """The cached outputs of every teacher for sample ``i``, view ``v``."""
         outs = []
         for t in self.teachers:
-            if self.full:
-                logits = t["logits"][i, v].float()
-            else:
-                logits = dense_logits(t["logp"][i, v], t["index"][i, v], t["lse"][i, v], self.num_classes)
-            outs.append({"logits": logits, **{k: x[i, v].float() for k, x in t["taps"].items()}})
+            out = {} if t["logits"] is None else {"logits": t["logits"][i, v].float()}
+            outs.append({**out, **{k: x[i, v].float() for k, x in t["taps"].items()}})
         return outs
 
     def _sample(self, index: int) -> tuple[Any, Any, int, int]:
@@ -856,8 +835,8 @@ class CachedTeacherDataset(Dataset):
         return x, y, {"teacher_outputs": self.teacher_outputs(i, v), "index": i}
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, Any, dict[str, Any]]]:
-        """A batch of items (what ``DataLoader`` fetches): the teachers' dense logits are made for
-        the whole batch at once, which is most of the cost of reading a cache."""
+        """A batch of items (what ``DataLoader`` fetches): the teachers' outputs are gathered for
+        the whole batch at once."""
         if self.replay is None:
             samples = [self._sample(index) for index in indices]
             i = torch.tensor([s[2] for s in samples])
@@ -872,21 +851,15 @@ class CachedTeacherDataset(Dataset):
             xs, ys = zip(*self.replay.views(i.tolist(), self.params[i, v]))
         per_teacher = []
         for t in self.teachers:
-            if self.full:
-                logits = t["logits"][i, v].float()
-            else:
-                logits = dense_logits(t["logp"][i, v], t["index"][i, v], t["lse"][i, v], self.num_classes)
-            taps = {k: x[i, v].float() for k, x in t["taps"].items()}
-            per_teacher.append((logits, taps))
+            outs = {} if t["logits"] is None else {"logits": t["logits"][i, v].float()}
+            outs.update({k: x[i, v].float() for k, x in t["taps"].items()})
+            per_teacher.append(outs)
         return [
             (
                 x,
                 y,
                 {
-                    "teacher_outputs": [
-                        {"logits": logits[r], **{k: tap[r] for k, tap in taps.items()}}
-                        for logits, taps in per_teacher
-                    ],
+                    "teacher_outputs": [{k: out[r] for k, out in outs.items()} for outs in per_teacher],
                     "index": idx,
                 },
             )
@@ -924,15 +897,85 @@ def cache_loader(
 
 @dataclasses.dataclass(frozen=True)
 class TermReads:
-    """The teacher taps a term reads (logits excluded), and the reduction it reads them through."""
+    """What a term reads from the teachers: its taps (logits excluded), the reduction it reads them
+    through, whether it reads the teacher's logits, and its temperature (:func:`describe_temperature`)."""
 
     name: str
     taps: list[str]
     reduction: BoundReduction | None
+    logits: bool = False
+    temperature: str = "no temperature"
+
+
+def describe_temperature(info: LossInfo, params: Mapping[str, Any]) -> str:
+    """A term's temperature in words: ``"T = 4"`` (its ``T``), ``"T = 4, kd's default"``, ``"a
+    learned temperature"`` (CTKD) or ``"no temperature"``."""
+    if "T" in params:
+        return f"T = {params['T']:g}" if isinstance(params["T"], (int, float)) else f"T = {params['T']}"
+    if "T" in info.params:
+        return f"T = {info.params['T']:g}, {info.name}'s default"
+    if "init_T" in info.state_params:
+        return "a learned temperature"
+    return "no temperature"
 
 
 def _reads(term: Term | TermReads) -> TermReads:
-    return term if isinstance(term, TermReads) else TermReads(term.name, term.taps[1], term.reduction)
+    if isinstance(term, TermReads):
+        return term
+    keys = [term.teacher_key] if isinstance(term.teacher_key, str) else list(term.teacher_key)
+    return TermReads(
+        term.name,
+        term.taps[1],
+        term.reduction,
+        logits=term.uses_teacher and any(k in LOGIT_KEYS for k in keys),
+        temperature=describe_temperature(term.info, term.params),
+    )
+
+
+def exact_logits(split: Mapping[str, Any]) -> bool:
+    """Whether a cache split (its entry in the index's ``splits``) holds the teachers' logits exactly:
+    whole (not top-k) and in float32. Caches built before the logits were always float32 recorded
+    their storage dtype as the split's ``dtype``."""
+    return split.get("storage") == "full" and split.get("logits_dtype", split.get("dtype")) == "float32"
+
+
+def check_cached_logits(terms: Sequence[Term | TermReads], cache: TeacherCache) -> None:
+    """Refuse a cache from which a term that reads the teachers' logits would not get them exactly:
+    one that holds only their top-``k`` classes (``k < C``; no divergence over the classes can be
+    computed from them, see the module docs), or full logits stored in less than float32 (by an
+    older protege). The message names the terms, their temperatures and the rebuild command.
+
+    Raises:
+        ProtegeError: as above.
+    """
+    readers = [t for t in map(_reads, terms) if t.logits]
+    train = cache.index["splits"]["train"]
+    if not readers or exact_logits(train):
+        return
+    named = ", ".join(f"{t.name!r} ({t.temperature})" for t in readers)
+    who = f"term {named} reads" if len(readers) == 1 else f"terms {named} read"
+    c = cache.num_classes
+    fix = (
+        "Rebuild the cache with the full logits, stored in float32, from which every term reading "
+        "them computes exactly its online loss: `protege cache <config> --top-k all --overwrite` (or "
+        "set `cache: {top_k: all}` in the config)."
+    )
+    if train.get("storage") != "full":
+        k = cache.index.get("top_k")
+        raise ProtegeError(
+            f"{who} the teacher's logits, but cache {cache.path} holds only the teacher's top-{k} of "
+            f"{c} classes per view, from which no loss over the teacher's class distribution is exact, "
+            f"at any temperature: it needs the teacher's logit of each of the other {c - k} classes, "
+            "which a top-k cache does not keep (their total probability does not tell how it splits "
+            f"among them), and filling them in (e.g. uniformly) changes the loss by an amount nothing "
+            f"bounds. {fix}"
+        )
+    dtype = train.get("logits_dtype", train.get("dtype"))
+    raise ProtegeError(
+        f"{who} the teacher's logits, but cache {cache.path} (built by an older protege) holds them in "
+        f"{dtype}, whose rounding changes the loss by up to ~1e-3 of its value (the closer the student is "
+        f"to the teacher, the more). {fix}"
+    )
 
 
 def teacher_reductions(terms: Sequence[Term | TermReads]) -> dict[str, BoundReduction]:
@@ -976,5 +1019,3 @@ def check_cached_taps(terms: Sequence[TermReads], cache: TeacherCache) -> None:
             f"(it has: {', '.join(cache.taps) or 'logits only'}); add them to cache.taps and rebuild with "
             "`protege cache <config> --overwrite`"
         )
-
-

@@ -237,18 +237,24 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def intact_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Path, list[str]]:
-    """The checkpoint ``which`` points to if it is intact, else the newest intact older one.
-
-    Returns the folder and one note per checkpoint skipped (its name and why), for the caller to
-    show. Raises a :class:`ProtegeError` naming every damaged checkpoint when none is intact."""
+def _pointed(run_dir: str | Path, which: str) -> Path:
+    """The folder ``pointers.json`` names for ``which`` (not verified)."""
     root = Path(run_dir) / "checkpoints"
     pointers = read_pointers(root)
     if which not in pointers:
         raise ProtegeError(
             f"no {which} checkpoint in {root}: was the run started (and did it finish an epoch)?"
         )
-    target = root / pointers[which]
+    return root / pointers[which]
+
+
+def intact_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Path, list[str]]:
+    """The checkpoint ``which`` points to if it is intact, else the newest intact older one.
+
+    Returns the folder and one note per checkpoint skipped (its name and why), for the caller to
+    show. Raises a :class:`ProtegeError` naming every damaged checkpoint when none is intact."""
+    target = _pointed(run_dir, which)
+    root = target.parent
     match = _EPOCH_DIR.match(target.name)
     newest = int(match.group(1)) if match else None
     candidates = [target] + [
@@ -289,14 +295,17 @@ def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
 
 
 def checkpoint_dir(run_dir: str | Path, which: str = "last") -> Path:
-    """The directory of a run's ``last`` or ``best`` checkpoint."""
-    root = Path(run_dir) / "checkpoints"
-    pointers = read_pointers(root)
-    if which not in pointers:
+    """The directory of a run's ``last`` or ``best`` checkpoint, verified (:func:`verify_checkpoint`):
+    a damaged one is a :class:`ProtegeError` that says what is wrong (resuming falls back to an
+    intact one; reading a damaged checkpoint's weights never happens silently)."""
+    path = _pointed(run_dir, which)
+    reason = verify_checkpoint(path)
+    if reason is not None:
         raise ProtegeError(
-            f"no {which} checkpoint in {root}: was the run started (and did it finish an epoch)?"
+            f"the {which} checkpoint {path} is damaged ({reason}); resume the run (--resume) to continue "
+            "from the newest intact checkpoint, or train it again"
         )
-    return root / pointers[which]
+    return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

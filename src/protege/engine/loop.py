@@ -378,9 +378,11 @@ def _fit(
         start_epoch = trainer["epoch"] + 1
         best, history_final = trainer["best"], trainer["final"]
         if main:
-            if skipped:  # point last (and a damaged best) at what the run resumes from
-                pointers = read_pointers(ckpt_root)
-                best_ok = pointers.get("best") and verify_checkpoint(ckpt_root / pointers["best"]) is None
+            pointers = read_pointers(ckpt_root)
+            best_ok = bool(pointers.get("best")) and verify_checkpoint(ckpt_root / pointers["best"]) is None
+            if not best_ok:
+                console.print(f"[yellow]warning: the best checkpoint is damaged; best is now {last.name}")
+            if skipped or not best_ok:  # point last (and a damaged best) at what the run resumes from
                 pointers = {"last": last.name, "best": pointers["best"] if best_ok else last.name}
                 atomic_write_text(ckpt_root / POINTERS, json.dumps(pointers))
             _truncate_metrics(metrics_path, start_epoch)
