@@ -285,8 +285,9 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``distiller``'s student on ``train``, evaluating on ``val``; write the run to ``run_dir``.
 
-    Writes ``metrics.jsonl`` (one line per evaluation), ``checkpoints/`` (safetensors, atomic;
-    ``last`` and ``best``) and ``summary.json`` (final and best metrics, params, FLOPs, latency),
+    Writes ``metrics.jsonl`` (one line per evaluation), ``checkpoints/`` (``epoch_NNNN/`` folders of
+    safetensors with a ``manifest.json``, and ``pointers.json`` naming the ``last`` and the ``best``)
+    and ``summary.json`` (final and best metrics, params, FLOPs, latency),
     and returns the summary. ``resume=True`` continues from the last checkpoint exactly (same data
     order, RNG, optimizer and schedule state). ``stop_after_epochs`` ends this call early after that
     many epochs (the schedule still spans ``cfg.epochs``): for preemptible jobs, resume later.
