@@ -252,7 +252,7 @@ def test_the_tour_runs_as_written(tmp_path: Path) -> None:
     (work / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
-    runner = Steps(work, env, tmp_path / "logs", fork=not SLOW)
+    runner = Steps(work, env, tmp_path / "logs", fork=not SLOW and hasattr(os, "fork"))
     outputs: dict[str, str] = {}
     try:
         model_dir, corpus = tiny_llama(tmp_path)
