@@ -39,7 +39,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ProtegeError
-from ..files import atomic_write_text, fsync_dir, sha256_file, storable, write_durable
+from ..files import (
+    atomic_write_text,
+    creatable_dir_problem,
+    fsync_dir,
+    sha256_file,
+    storable,
+    write_durable,
+)
 
 POINTERS = "pointers.json"
 MANIFEST = "manifest.json"
@@ -276,8 +283,20 @@ def remove_partial_checkpoints(ckpt_root: Path) -> list[str]:
     return sorted(removed)
 
 
+def check_writable(run_dir: str | Path) -> None:
+    """Refuse a run directory that cannot be created or written (a file in its way, no permission);
+    creates nothing."""
+    problem = creatable_dir_problem(Path(run_dir))
+    if problem is not None:
+        raise ProtegeError(
+            f"cannot write the run directory {run_dir}: {problem}. Choose another output_dir or name"
+        )
+
+
 def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to resume a run that has no checkpoint, or to start over one that has, unasked."""
+    """Refuse to resume a run that has no checkpoint, or to start over one that has, unasked, and a
+    run directory that cannot be written (:func:`check_writable`)."""
+    check_writable(run_dir)
     has_run = bool(read_pointers(Path(run_dir) / "checkpoints"))
     if resume and not has_run:
         raise ProtegeError(f"cannot resume: no checkpoint in {run_dir}. Start the run without --resume.")
