@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test fuzz lint bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ demo: install
 test: install
 	$(BIN)/lint-imports  # the layers of docs/architecture.md: imports only go down, no cycle
 	$(BIN)/python -m pytest tests
+
+fuzz: install  # the config fuzz at length: 1000 fresh random configs (make test runs 40 fixed ones)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz_config.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
