@@ -273,12 +273,16 @@ def intact_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Path, l
 
 
 def remove_partial_checkpoints(ckpt_root: Path) -> list[str]:
-    """Remove the temp folders (``.epoch_NNNN.*``) that a kill during a checkpoint write leaves;
-    returns their names."""
+    """Remove the temp folders (``.epoch_NNNN.*``) and pointer files (``.pointers.json.*.tmp``)
+    that a kill during a checkpoint write leaves; returns their names."""
     removed = []
     for tmp in ckpt_root.glob(".epoch_*"):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp.name)
+    for tmp in ckpt_root.glob(f".{POINTERS}.*.tmp"):  # atomic_write_text's temp file, never renamed
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return sorted(removed)
 
