@@ -89,3 +89,27 @@ def test_num_workers_is_bounded():
     """Not fuzzed as a run: 10**9 workers would fork until the machine gives out."""
     with pytest.raises(ProtegeError, match="num_workers: Input should be less than or equal to 256"):
         load_config(None, **_with("data.num_workers", 10**9))
+
+
+def test_a_resume_whose_checkpoint_does_not_fit_changes_nothing(tmp_path):
+    """Found by benchmarks/reliability.py: --override-config with another student wrote the new
+    config.yaml and config_changes.jsonl, then fit refused the checkpoint (pipeline.run now checks
+    the checkpoint's shapes first, engine.checkpoint.check_fits)."""
+    import functools
+    from unittest import mock
+
+    from fuzz_configs import run_cli, write_config
+    from protege import pipeline
+
+    cfg = {**base_config(str(tmp_path / "runs"), teacher=False), "epochs": 2, "terms": [{"loss": "ce"}]}
+    path = write_config(cfg, tmp_path / "run.yaml")
+    paused = functools.partial(pipeline.fit, stop_after_epochs=1)
+    with mock.patch.object(pipeline, "fit", paused):
+        assert run_cli(["train", str(path)], tmp_path, stub_fit=False).code == 0
+    run_dir = tmp_path / "runs" / "fuzz"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    args = ["train", str(path), "--resume", "--override-config", "--set", "student.kwargs.hidden_sizes=[7]"]
+    outcome = run_cli(args, tmp_path, stub_fit=False)
+    err = " ".join(outcome.stderr.split())
+    assert outcome.code == 2 and "does not fit this run's models" in err and "layer1.0.weight: [7, 64]" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before

@@ -32,6 +32,7 @@ from .engine import checkpoint_dir, evaluate, fit, make_loader
 from .engine.cache import CachedTeacherDataset, cache_loader
 from .engine.callbacks import Callback
 from .engine.checkpoint import (
+    check_fits,
     check_run_dir,
     check_writable,
     intact_checkpoint,
@@ -94,6 +95,10 @@ def run(
     train_loader, val_loader = _loaders(cfg, data, distiller)
     if cfg.data.strategy == "original" or mode == "train":
         dry_step(distiller, train_loader, cfg)
+    if resume:  # the checkpoint must fit the models before the config change is written
+        own = tuple(getattr(distiller, "student_prefixes", ("student.",)))
+        extra = {k: v for k, v in distiller.state_dict().items() if not k.startswith(own)}
+        check_fits(run_dir, distiller.student.state_dict(), extra)
     try:
         with exclusive_lock_main(run_dir):
             check_run_dir(run_dir, resume, overwrite)  # again, now that no one else can write it

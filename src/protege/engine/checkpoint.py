@@ -30,12 +30,13 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ProtegeError
@@ -343,6 +344,39 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         }
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ProtegeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_fits(
+    run_dir: str | Path, student: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse a resume whose checkpoint does not fit the run's models, before anything is written:
+    the tensors of the checkpoint :func:`fit` will resume from (see :func:`intact_checkpoint`) must
+    be the ``student`` state's (same names and shapes), and the trainable parts beside it
+    (``extra``: adapters, learned temperatures) must have the same shapes where both have them.
+    Reads only the tensors' shapes."""
+    last, _ = intact_checkpoint(run_dir, "last")
+
+    def shapes(path: Path) -> dict[str, list[int]]:
+        if not path.is_file():
+            return {}
+        with safe_open(path, "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+    saved = shapes(last / "model.safetensors")
+    problems = [f"{k} is not in the checkpoint" for k in student if k not in saved]
+    problems += [f"the checkpoint has {k}, the student not" for k in saved if k not in student]
+    for own, stored in ((student, saved), (extra, shapes(last / "distiller.safetensors"))):
+        problems += [
+            f"{k}: {list(v.shape)} here, {stored[k]} in the checkpoint"
+            for k, v in own.items()
+            if k in stored and list(v.shape) != stored[k]
+        ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ProtegeError(
+            f"checkpoint {last} does not fit this run's models ({shown}): resume with the config the run "
+            "was started with"
+        )
 
 
 def restore_rng(rng: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
