@@ -319,12 +319,30 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
 def run_case(command: str, cfg: dict[str, Any], root: Path | None = None) -> Outcome:
     """Write ``cfg`` to ``<root>/cwd/run.yaml`` and run ``protege <command>`` on it with the stub fit
     (``root``: a fresh temporary folder, removed afterwards, unless given)."""
+    _refuse_fork_bomb(cfg)
     with contextlib.ExitStack() as stack:
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="protege-fuzz-")))
         (root / "cwd").mkdir(parents=True, exist_ok=True)
         path = write_config(copy.deepcopy(cfg), root / "cwd" / "run.yaml")
         return run_cli([command, str(path)], root)
+
+
+def _refuse_fork_bomb(cfg: dict[str, Any]) -> None:
+    """Never run a case whose ``data.num_workers`` would pass validation at 10**9: the first batch
+    would fork until the machine runs out of memory (it did, before the schema bounded it)."""
+    from protege.config import DataConfig
+
+    data = cfg.get("data")
+    workers = data.get("num_workers") if isinstance(data, dict) else None
+    if isinstance(workers, int) and workers > 256:
+        try:
+            DataConfig(num_workers=workers)
+        except ValueError:
+            return
+        raise AssertionError(
+            f"data.num_workers {workers} passes validation: this case would fork {workers} workers"
+        )
 
 
 def clear_error(outcome: Outcome) -> bool:
