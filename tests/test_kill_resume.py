@@ -1,20 +1,24 @@
 """kill -9 in the middle of a write, then ``--resume``: the run completes, nothing of the cut write
 is left, and its metrics are those of a run that was never interrupted (exact resume).
 
-The killed runs are subprocesses that SIGKILL themselves inside one of protege's writes (see
-``tests/kill_points.py``: a checkpoint folder half written, a ``metrics.jsonl`` line cut in half, a
-``pointers.json`` temp file never renamed); they start together, while the uninterrupted
-reference trains here. The resumes run in this process, like the reference (one thread each)."""
+The killed runs are forked children of one subprocess that SIGKILL themselves inside one of
+protege's writes (see ``tests/kill_points.py``: a checkpoint folder half written, a
+``metrics.jsonl`` line cut in half, a ``pointers.json`` temp file never renamed); they run while the
+uninterrupted reference trains here. The resumes run in this process, like the reference (one
+thread each)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 import pytest
 import torch
 
-from kill_points import KILL_POINTS, NTH, metrics, start_killed, write_run_config
+from kill_points import KILL_POINTS, NTH, metrics, start_killed, wait_killed, write_run_config
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork and SIGKILL: POSIX only")
 
 
 def _cli(*args: str) -> int:
@@ -42,14 +46,12 @@ def one_thread_module():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread_module):
-    """The killed runs (started first, in parallel) and the reference run, trained meanwhile."""
+    """The killed runs (started first, together) and the reference run, trained meanwhile."""
     killed = {point: tmp_path_factory.mktemp(f"killed-{point}") for point in KILL_POINTS}
-    procs = {point: start_killed(point, root) for point, root in killed.items()}
+    proc = start_killed(killed)
     reference = tmp_path_factory.mktemp("reference")
     assert _cli("train", str(write_run_config(reference))) == 0
-    for point, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == -signal.SIGKILL, f"{point}: exit code {proc.returncode}\n{err}"
+    assert wait_killed(proc) == {point: signal.SIGKILL for point in KILL_POINTS}
     return killed, reference / "runs" / "k"
 
 
