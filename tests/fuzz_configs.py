@@ -329,17 +329,19 @@ def run_case(command: str, cfg: dict[str, Any], root: Path | None = None) -> Out
 
 
 def _refuse_fork_bomb(cfg: dict[str, Any]) -> None:
-    """Never run a case whose ``data.num_workers`` would pass validation at 10**9: the first batch
-    would fork until the machine runs out of memory (it did, before the schema bounded it)."""
+    """Never run a case whose ``data.num_workers`` validates to more than 256 (10**9, or 1e300 which
+    pydantic takes as a whole number): the first batch would fork until the machine runs out of
+    memory (it did, before the schema bounded it)."""
     from protege.config import DataConfig
 
     data = cfg.get("data")
-    workers = data.get("num_workers") if isinstance(data, dict) else None
-    if isinstance(workers, int) and workers > 256:
-        try:
-            DataConfig(num_workers=workers)
-        except ValueError:
-            return
+    if not isinstance(data, dict) or "num_workers" not in data:
+        return
+    try:
+        workers = DataConfig(num_workers=data["num_workers"]).num_workers
+    except ValueError:
+        return
+    if workers > 256:
         raise AssertionError(
             f"data.num_workers {workers} passes validation: this case would fork {workers} workers"
         )
