@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fuzz lint bench clean
+.PHONY: install demo test fuzz lint bench reliability clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ bench: install
 	$(BIN)/python benchmarks/quickstart_seeds.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/method_table.py
+
+reliability: install  # the table of BENCHMARKS.md "Reliability"
+	$(BIN)/python benchmarks/reliability.py --fuzz 1000
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
