@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test fuzz lint bench reliability clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ test: install
 	$(BIN)/lint-imports  # the layers of docs/architecture.md: imports only go down, no cycle
 	$(BIN)/python -m pytest tests
 
+fuzz: install  # the config fuzz at length: 1000 fresh random configs (make test runs 40 fixed ones)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz_config.py
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
@@ -29,6 +32,9 @@ bench: install
 	$(BIN)/python benchmarks/quickstart_seeds.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/method_table.py
+
+reliability: install  # the table of BENCHMARKS.md "Reliability"
+	$(BIN)/python benchmarks/reliability.py --fuzz 1000
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -38,19 +38,36 @@ from pydantic import (
 )
 
 from .core.distiller import TeacherPrecision
-from .engine.options import OptimConfig, ScheduleConfig, TrainConfig
+from .engine.options import OptimConfig, ScheduleConfig, Seed, TrainConfig
 from .errors import ProtegeError, closest
 from .losses import get_loss, list_losses
+
+#: the longest file or directory name most file systems take, in bytes
+NAME_MAX = 255
 
 
 def _plain_dir_name(v: str) -> str:
     if not v or "/" in v or v in (".", ".."):
         raise ValueError("must be a plain directory name (no '/')")
+    return _path_text(v)
+
+
+def _path_text(v: str) -> str:
+    if "\x00" in v:
+        raise ValueError("must not contain a NUL character")
+    for part in v.split("/"):
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise ValueError(
+                f"{part[:20]!r}... is {len(part.encode('utf-8', 'surrogatepass'))} bytes long; a file "
+                f"system takes names of at most {NAME_MAX} bytes: shorten it"
+            )
     return v
 
 
 #: a name used as a directory name (of a run, a stage, a search)
 DirName = Annotated[str, AfterValidator(_plain_dir_name)]
+#: a path of a directory protege writes into
+DirPath = Annotated[str, AfterValidator(_path_text)]
 
 
 class PoolConfig(BaseModel):
@@ -144,7 +161,7 @@ class SynthesisConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["deepinversion", "adversarial"] = "deepinversion"
-    seed: int | None = Field(None, description="seed of the synthesis (default: the run's seed)")
+    seed: Seed | None = Field(None, description="seed of the synthesis (default: the run's seed)")
     bn_weight: float = Field(
         1.0, ge=0, description="weight of the BatchNorm-statistic loss (sum over the teacher's BN layers)"
     )
@@ -221,15 +238,20 @@ class DataConfig(BaseModel):
     source: str = Field("mnist5k", description="mnist5k | digits | imagefolder | torchvision:<Name> | hf")
     root: str | None = Field(None, description="directory of the data, for sources that read files")
     transforms: str = "auto"
-    batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(512, gt=0)
-    num_workers: int = Field(0, ge=0)
+    batch_size: int = Field(128, gt=0, le=2**31 - 1)
+    eval_batch_size: int = Field(512, gt=0, le=2**31 - 1)
+    num_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="DataLoader worker processes (0: load in the main process); at most 256, each is a process",
+    )
     download: bool = False
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="validation share carved from train when the source has no val split"
     )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="test share, for sources with a single split")
-    split_seed: int = Field(
+    split_seed: Seed = Field(
         0, description="seed of carved splits; fixed so runs with different seeds share them"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
@@ -282,7 +304,8 @@ class TermConfig(BaseModel):
     teacher_index: int | None = None
     adapter: str | None = Field(None, description="auto | linear | conv1x1 | conv_bn | conv_bn_relu")
     allow_negative: bool = Field(
-        False, description="accept a negative weight (the student then moves away from what the term measures)"
+        False,
+        description="accept a negative weight (the student then moves away from what the term measures)",
     )
 
     @property
@@ -395,7 +418,7 @@ class CacheConfig(BaseModel):
         description="storage of the taps (and of top-k log-probabilities); full logits are always float32",
     )
     shard_size: int = Field(10_000, gt=0, description="samples per shard file")
-    seed: int = Field(0, description="seed of the drawn augmentation parameters")
+    seed: Seed = Field(0, description="seed of the drawn augmentation parameters")
     levels: int | None = Field(
         96,
         ge=1,
@@ -439,7 +462,7 @@ class RunConfig(TrainConfig):
     """A whole run: data, teacher(s), student, loss terms, and the training options."""
 
     name: DirName = Field("run", description="the run's directory name under output_dir")
-    output_dir: str = "runs"
+    output_dir: DirPath = "runs"
     task: str = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: ModelConfig | None = None

@@ -29,6 +29,7 @@ __all__ = [
     "atomic_save_tensors",
     "atomic_write_text",
     "commit_dir",
+    "creatable_dir_problem",
     "digest",
     "exclusive_lock",
     "fsync_dir",
@@ -146,6 +147,23 @@ def replace_dir(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def creatable_dir_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be created and written into, or ``None`` when it can: its nearest
+    existing ancestor (itself, when it exists) must be a directory this process may write in.
+    Creates nothing: for checks before a run writes anything."""
+    path = Path(os.path.abspath(directory))
+    try:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        return f"it is not a usable path ({e})"
+    if not path.is_dir():
+        return f"{path} is a file, not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable by this user"
+    return None
 
 
 LOCK = ".lock"

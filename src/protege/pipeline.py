@@ -32,7 +32,14 @@ from .data import DataSplits, WithIndex
 from .engine import checkpoint_dir, evaluate, fit, make_loader
 from .engine.cache import CachedTeacherDataset, cache_loader
 from .engine.callbacks import Callback
-from .engine.checkpoint import check_run_dir, intact_checkpoint, load_checkpoint, read_pointers
+from .engine.checkpoint import (
+    check_fits,
+    check_run_dir,
+    check_writable,
+    intact_checkpoint,
+    load_checkpoint,
+    read_pointers,
+)
 from .engine.loop import console
 from .errors import ProtegeError
 from .files import atomic_save_tensors, atomic_write_text, exclusive_lock, replace_dir
@@ -89,6 +96,10 @@ def run(
     train_loader, val_loader = _loaders(cfg, data, distiller)
     if cfg.data.strategy == "original" or mode == "train":
         dry_step(distiller, train_loader, cfg)
+    if resume:  # the checkpoint must fit the models before the config change is written
+        own = tuple(getattr(distiller, "student_prefixes", ("student.",)))
+        extra = {k: v for k, v in distiller.state_dict().items() if not k.startswith(own)}
+        check_fits(run_dir, distiller.student.state_dict(), extra)
     try:
         with exclusive_lock_main(run_dir):
             check_run_dir(run_dir, resume, overwrite)  # again, now that no one else can write it
@@ -264,6 +275,7 @@ def run_stages(
     was interrupted.
     """
     dirs = _stage_dirs(cfg)
+    check_writable(cfg.run_dir)
     if mode == "distill" and cfg.cache is not None:
         raise ProtegeError(
             "a teacher-output cache is not supported in a multi-stage run yet: remove 'cache' "
@@ -289,6 +301,13 @@ def run_stages(
     assert cfg.student is not None
     student = build_from(cfg.student, data)
     teachers = build_teachers(cfg, data)
+    for i in range(len(cfg.stages)):  # what would fail a stage's first step fails before anything is written
+        scfg = cfg.stage_config(i)
+        distiller = build_distiller(scfg, data, mode, student=student, teachers=teachers, stage=True)
+        try:
+            dry_step(distiller, _loaders(scfg, data, distiller)[0], scfg)
+        finally:
+            distiller.close()
     with exclusive_lock_main(cfg.run_dir):
         _write_config(cfg, resume, changes)
         return _run_stages(cfg, mode, resume, data, student, teachers)

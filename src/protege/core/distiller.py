@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -37,6 +39,26 @@ LOGIT_KEYS = frozenset({"logits"})
 #: the precision a frozen teacher's forward runs in (``teacher_precision``)
 TeacherPrecision = Literal["fp32", "bf16"]
 TEACHER_PRECISIONS: tuple[str, ...] = get_args(TeacherPrecision)
+
+
+def _param_problem(value: Any, default: Any) -> str | None:
+    """What a loss parameter must be, judged by its default's type, when ``value`` is not that; a
+    parameter whose default is ``None`` takes anything its loss accepts."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    # torch takes a Python int as a 64-bit scalar: a larger one overflows inside the loss
+    fits = not isinstance(value, numbers.Integral) or -(2**63) <= value < 2**63
+    if isinstance(default, numbers.Integral):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and fits
+        return None if ok else "a whole number (of at most 19 digits)"
+    if isinstance(default, numbers.Real):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and fits and math.isfinite(value)
+        return None if ok else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (tuple, list)):
+        return None if isinstance(value, (tuple, list)) else "a list"
+    return None
 
 
 class Term(nn.Module):
@@ -109,6 +131,13 @@ class Term(nn.Module):
             raise ProtegeError(
                 f"loss {loss!r} has no parameter {bad!r}; {hint}its parameters are: {', '.join(valid) or 'none'}"
             )
+        defaults = {**self.info.params, **state_params}
+        for key, value in params.items():
+            expected = _param_problem(value, defaults[key])
+            if expected:
+                raise ProtegeError(
+                    f"term {self.name!r}: {key} must be {expected} (default {defaults[key]!r}), got {value!r}"
+                )
         self.params = {k: v for k, v in params.items() if k in self.info.params}
         self.state = (
             self.info.state(**{k: v for k, v in params.items() if k in state_params})
@@ -440,6 +469,12 @@ class Distiller(nn.Module):
         self.teacher_weights = [float(w) for w in teacher_weights]
         if n_teachers and sum(self.teacher_weights) <= 0:
             raise ProtegeError("teacher_weights sum to zero")
+        for t in self.terms:
+            if t.teacher_index is not None and n_teachers and not 0 <= t.teacher_index < n_teachers:
+                raise ProtegeError(
+                    f"term {t.name!r}: teacher_index is {t.teacher_index}, but there are {n_teachers} "
+                    f"teacher(s): use 0 to {n_teachers - 1}, or remove it to combine them all"
+                )
         if n_teachers > 1:
             for t in self.terms:
                 if t.uses_teacher and t.state is not None and t.teacher_index is None:

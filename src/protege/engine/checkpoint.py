@@ -30,16 +30,24 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ProtegeError
-from ..files import atomic_write_text, fsync_dir, sha256_file, storable, write_durable
+from ..files import (
+    atomic_write_text,
+    creatable_dir_problem,
+    fsync_dir,
+    sha256_file,
+    storable,
+    write_durable,
+)
 
 POINTERS = "pointers.json"
 MANIFEST = "manifest.json"
@@ -272,18 +280,34 @@ def intact_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Path, l
 
 
 def remove_partial_checkpoints(ckpt_root: Path) -> list[str]:
-    """Remove the temp folders (``.epoch_NNNN.*``) that a kill during a checkpoint write leaves;
-    returns their names."""
+    """Remove the temp folders (``.epoch_NNNN.*``) and pointer files (``.pointers.json.*.tmp``)
+    that a kill during a checkpoint write leaves; returns their names."""
     removed = []
     for tmp in ckpt_root.glob(".epoch_*"):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp.name)
+    for tmp in ckpt_root.glob(f".{POINTERS}.*.tmp"):  # atomic_write_text's temp file, never renamed
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
     return sorted(removed)
 
 
+def check_writable(run_dir: str | Path) -> None:
+    """Refuse a run directory that cannot be created or written (a file in its way, no permission);
+    creates nothing."""
+    problem = creatable_dir_problem(Path(run_dir))
+    if problem is not None:
+        raise ProtegeError(
+            f"cannot write the run directory {run_dir}: {problem}. Choose another output_dir or name"
+        )
+
+
 def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to resume a run that has no checkpoint, or to start over one that has, unasked."""
+    """Refuse to resume a run that has no checkpoint, or to start over one that has, unasked, and a
+    run directory that cannot be written (:func:`check_writable`)."""
+    check_writable(run_dir)
     has_run = bool(read_pointers(Path(run_dir) / "checkpoints"))
     if resume and not has_run:
         raise ProtegeError(f"cannot resume: no checkpoint in {run_dir}. Start the run without --resume.")
@@ -329,6 +353,39 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         }
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ProtegeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_fits(
+    run_dir: str | Path, student: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse a resume whose checkpoint does not fit the run's models, before anything is written:
+    the tensors of the checkpoint :func:`fit` will resume from (see :func:`intact_checkpoint`) must
+    be the ``student`` state's (same names and shapes), and the trainable parts beside it
+    (``extra``: adapters, learned temperatures) must have the same shapes where both have them.
+    Reads only the tensors' shapes."""
+    last, _ = intact_checkpoint(run_dir, "last")
+
+    def shapes(path: Path) -> dict[str, list[int]]:
+        if not path.is_file():
+            return {}
+        with safe_open(path, "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+    saved = shapes(last / "model.safetensors")
+    problems = [f"{k} is not in the checkpoint" for k in student if k not in saved]
+    problems += [f"the checkpoint has {k}, the student not" for k in saved if k not in student]
+    for own, stored in ((student, saved), (extra, shapes(last / "distiller.safetensors"))):
+        problems += [
+            f"{k}: {list(v.shape)} here, {stored[k]} in the checkpoint"
+            for k, v in own.items()
+            if k in stored and list(v.shape) != stored[k]
+        ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ProtegeError(
+            f"checkpoint {last} does not fit this run's models ({shown}): resume with the config the run "
+            "was started with"
+        )
 
 
 def restore_rng(rng: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:

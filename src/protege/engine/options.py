@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: a random seed: torch, NumPy and scikit-learn all take 0 ... 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Strict(BaseModel):
@@ -56,7 +59,7 @@ class TrainConfig(_Strict):
         "(the zoo's CIFAR-style conv nets trained 7-41% faster per step there, BENCHMARKS.md), "
         "contiguous elsewhere. fit hands the models back contiguous",
     )
-    seed: int = 0
+    seed: Seed = 0
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
     log_every: int = Field(20, ge=1, description="refresh the progress bar and NaN check every N steps")
     keep_checkpoints: Literal["last", "last+best"] = "last+best"

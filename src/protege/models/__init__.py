@@ -207,9 +207,14 @@ def _build_zoo(key: str, num_classes: int, in_chans: int, kwargs: dict[str, Any]
         pass
     try:
         return builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        # a value of the wrong type or out of range (a negative width, a size whose weights
+        # cannot be allocated): the user's kwargs, not a bug of the model
         if kwargs:
-            raise ProtegeError(f"model {key!r} does not accept the arguments {sorted(kwargs)}: {e}") from e
+            raise ProtegeError(
+                f"model {key!r} does not accept the arguments {kwargs}: {str(e).splitlines()[0]}; "
+                "fix or remove them (see the model's docstring)"
+            ) from None
         raise
 
 

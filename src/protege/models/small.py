@@ -57,6 +57,12 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not _positive_int(input_size):
+            raise ValueError(f"input_size must be a positive whole number, got {input_size!r}")
+        if not isinstance(hidden_sizes, (list, tuple)) or not all(_positive_int(h) for h in hidden_sizes):
+            raise ValueError(f"hidden_sizes must be a list of positive whole numbers, got {hidden_sizes!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.resize = nn.AdaptiveAvgPool2d(input_size)
         self.flatten = nn.Flatten()
         width = in_chans * input_size * input_size
@@ -182,6 +188,10 @@ class ConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.fc1(self.flatten(x)))
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _mlp(hidden_sizes: tuple[int, ...]) -> Callable[..., nn.Module]:
