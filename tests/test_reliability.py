@@ -345,3 +345,12 @@ def test_reading_a_damaged_checkpoint_is_a_clear_error(tmp_path, paused, monkeyp
         pg.evaluate_run(paused, split="val", which="last", latency=False)
     code, err = _cli(monkeypatch, capsys, "evaluate", str(paused))
     assert code == 2 and "is damaged" in err and "Traceback" not in err
+
+
+def test_a_moved_run_resumes_from_its_new_place(tmp_path, paused):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(paused.parent, moved)
+    cfg = load_config(None, **_cfg(tmp_path, output_dir=str(moved)))
+    summary = pg.run(cfg, mode="train", resume=True, report=False)
+    assert summary["epochs_completed"] == 3
+    assert load_config(moved / "r" / "config.yaml").output_dir == str(moved)

@@ -748,6 +748,8 @@ def dump_config(cfg: RunConfig) -> str:
 #: logged or shown, never what is trained (``epochs`` too, when more are asked for under a constant
 #: schedule: the learning rate of the epochs done stays what it was)
 RESUME_SAFE_KEYS = (
+    "name",  # the run directory the stored config was read from is the run: a moved run resumes
+    "output_dir",
     "eval_every",
     "log_every",
     "progress",
