@@ -218,7 +218,9 @@ class DataConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    source: str = Field("mnist5k", description="mnist5k | digits | imagefolder | torchvision:<Name> | hf")
+    source: str = Field(
+        "mnist5k", description="mnist5k | digits | fashion-mnist | imagefolder | torchvision:<Name> | hf"
+    )
     root: str | None = Field(None, description="directory of the data, for sources that read files")
     transforms: str = "auto"
     batch_size: int = Field(128, gt=0)
@@ -282,7 +284,8 @@ class TermConfig(BaseModel):
     teacher_index: int | None = None
     adapter: str | None = Field(None, description="auto | linear | conv1x1 | conv_bn | conv_bn_relu")
     allow_negative: bool = Field(
-        False, description="accept a negative weight (the student then moves away from what the term measures)"
+        False,
+        description="accept a negative weight (the student then moves away from what the term measures)",
     )
 
     @property
