@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fuzz lint bench reliability clean
+.PHONY: install data demo test fuzz lint bench reliability clean
 
 install: $(STAMP)
 
@@ -13,10 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: install
+# Fashion-MNIST's files (the quickstart's data) from the Debian package, into protege's cache
+# ($PROTEGE_CACHE/fashion-mnist, by default ~/.cache/protege/fashion-mnist). When it cannot get them it
+# says what to do and make goes on (the leading -): the tests that need the files skip.
+data:
+	-sh scripts/fetch_fashion_mnist.sh
+
+demo: install data
 	$(BIN)/protege quickstart
 
-test: install
+test: install data
 	$(BIN)/lint-imports  # the layers of docs/architecture.md: imports only go down, no cycle
 	$(BIN)/python -m pytest tests
 

@@ -235,7 +235,9 @@ class DataConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    source: str = Field("mnist5k", description="mnist5k | digits | imagefolder | torchvision:<Name> | hf")
+    source: str = Field(
+        "mnist5k", description="mnist5k | digits | fashion-mnist | imagefolder | torchvision:<Name> | hf"
+    )
     root: str | None = Field(None, description="directory of the data, for sources that read files")
     transforms: str = "auto"
     batch_size: int = Field(128, gt=0, le=2**31 - 1)

@@ -8,6 +8,7 @@
 (1, 28, 10)
 
 Sources (:func:`list_sources`): ``mnist5k`` and ``digits`` (bundled, in-memory, fixed splits),
+``fashion-mnist`` (70,000 images read offline from its idx files: ``make data``),
 ``imagefolder`` (``root/train``, ``root/val``, ``root/test`` class folders),
 ``torchvision:<Name>`` (CIFAR10, CIFAR100, MNIST, FashionMNIST, KMNIST, QMNIST, SVHN, STL10) and
 ``hf`` (a HuggingFace dataset saved with ``save_to_disk``). See :mod:`protege.data.sources` for

@@ -17,6 +17,19 @@ Sources (:func:`list_sources`):
     1257 train / 180 val / 360 test. ``input_size`` is 8 unless option ``size`` (e.g. 16 or 28)
     resizes every image once at load time (bilinear). Normalised to mean 0 / std 1 with
     training-set statistics.
+``fashion-mnist``
+    Fashion-MNIST (Xiao et al., 2017; MIT): 70,000 real 28x28 grayscale photos of clothing in 10
+    named classes (``class_names``: T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt,
+    Sneaker, Bag, Ankle boot), read offline from its four idx ``.gz`` files, looked for in
+    ``root``, the Debian package's ``/usr/share/datasets/fashion-mnist`` and protege's cache
+    (``make data`` puts them there; :mod:`protege.data.fashion_mnist`); ``download=True``
+    fetches missing files with torchvision's downloader into ``root`` (default: the cache). The
+    60,000 train images give train and a stratified ``val_fraction`` val split (``seed``); the
+    10,000 ``t10k`` images are the test set. In memory, shape ``(1, 28, 28)``, normalised with the
+    set's mean/std (0.2860, 0.3530); ``"augment"`` as for ``mnist5k``. Options: ``size`` (area
+    downscale, e.g. 14, as ``mnist5k``); ``train_size``, ``val_size``, ``test_size``: a stratified
+    subset of that many images of each split (train and val drawn with ``seed``, test always
+    the same images), so small runs read small slices.
 ``shifted-pool``
     An unlabelled proxy pool for an MNIST teacher, shifted from MNIST and generated offline
     (:mod:`protege.data.pools`): scikit-learn digits upscaled, typeset digits, letters, shapes and
@@ -50,7 +63,7 @@ Sources (:func:`list_sources`):
     with the set's own normalisation.
 
 Transforms: file-based sources take a recipe name from :mod:`protege.data.transforms` or
-``"auto"``. The in-memory sources (``mnist5k``, ``digits``) take ``"auto"`` or ``"none"``
+``"auto"``. The in-memory sources (``mnist5k``, ``digits``, ``fashion-mnist``) take ``"auto"`` or ``"none"``
 (identical: the stored normalised tensors) or ``"augment"``: a random shift of up to 2 pixels
 (pad with the background value, random crop back), drawn from torch's global RNG in
 ``__getitem__``, on the train split only.
@@ -71,7 +84,14 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ..errors import ProtegeError, closest, unknown
-from .splits import DataSplits, Stats, TensorImageDataset, TransformSubset, stratified_split
+from .splits import (
+    DataSplits,
+    Stats,
+    TensorImageDataset,
+    TransformSubset,
+    stratified_split,
+    stratified_subset,
+)
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -153,9 +173,9 @@ def load_data(
         test_fraction: share held out for testing where a source has neither (single ``hf``
             dataset); fixed-split sources ignore both fractions and ``seed``.
         seed: seed of the held-out splits.
-        download: let ``torchvision:*`` sources download missing files into ``root``.
+        download: let ``torchvision:*`` and ``fashion-mnist`` download missing files into ``root``.
         **options: source options (``size``, ``mean``, ``std``, ``in_chans``, ``image_column``,
-            ``label_column``; see each source).
+            ``label_column``, ``train_size``; see each source).
 
     Raises:
         ProtegeError: unknown source/option/recipe, missing or bad ``root``, missing files.
@@ -384,6 +404,68 @@ def _load_shifted_pool(
     )
 
 
+def _load_fashion_mnist(
+    *,
+    source: str,
+    root: Path | None,
+    transforms: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    download: bool,
+    options: dict[str, Any],
+) -> DataSplits:
+    from . import fashion_mnist as fm
+
+    size = _int_option(options, "size")
+    sizes = {key: _int_option(options, key) for key in ("train_size", "val_size", "test_size")}
+    try:
+        arrays = fm.read_arrays(root)
+    except ProtegeError:
+        if not download:
+            raise
+        target = root if root is not None else fm.cache_dir()  # torchvision's FashionMNIST/raw under it
+        for train in (True, False):
+            _torchvision_dataset("torchvision:FashionMNIST", target, True, train)
+        arrays = fm.read_arrays(target)
+    train_idx, val_idx = stratified_split(arrays.train_labels, val_fraction, seed)
+    train_idx = stratified_subset(arrays.train_labels, train_idx, sizes["train_size"], seed)
+    val_idx = stratified_subset(arrays.train_labels, val_idx, sizes["val_size"], seed)
+    # the test subset does not depend on `seed`: every run is measured on the same images
+    test_idx = stratified_subset(
+        arrays.test_labels, np.arange(len(arrays.test_labels)), sizes["test_size"], 0
+    )
+    info = _TORCHVISION["FashionMNIST"]
+    mean, std = info.mean[0], info.std[0]
+    shift = 2 if transforms == "augment" else 0
+    fill = (0.0 - mean) / std
+
+    def part(images: np.ndarray, labels: np.ndarray, ix: np.ndarray, s: int = 0) -> TensorImageDataset:
+        x = torch.from_numpy(images[ix].astype(np.float32)).unsqueeze(1) / 255.0
+        x, _ = _resized(x, size, native=28)
+        return TensorImageDataset((x - mean) / std, torch.from_numpy(labels[ix]), shift=s, fill=fill)
+
+    return DataSplits(
+        train=part(arrays.train_images, arrays.train_labels, train_idx, shift),
+        val=part(arrays.train_images, arrays.train_labels, val_idx),
+        test=part(arrays.test_images, arrays.test_labels, test_idx),
+        num_classes=len(fm.CLASS_NAMES),
+        in_chans=1,
+        input_size=size or 28,
+        class_names=list(fm.CLASS_NAMES),
+        source=source,
+        options={
+            "transforms": "augment" if shift else "none",
+            "val_fraction": val_fraction,
+            "seed": seed,
+            **{k: v for k, v in sizes.items() if v is not None},
+            **({"size": size} if size not in (None, 28) else {}),
+        },
+        mean=(mean,),
+        std=(std,),
+    )
+
+
 # ----------------------------------------------------------------------------- file-based sources
 
 
@@ -491,6 +573,27 @@ def _default_size(img: Any) -> int:
     return int(min(t.shape[-2], t.shape[-1], 224))
 
 
+def _torchvision_dataset(source: str, root: Path, download: bool, train: bool) -> Any:
+    """The train or test split of the ``torchvision:<Name>`` dataset ``source`` under ``root``,
+    downloaded there first when ``download`` (torchvision's own downloader)."""
+    import torchvision.datasets as tvd
+
+    info = _TORCHVISION[source.split(":", 1)[1]]
+    cls = getattr(tvd, info.cls)
+    kw: dict[str, Any] = {"split": "train" if train else "test"} if info.api == "split" else {"train": train}
+    try:
+        return cls(str(root), download=download, **kw)
+    except RuntimeError as e:
+        if download:
+            raise ProtegeError(f"could not load {source} from {root} after downloading: {e}") from e
+        raise ProtegeError(
+            f"{source} files not found under data root {root}; pass `download: true` "
+            f"(download=True) to fetch them, or fix `root`"
+        ) from e
+    except OSError as e:  # network failures while downloading
+        raise ProtegeError(f"could not download {source} into {root}: {e}") from e
+
+
 def _load_torchvision(
     *,
     source: str,
@@ -502,30 +605,11 @@ def _load_torchvision(
     download: bool,
     options: dict[str, Any],
 ) -> DataSplits:
-    import torchvision.datasets as tvd
-
     assert root is not None
 
     info = _TORCHVISION[source.split(":", 1)[1]]
-    cls = getattr(tvd, info.cls)
-
-    def make(train: bool) -> Any:
-        kw: dict[str, Any] = (
-            {"split": "train" if train else "test"} if info.api == "split" else {"train": train}
-        )
-        try:
-            return cls(str(root), download=download, **kw)
-        except RuntimeError as e:
-            if download:
-                raise ProtegeError(f"could not load {source} from {root} after downloading: {e}") from e
-            raise ProtegeError(
-                f"{source} files not found under data root {root}; pass `download: true` "
-                f"(download=True) to fetch them, or fix `root`"
-            ) from e
-        except OSError as e:  # network failures while downloading
-            raise ProtegeError(f"could not download {source} into {root}: {e}") from e
-
-    train_ds, test_ds = make(True), make(False)
+    train_ds = _torchvision_dataset(source, root, download, train=True)
+    test_ds = _torchvision_dataset(source, root, download, train=False)
     targets = _targets(train_ds)
     classes = getattr(train_ds, "classes", None)
     n_classes = int(targets.max()) + 1 if len(targets) else 0
@@ -829,6 +913,13 @@ class _Reindexed(Dataset[Any]):
 _SOURCES: dict[str, _Source] = {
     "mnist5k": _Source("mnist5k", _load_mnist5k, needs_root=False, options=("size",), bundled=True),
     "digits": _Source("digits", _load_digits, needs_root=False, options=("size",), bundled=True),
+    "fashion-mnist": _Source(
+        "fashion-mnist",
+        _load_fashion_mnist,
+        needs_root=False,
+        options=("size", "train_size", "val_size", "test_size"),
+        bundled=True,
+    ),
     "shifted-pool": _Source(
         "shifted-pool", _load_shifted_pool, needs_root=False, options=("size", "parts"), bundled=True
     ),

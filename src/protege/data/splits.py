@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ProtegeError
 
-__all__ = ["DataSplits", "TensorImageDataset", "TransformSubset", "stratified_split"]
+__all__ = ["DataSplits", "TensorImageDataset", "TransformSubset", "stratified_split", "stratified_subset"]
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -155,6 +155,27 @@ def stratified_split(
     return np.sort(kept), np.sort(held)
 
 
+def stratified_subset(
+    labels: Sequence[int] | np.ndarray, indices: np.ndarray, size: int | None, seed: int
+) -> np.ndarray:
+    """``size`` of ``indices``, stratified by ``labels[indices]`` and drawn with ``seed``; sorted.
+
+    All of ``indices`` when ``size`` is ``None`` or not below their number; a plain random draw
+    when a class has too few items to be stratified.
+    """
+    from sklearn.model_selection import train_test_split
+
+    indices = np.asarray(indices)
+    if size is None or size >= len(indices):
+        return indices
+    strata = np.asarray(labels)[indices]
+    try:
+        kept, _ = train_test_split(indices, train_size=int(size), stratify=strata, random_state=seed)
+    except ValueError:
+        kept, _ = train_test_split(indices, train_size=int(size), random_state=seed)
+    return np.sort(kept)
+
+
 # --------------------------------------------------------------------------------------- registry
 
 
@@ -162,5 +183,3 @@ def stratified_split(
 
 
 # ----------------------------------------------------------------------------- file-based sources
-
-
