@@ -282,7 +282,8 @@ class TermConfig(BaseModel):
     teacher_index: int | None = None
     adapter: str | None = Field(None, description="auto | linear | conv1x1 | conv_bn | conv_bn_relu")
     allow_negative: bool = Field(
-        False, description="accept a negative weight (the student then moves away from what the term measures)"
+        False,
+        description="accept a negative weight (the student then moves away from what the term measures)",
     )
 
     @property
@@ -359,6 +360,39 @@ class StageConfig(BaseModel):
         False,
         description="train only the terms' own modules (e.g. FT's paraphraser); the student stays fixed",
     )
+
+
+class QuantizeConfig(BaseModel):
+    """Quantization-aware distillation (QAD, :mod:`protege.core.fake_quant`): the student trains with
+    its Conv/Linear weights (int8, per output channel, symmetric) and their inputs (uint8, per
+    tensor, moving-average ranges) fake-quantized, under the run's terms. Start it from a trained
+    student (``student.weights``) for a few epochs at a low learning rate; ``protege export --format
+    int8`` then writes the int8 model with the ranges it learned.
+
+    ``quantize: int8`` is short for ``quantize: {mode: int8}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["int8"] = Field("int8", description="int8: what protege export --format int8 deploys")
+    averaging_constant: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="weight of each training batch in the moving average of the input ranges (PyTorch's "
+        "MovingAverageMinMaxObserver default); the first batch sets them",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="module paths (shell patterns) left in float, e.g. ['fc']"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_only(cls, data: Any) -> Any:
+        return {"mode": data} if isinstance(data, str) else data
+
+    def fake_quant_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`protege.core.fake_quant.FakeQuant`."""
+        return {"averaging_constant": self.averaging_constant, "exclude": list(self.exclude)}
 
 
 class CacheConfig(BaseModel):
@@ -478,6 +512,11 @@ class RunConfig(TrainConfig):
         default_factory=list,
         description="run as consecutive stages (each overrides epochs/optim/schedule/terms)",
     )
+    quantize: QuantizeConfig | None = Field(
+        None,
+        description="quantization-aware distillation: train the student in int8 fake quantization "
+        "(quantize: int8); export it with protege export --format int8",
+    )
 
     @model_validator(mode="after")
     def _one_teacher_key(self) -> RunConfig:
@@ -507,6 +546,16 @@ class RunConfig(TrainConfig):
                 raise ValueError(
                     f"data.strategy {self.data.strategy!r} needs one student, a teacher run online "
                     "(no cache), and no stages"
+                )
+        if self.quantize is not None:
+            if self.students or self.stages:
+                raise ValueError(
+                    "quantize trains one student in one stage: use 'student' without 'stages' (run the "
+                    "quantization-aware stage as a run of its own, student.weights: the earlier run)"
+                )
+            if self.task != "classification":
+                raise ValueError(
+                    f"quantize supports task 'classification' (the int8 export's task), not {self.task!r}"
                 )
         stage_names = [st.name for st in self.stages]
         if len(set(stage_names)) != len(stage_names):
