@@ -395,7 +395,7 @@ def export_model(distiller: Distiller, data: DataSplits, cfg: RunConfig) -> str 
     when the task has one (an LM: ``save_pretrained`` + tokenizer, which
     ``AutoModelForCausalLM.from_pretrained`` loads); ``None`` when it has not. The directory
     appears complete or not at all (written beside it, then renamed)."""
-    if type(distiller.task).export is Task.export:
+    if not distiller.task.export_after_run:
         return None
     device = next(distiller.student.parameters()).device
     best = checkpoint_dir(cfg.run_dir, "best") / "model.safetensors"
