@@ -107,6 +107,7 @@ def test_native_export_of_a_timm_model_is_timms_own_format(tmp_path):
 def test_onnx_export_matches_pytorch_on_the_test_split_with_a_dynamic_batch(runs):
     info = pg.export(runs / "kd", "onnx")
     out = runs / "kd" / "export-onnx"
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "export.json", "README.md"}  # one file
     assert info["onnx"]["exporter"] == "dynamo" and info["onnx"]["opset"] == 18
     parity = info["parity"]
     assert parity["inputs"] == "test split" and parity["samples"] == 360
@@ -150,6 +151,27 @@ def test_int8_export_is_really_int8_and_its_accuracy_change_is_measured(runs):
     x = _test_inputs(8)
     logits = _session(out / "model.onnx").run(None, {"input": x.numpy()})[0]
     assert logits.shape == (8, 10)
+    timed = pg.bench(runs / "kd", exports=[out], batch_sizes=(1, 3), threads=(1,), max_seconds=0.1)
+    rows = {(r["model"], r["batch"]): r for r in timed["rows"]}
+    assert set(rows) == {(m, b) for m in ("teacher", "student", "student fp32", "kd int8") for b in (1, 3)}
+    assert rows[("student", 1)]["vs_eager"] == 1.0 and rows[("teacher", 3)]["vs_teacher"] == 1.0
+    assert rows[("kd int8", 1)]["rounds"] >= 10 and timed["models"]["kd int8"]["acc"] == ev["int8"]["acc"]
+
+
+def test_the_torchscript_exporter_is_the_fallback(tmp_path, monkeypatch):
+    real = torch.onnx.export
+
+    def dynamo_fails(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("dynamo cannot")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    model = pg.build_model("cnn_m", num_classes=10, in_chans=1, widths=[4, 8, 8]).eval()
+    info = pg.export(model, "onnx", tmp_path / "ts", example=_test_inputs(4))
+    assert info["onnx"]["exporter"] == "torchscript" and info["onnx"]["opset"] == 17
+    assert "dynamo cannot" in info["onnx"]["dynamo_error"]
+    assert info["parity"]["inputs"] == "example" and info["parity"]["max_abs_diff"] < 1e-4
 
 
 # -- quantization-aware distillation --------------------------------------------------------------

@@ -27,6 +27,8 @@ from ._deps import require
 DYNAMO_OPSET = 18
 TORCHSCRIPT_OPSET = 17
 INPUT, OUTPUT = "input", "logits"
+#: models whose weights take more bytes are written with their tensors in ``model.onnx.data``
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @contextlib.contextmanager
@@ -76,6 +78,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, An
     import onnx
 
     model = model.eval().cpu()
+    # one self-contained file, unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it)
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     if len(example) < 2:  # a batch of 1 would be specialized: the batch axis must stay dynamic
         example = example.expand(2, *example.shape[1:]).contiguous()
     errors: dict[str, BaseException] = {}
@@ -95,6 +99,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, An
                         output_names=[OUTPUT],
                         dynamic_shapes=({0: torch.export.Dim("batch")},),
                         optimize=True,
+                        external_data=external,
                     )
                 else:
                     torch.onnx.export(
@@ -109,7 +114,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, An
                         do_constant_folding=True,
                     )
             proto = onnx.load(str(path))
-            onnx.checker.check_model(proto)
+            onnx.checker.check_model(str(path))
             if [i.name for i in proto.graph.input] != [INPUT] or len(proto.graph.output) != 1:
                 raise ValueError(
                     f"the ONNX graph has inputs {[i.name for i in proto.graph.input]} and "
