@@ -104,7 +104,7 @@ def export(
 
     Every export writes ``export.json`` (all that was measured, and the command that reproduces it)
     and a model card ``README.md``. ``bench``: also time teacher, student and exported model side
-    by side (:func:`protege.export.bench.measure`). Nothing is written unless everything succeeds,
+    by side (:func:`protege.export.latency.measure`). Nothing is written unless everything succeeds,
     and an existing ``out`` is replaced only with ``overwrite``.
 
     ``source`` a model (not a run directory): ``out`` is required; ``data`` (a
@@ -146,6 +146,8 @@ def export(
         "command": command,
         "source": _describe(src),
     }
+    # the calibration samples first: a run that may not calibrate fails before any work
+    calibrating = _calibration(src, calibration, calibration_data) if format == "int8" else None
     with staged_dir(out) as tmp:
         if format == "native":
             _native(src, tmp, info)
@@ -158,7 +160,8 @@ def export(
                     onnx_files = {"onnx_fp32": fp32}
                 else:
                     int8 = tmp / "model.onnx"
-                    batches, cal = _calibration(src, calibration, calibration_data)
+                    assert calibrating is not None
+                    batches, cal = calibrating
                     info["quantization"] = quantize_int8(
                         fp32, int8, batches, src.qad_ranges if qad_ranges else None
                     )
@@ -169,7 +172,7 @@ def export(
                     info["latency"] = _bench(src, onnx_files)
         info["model"] = _model_info(src)
         info["files"] = {
-            f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
             for f in sorted(tmp.rglob("*"))
             if f.is_file()
         }
