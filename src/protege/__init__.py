@@ -39,9 +39,10 @@ from .core.terms import (
 from .data import DataSplits, load_data
 from .engine import Callback, TrainConfig, evaluate, fit, make_loader
 from .errors import ProtegeError
+from .export import bench, export
 from .losses import get_loss, list_losses, register_loss
 from .metrics.cost import count_flops, count_params, measure_latency
-from .models import build_model, list_models
+from .models import build_model, list_models, load_model
 from .pipeline import evaluate_run, synthesize
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "Taps",
     "Term",
     "TrainConfig",
+    "bench",
     "build_model",
     "ce",
     "count_flops",
@@ -78,6 +80,7 @@ __all__ = [
     "dkd",
     "evaluate",
     "evaluate_run",
+    "export",
     "fit",
     "get_loss",
     "kd",
@@ -85,6 +88,7 @@ __all__ = [
     "list_models",
     "load_config",
     "load_data",
+    "load_model",
     "make_loader",
     "measure_latency",
     "multi_kd",

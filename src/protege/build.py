@@ -168,6 +168,7 @@ def build_distiller(
         # data-free runs, whose synthesis reads the BatchNorms' running statistics
         fold_teacher_bn=not stage and bool(teachers) and cfg.data.strategy != "synthetic",
         teacher_precision=cfg.teacher_precision,
+        quantize=None if cfg.quantize is None else cfg.quantize.fake_quant_kwargs(),
         on_policy=None
         if on_policy is None
         else OnPolicy(

@@ -213,6 +213,139 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory, e.g. runs/mnist-kd")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="native (the model's own library's format), onnx (fp32) or int8 (onnxruntime static W8A8)",
+        ),
+    ] = "onnx",
+    calibration: Annotated[
+        int, typer.Option(help="int8: training samples the activation ranges are calibrated on")
+    ] = 512,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="directory to write (default: <run_dir>/export-<format>)")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an existing export directory")
+    ] = False,
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    bench_: Annotated[
+        bool,
+        typer.Option("--bench", help="also time teacher, student and the exported model side by side"),
+    ] = False,
+    qad_ranges: Annotated[
+        bool,
+        typer.Option(
+            help="int8 of a quantization-aware run: use the input ranges it learned (else calibrate all)"
+        ),
+    ] = True,
+) -> None:
+    """Write a run's student in its native format, as ONNX, or as int8 ONNX; checked against PyTorch
+    on the run's test split, described by export.json and a model card (README.md)."""
+    from .export import export as run_export
+
+    info = run_export(
+        run_dir,
+        format,  # type: ignore[arg-type]
+        out_dir,
+        calibration=calibration,
+        overwrite=overwrite,
+        bench=bench_,
+        checkpoint=checkpoint,  # type: ignore[arg-type]
+        qad_ranges=qad_ranges,
+    )
+    table = Table(title=f"{run_dir} → {info['path']} ({format})")
+    table.add_column("")
+    for col in ("accuracy", "agreement with fp32", "agreement with teacher"):
+        table.add_column(col, justify="right")
+    ev = info.get("evaluation", {})
+    for key, label in (
+        ("teacher", "teacher (PyTorch)"),
+        ("fp32", "student fp32 (PyTorch)"),
+        ("fake_quant", "student fake-quantized (PyTorch, QAD)"),
+        ("onnx_fp32", "student fp32 (onnxruntime)"),
+        ("int8", "student int8 (onnxruntime)"),
+    ):
+        m = ev.get(key)
+        if m:
+            table.add_row(
+                label,
+                *(
+                    f"{100 * m[k]:.2f}%" if k in m else "—"
+                    for k in ("acc", "agreement_fp32", "agreement_teacher")
+                ),
+            )
+    if ev:
+        out.print(table)
+    if "parity" in info:
+        p = info["parity"]
+        out.print(
+            f"parity with PyTorch on {p['samples']} {p['inputs']} inputs: max |Δlogit| {p['max_abs_diff']:.3g}, "
+            f"top-1 agreement {100 * p['top1_agreement']:.2f}%",
+            soft_wrap=True,
+        )
+    if "latency" in info:
+        _print_latency(info["latency"]["rows"], info["latency"]["machine"])
+    files = ", ".join(f"{k} {v['bytes'] / 1e6:.3f} MB" for k, v in info["files"].items())
+    out.print(f"wrote {info['path']}: {files} (+ export.json, README.md)", soft_wrap=True)
+
+
+@app.command()
+def bench(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (its teacher and student)")],
+    exports: Annotated[
+        list[Path] | None,
+        typer.Option("--export", "-e", help="an export directory (onnx/int8) to time too (repeatable)"),
+    ] = None,
+    batch: Annotated[list[int] | None, typer.Option("--batch", help="batch sizes (repeatable)")] = None,
+    max_seconds: Annotated[float, typer.Option(help="timed seconds per batch size and thread count")] = 20.0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the result to this JSON file")
+    ] = None,
+) -> None:
+    """Latency of a run's teacher and student (PyTorch), the student in onnxruntime fp32 and its
+    exports, side by side in interleaved rounds: batch 1 and 32, 1 thread and all threads."""
+    from .export import bench as run_bench
+
+    result = run_bench(run_dir, exports or [], batch or [1, 32], max_seconds=max_seconds, out=json_out)
+    _print_latency(result["rows"], result["machine"])
+    for label, m in result["models"].items():
+        acc = f", accuracy {100 * m['acc']:.2f}%" if m.get("acc") is not None else ""
+        out.print(f"{label}: {m['bytes'] / 1e6:.3f} MB{acc}", soft_wrap=True)
+
+
+def _print_latency(rows: list[dict[str, Any]], machine: str) -> None:
+    table = Table(title=f"latency — {machine}")
+    for col in (
+        "model",
+        "runtime",
+        "batch",
+        "threads",
+        "median ms",
+        "p10–p90 ms",
+        "× vs fp32 eager",
+        "× vs teacher",
+    ):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            f"{r['runtime']} {r['precision']}",
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['ms']:.3f}",
+            f"{r['ms_p10']:.3f}–{r['ms_p90']:.3f}",
+            f"{r['vs_eager']:.2f}×" if "vs_eager" in r else "—",
+            f"{r['vs_teacher']:.2f}×" if "vs_teacher" in r else "—",
+        )
+    out.print(table)
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory, e.g. runs/mnist-kd")],
     baseline: Annotated[

@@ -386,6 +386,39 @@ class StageConfig(BaseModel):
     )
 
 
+class QuantizeConfig(BaseModel):
+    """Quantization-aware distillation (QAD, :mod:`protege.core.fake_quant`): the student trains with
+    its Conv/Linear weights (int8, per output channel, symmetric) and their inputs (uint8, per
+    tensor, moving-average ranges) fake-quantized, under the run's terms. Start it from a trained
+    student (``student.weights``) for a few epochs at a low learning rate; ``protege export --format
+    int8`` then writes the int8 model with the ranges it learned.
+
+    ``quantize: int8`` is short for ``quantize: {mode: int8}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["int8"] = Field("int8", description="int8: what protege export --format int8 deploys")
+    averaging_constant: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="weight of each training batch in the moving average of the input ranges (PyTorch's "
+        "MovingAverageMinMaxObserver default); the first batch sets them",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="module paths (shell patterns) left in float, e.g. ['fc']"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_only(cls, data: Any) -> Any:
+        return {"mode": data} if isinstance(data, str) else data
+
+    def fake_quant_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`protege.core.fake_quant.FakeQuant`."""
+        return {"averaging_constant": self.averaging_constant, "exclude": list(self.exclude)}
+
+
 class CacheConfig(BaseModel):
     """Teacher-output cache (offline KD, see ``protege.engine.cache``): ``protege cache run.yaml``
     builds it; ``protege distill`` then trains from it and never loads the teacher.
@@ -503,6 +536,11 @@ class RunConfig(TrainConfig):
         default_factory=list,
         description="run as consecutive stages (each overrides epochs/optim/schedule/terms)",
     )
+    quantize: QuantizeConfig | None = Field(
+        None,
+        description="quantization-aware distillation: train the student in int8 fake quantization "
+        "(quantize: int8); export it with protege export --format int8",
+    )
 
     @model_validator(mode="after")
     def _one_teacher_key(self) -> RunConfig:
@@ -532,6 +570,16 @@ class RunConfig(TrainConfig):
                 raise ValueError(
                     f"data.strategy {self.data.strategy!r} needs one student, a teacher run online "
                     "(no cache), and no stages"
+                )
+        if self.quantize is not None:
+            if self.students or self.stages:
+                raise ValueError(
+                    "quantize trains one student in one stage: use 'student' without 'stages' (run the "
+                    "quantization-aware stage as a run of its own, student.weights: the earlier run)"
+                )
+            if self.task != "classification":
+                raise ValueError(
+                    f"quantize supports task 'classification' (the int8 export's task), not {self.task!r}"
                 )
         stage_names = [st.name for st in self.stages]
         if len(set(stage_names)) != len(stage_names):

@@ -28,6 +28,7 @@ from .caching import use_cache
 from .config import RunConfig, config_changes, dump_config, load_config, unsafe_resume_changes
 from .core.cohort import Cohort
 from .core.distiller import Distiller, Term
+from .core.fake_quant import FakeQuant
 from .data import DataSplits, WithIndex
 from .engine import checkpoint_dir, evaluate, fit, make_loader
 from .engine.cache import CachedTeacherDataset, cache_loader
@@ -413,7 +414,7 @@ def export_model(distiller: Distiller, data: DataSplits, cfg: RunConfig) -> str 
     when the task has one (an LM: ``save_pretrained`` + tokenizer, which
     ``AutoModelForCausalLM.from_pretrained`` loads); ``None`` when it has not. The directory
     appears complete or not at all (written beside it, then renamed)."""
-    if type(distiller.task).export is Task.export:
+    if not distiller.task.export_after_run:
         return None
     device = next(distiller.student.parameters()).device
     best = checkpoint_dir(cfg.run_dir, "best") / "model.safetensors"
@@ -482,19 +483,27 @@ def test_checkpoints(
 
 @dataclass
 class LoadedRun:
-    """A finished run's config, data, trained student (ready to predict) and teachers."""
+    """A finished run's config, data, trained student (ready to predict) and teachers.
+
+    ``quant``: for a quantization-aware run (``quantize:``), the fake quantization the student
+    carries, with the input ranges the run observed (``quant.remove()`` leaves the plain fp32 model);
+    ``where``: the checkpoint directory read."""
 
     cfg: RunConfig
     data: DataSplits
     student: nn.Module
     teachers: list[nn.Module]
     task: Task
+    quant: FakeQuant | None = None
+    where: Path | None = None
 
 
-def load_run(run_dir: str | Path, which: Literal["last", "best"] = "best") -> LoadedRun:
+def load_run(
+    run_dir: str | Path, which: Literal["last", "best"] = "best", data: DataSplits | None = None
+) -> LoadedRun:
     """Rebuild a finished one-student run from its directory: its ``which`` checkpoint's student
     (through the method's own trained modules where it predicts with them, e.g. SimKD), its
-    teachers with their configured weights, its data and task."""
+    teachers with their configured weights, its data (``data``: already loaded) and task."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ProtegeError(f"{run_dir} is not a protege run directory (no config.yaml)")
@@ -506,11 +515,24 @@ def load_run(run_dir: str | Path, which: Literal["last", "best"] = "best") -> Lo
         )
     if not read_pointers(run_dir / "checkpoints"):
         raise ProtegeError(f"{run_dir} has no checkpoint yet: train it first (or resume it)")
-    data = load_run_data(cfg)
+    data = load_run_data(cfg) if data is None else data
     where = checkpoint_dir(run_dir, which)
     student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
     teachers = [build_from(s, data) for s in cfg.all_teachers()]
     task = build_task(cfg.task)
+    quant = None
+    if cfg.quantize is not None:  # the student as it trained and was tested: fake-quantized
+        quant = FakeQuant(student, **cfg.quantize.fake_quant_kwargs())
+        extra = _read_extra(where)
+        ranges = {k.removeprefix("quant."): v for k, v in extra.items() if k.startswith("quant.")}
+        try:
+            quant.load_state_dict(ranges)
+        except RuntimeError as e:
+            raise ProtegeError(
+                f"{where} holds no complete quantization ranges for this quantize: config "
+                f"({str(e).splitlines()[0]}); train the run again"
+            ) from None
+        quant.eval()
     final_cfg = cfg.stage_config(len(cfg.stages) - 1) if cfg.stages else cfg
     terms = [Term(**t.term_kwargs()) for t in final_cfg.terms]
     if (where / "distiller.safetensors").is_file() and any(hasattr(t.state, "inference") for t in terms):
@@ -519,7 +541,14 @@ def load_run(run_dir: str | Path, which: Literal["last", "best"] = "best") -> Lo
         holder = Distiller(student, None, terms, task=task, cached_teachers=n_teachers)
         holder.load_state_dict(load_file(where / "distiller.safetensors"), strict=False)
         student = holder.inference_model()
-    return LoadedRun(cfg, data, student, teachers, task)
+    return LoadedRun(cfg, data, student, teachers, task, quant, where)
+
+
+def _read_extra(where: Path) -> dict[str, torch.Tensor]:
+    path = where / "distiller.safetensors"
+    if not path.is_file():
+        return {}
+    return load_file(path)
 
 
 def evaluate_run(

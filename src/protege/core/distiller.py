@@ -30,6 +30,7 @@ from ..losses.registry import autocast_disabled
 from ..tasks import ClassificationTask, Outputs, Task
 from .adapters import KINDS as ADAPTER_KINDS
 from .adapters import build_adapter
+from .fake_quant import FakeQuant
 from .fold import fold_batchnorm
 from .on_policy import OnPolicy
 from .taps import Taps
@@ -419,6 +420,11 @@ class Distiller(nn.Module):
             probability ``on_policy.lam`` a batch's completions are the student's own samples
             (:meth:`Task.rollout <protege.tasks.base.Task.rollout>`), scored by the teachers; the
             terms that read no teacher are skipped on those batches.
+        quantize: quantization-aware distillation: the keyword arguments of
+            :class:`~protege.core.fake_quant.FakeQuant` (``{}`` for its defaults). The student's
+            Conv/Linear weights and inputs are then fake-quantized to int8 in every forward (module
+            paths and state-dict keys unchanged); the observers' ranges are this module's state
+            (``distiller.quant``), saved and restored with the checkpoints. ``None``: float training.
     """
 
     def __init__(
@@ -433,6 +439,7 @@ class Distiller(nn.Module):
         fold_teacher_bn: bool = False,
         teacher_precision: TeacherPrecision = "fp32",
         on_policy: OnPolicy | None = None,
+        quantize: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.teacher_precision = check_teacher_precision(teacher_precision)
@@ -493,6 +500,8 @@ class Distiller(nn.Module):
         if fold_teacher_bn:
             for t in teachers.values():
                 fold_batchnorm(t, keep=teacher_taps)
+        # before the taps: a tap of a layer's input (``fc:in``) reads what the quantized layer computes with
+        self.quant = FakeQuant(student, **quantize) if quantize is not None else None
         object.__setattr__(self, "_student_taps", Taps(student, student_taps))
         object.__setattr__(self, "_teacher_taps", [Taps(t, teacher_taps) for t in teachers.values()])
         self.progress = 0.0
@@ -660,7 +669,11 @@ class Distiller(nn.Module):
 
     def export(self) -> nn.Module:
         """The plain student (or the :meth:`inference_model`), without hooks, adapters used only
-        for training, or teachers: what to save and ship."""
+        for training, or teachers: what to save and ship. With ``quantize``, the fake quantization
+        is taken out first (the fp32 weights it trained; ``protege export --format int8`` makes
+        the int8 model)."""
+        if self.quant is not None:
+            self.quant.remove()
         return self.inference_model()
 
     def close(self) -> None:

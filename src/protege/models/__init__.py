@@ -43,9 +43,18 @@ import torch
 from torch import nn
 
 from ..errors import ProtegeError, unknown
+from ..files import storable
 from . import cifar, nas, small
 
-__all__ = ["build_model", "list_models", "load_weights", "register_model"]
+__all__ = [
+    "MODEL_SPEC",
+    "build_model",
+    "list_models",
+    "load_model",
+    "load_weights",
+    "register_model",
+    "save_model",
+]
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {**cifar.MODELS, **small.MODELS, **nas.MODELS}
 _ALIASES: dict[str, str] = dict(cifar.ALIASES)
@@ -495,3 +504,86 @@ def load_weights(
         raise ProtegeError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+# --------------------------------------------------------------------------- a model directory
+
+#: the file beside ``model.safetensors`` that says how to build the model (``protege export --format native``)
+MODEL_SPEC = "protege_model.json"
+
+
+def save_model(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    kwargs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a directory :func:`load_model` reads back: ``model.safetensors`` (its state
+    dict) and ``protege_model.json`` (the :func:`build_model` arguments: name, num_classes, in_chans,
+    kwargs). ``build_model(name, num_classes, in_chans, weights=directory, **kwargs)`` loads it too.
+
+    Raises:
+        ProtegeError: the kwargs are not JSON values, or the weights do not fit the model ``name``
+            builds (checked by building it on the meta device).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    kwargs = dict(kwargs or {})
+    spec = {
+        "format": "protege-model",
+        "model": name,
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "kwargs": kwargs,
+    }
+    try:
+        text = json.dumps(spec, indent=2)
+    except TypeError as e:
+        raise ProtegeError(
+            f"model {name!r}: its kwargs are not JSON values ({e}), so no spec can record them"
+        ) from None
+    state = model.state_dict()
+    with torch.device("meta"):
+        expected = build_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs).state_dict()
+    if set(expected) != set(state) or any(tuple(expected[k].shape) != tuple(state[k].shape) for k in state):
+        raise ProtegeError(
+            f"the model to save is not what build_model({name!r}, ...) builds (its state-dict keys or shapes "
+            "differ: e.g. a method that predicts through extra modules); export it as onnx instead"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(storable(state), str(out / "model.safetensors"), metadata={"protege_model": name})
+    (out / MODEL_SPEC).write_text(text + "\n")
+    return out
+
+
+def load_model(directory: str | os.PathLike[str]) -> nn.Module:
+    """The model a directory written by :func:`save_model` (``protege export --format native``)
+    holds, built and loaded (in eval mode).
+
+    Raises:
+        ProtegeError: no ``protege_model.json`` (a timm export loads with
+            ``timm.create_model("local-dir:<dir>", pretrained=True)``), an unreadable spec, or
+            weights that do not fit.
+    """
+    path = Path(directory).expanduser()
+    spec_file = path / MODEL_SPEC
+    if not spec_file.is_file():
+        hint = (
+            f"; it is a timm export: timm.create_model('local-dir:{path}', pretrained=True) loads it"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise ProtegeError(f"{path} holds no {MODEL_SPEC} (not a protege model directory){hint}")
+    try:
+        spec = json.loads(spec_file.read_text())
+        name, num_classes, in_chans = spec["model"], int(spec["num_classes"]), int(spec["in_chans"])
+        kwargs = dict(spec.get("kwargs") or {})
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtegeError(
+            f"{spec_file} is damaged ({type(e).__name__}: {e}); export the model again"
+        ) from None
+    model = build_model(name, num_classes=num_classes, in_chans=in_chans, weights=path, **kwargs)
+    return model.eval()

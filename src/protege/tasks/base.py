@@ -22,6 +22,12 @@ class Task:
     name: str = "task"
     #: the metric that decides the "best" epoch; higher is better
     primary_metric: str = "acc"
+    #: what :meth:`export` writes: the format the model's own ecosystem loads with one call
+    #: (``protege export --format native``); ``None``: the task has none (the checkpoints are the export)
+    native_format: str | None = None
+    #: whether every run also writes its student in the native format to ``runs/<name>/model/``
+    #: when it ends (an LM: a directory ``AutoModelForCausalLM.from_pretrained`` loads)
+    export_after_run: bool = False
 
     def split(self, batch: Any) -> tuple[Any, torch.Tensor | None]:
         raise NotImplementedError
@@ -68,9 +74,15 @@ class Task:
         :func:`protege.models.build_model` builds it."""
         return None
 
-    def export(self, model: nn.Module, data: Any, directory: Path) -> bool:
-        """Write ``model`` into the (new, empty) ``directory`` in the format its own library loads
-        (an LM's ``save_pretrained`` with its tokenizer); ``False``: the checkpoints are the export."""
+    def export(
+        self, model: nn.Module, data: Any, directory: Path, spec: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Write ``model`` into the (new, empty) ``directory`` in the task's :attr:`native_format`
+        (an LM's ``save_pretrained`` with its tokenizer); ``False``: the task has no such format, or
+        ``model`` is not one it can write (the checkpoints are the export).
+
+        ``spec``: how the model was built, ``{"model": name, "kwargs": {...}, "num_classes": n,
+        "in_chans": c}`` (a run config's model section and its data), for formats that record it."""
         return False
 
 

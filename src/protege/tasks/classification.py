@@ -6,6 +6,8 @@ indices or cached teacher outputs (see :meth:`protege.tasks.Task.meta`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,14 +15,22 @@ from torch import nn
 
 from ..errors import ProtegeError
 from ..metrics.fidelity import classification_report
+from ..models import save_model
 from .base import Evaluator, Outputs, Task
 
 
 class ClassificationTask(Task):
-    """Models map inputs to class logits; metrics are accuracy, top-5, NLL, ECE and fidelity."""
+    """Models map inputs to class logits; metrics are accuracy, top-5, NLL, ECE and fidelity.
+
+    **Native format** (:meth:`export`): a timm model is written as timm saves it for the Hub,
+    ``config.json`` + ``model.safetensors`` (``timm.create_model("local-dir:<dir>", pretrained=True)``
+    loads it); any other model (protege zoo, torchvision) as ``model.safetensors`` + the
+    ``protege_model.json`` spec (``pg.load_model(dir)``, or ``pg.build_model(name, ..., weights=dir)``).
+    """
 
     name = "classification"
     primary_metric = "acc"
+    native_format = "safetensors"
 
     def __init__(self, input_key: str = "input", target_key: str = "target") -> None:
         self.input_key = input_key
@@ -56,6 +66,33 @@ class ClassificationTask(Task):
 
     def evaluator(self, with_teacher: bool) -> Evaluator:
         return _ClassificationEvaluator(with_teacher)
+
+    def export(
+        self, model: nn.Module, data: Any, directory: Path, spec: Mapping[str, Any] | None = None
+    ) -> bool:
+        if is_timm_model(model):
+            from timm.models._hub import save_for_hf
+
+            save_for_hf(model, str(directory), safe_serialization=True)
+            return True
+        if spec is None:
+            return False
+        save_model(
+            model,
+            directory,
+            str(spec["model"]),
+            int(spec["num_classes"]),
+            int(spec["in_chans"]),
+            spec.get("kwargs") or {},
+        )
+        return True
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm model (which timm's own format can save and rebuild)."""
+    return type(model).__module__.startswith("timm.") and isinstance(
+        getattr(model, "pretrained_cfg", None), dict
+    )
 
 
 class _ClassificationEvaluator(Evaluator):

@@ -147,6 +147,8 @@ class LMTask(Task):
 
     name = "lm"
     primary_metric = "acc"
+    native_format = "transformers"  # save_pretrained + tokenizer: AutoModelForCausalLM.from_pretrained
+    export_after_run = True
 
     def split(self, batch: Any) -> tuple[Any, torch.Tensor | None]:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -252,7 +254,9 @@ class LMTask(Task):
     ) -> nn.Module | None:
         return build_lm(name, weights, kwargs, data)
 
-    def export(self, model: nn.Module, data: Any, directory: Path) -> bool:
+    def export(
+        self, model: nn.Module, data: Any, directory: Path, spec: Mapping[str, Any] | None = None
+    ) -> bool:
         if not hasattr(model, "save_pretrained"):
             return False
         model.save_pretrained(str(directory), safe_serialization=True)

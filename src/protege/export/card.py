@@ -1,0 +1,157 @@
+"""The model card (``README.md``) of an export: everything in it is read from ``export.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .latency import table
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _how_to_load(info: dict[str, Any]) -> str:
+    fmt = info["format"]
+    files = info.get("files", {})
+    if fmt == "native":
+        native = info.get("native", {})
+        if native.get("kind") == "timm":
+            return (
+                "```python\nimport timm\n"
+                'model = timm.create_model("local-dir:<this directory>", pretrained=True).eval()\n```\n'
+            )
+        if native.get("kind") == "transformers":
+            return (
+                "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                'model = AutoModelForCausalLM.from_pretrained("<this directory>")\n'
+                'tokenizer = AutoTokenizer.from_pretrained("<this directory>")\n```\n'
+            )
+        return (
+            "```python\nimport protege as pg\n"
+            'model = pg.load_model("<this directory>")  # model.safetensors + protege_model.json\n```\n'
+        )
+    name = next((f for f in files if f.endswith(".onnx")), "model.onnx")
+    shape = info.get("model", {}).get("input_shape")
+    return (
+        "```python\nimport numpy as np, onnxruntime as ort\n"
+        f'session = ort.InferenceSession("<this directory>/{name}", providers=["CPUExecutionProvider"])\n'
+        f'logits = session.run(None, {{"input": batch.astype(np.float32)}})[0]  # batch: {shape}\n```\n'
+    )
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """The README.md of an export directory, from its ``export.json`` content ``info``."""
+    src = info.get("source", {})
+    fmt = info["format"]
+    title = {"native": "native format", "onnx": "ONNX (fp32)", "int8": "ONNX int8 (W8A8, QDQ)"}[fmt]
+    student = src.get("student") or {}
+    lines = [f"# {student.get('model', 'model')} — {title}", ""]
+    lines.append(f"Exported by protege {info.get('protege_version', '')} on {info.get('created', '')}.")
+    lines.append("")
+    lines.append("## What it is")
+    lines.append("")
+    rows = [
+        ("task", src.get("task")),
+        ("student", f"{student.get('model')} {student.get('kwargs') or ''}".strip() if student else None),
+        ("teacher(s)", ", ".join(t["model"] for t in src.get("teachers", [])) or None),
+        ("terms", ", ".join(_term(t) for t in src.get("terms", [])) or None),
+        ("data", _data(src.get("data"))),
+        ("run", f"`{src['run']}`, {src.get('checkpoint', '')} checkpoint" if src.get("run") else None),
+        ("quantization-aware", "yes (quantize: int8)" if src.get("quantize") else None),
+    ]
+    lines += [f"- **{k}**: {v}" for k, v in rows if v]
+    model = info.get("model", {})
+    lines.append("")
+    lines.append("## Files and cost")
+    lines.append("")
+    for name, f in info.get("files", {}).items():
+        lines.append(f"- `{name}`: {f['bytes'] / 1e6:.3f} MB")
+    if model:
+        lines.append(
+            f"- parameters: {model.get('params', 0):,}; FLOPs per sample: {model.get('flops', 0) / 1e6:.2f} M; "
+            f"input: {model.get('input_shape')}"
+        )
+    if "onnx" in info:
+        o = info["onnx"]
+        lines.append(f"- ONNX opset {o['opset']}, {o['exporter']} exporter, dynamic batch axis")
+    if "quantization" in info:
+        q = info["quantization"]
+        g = q["graph"]
+        lines.append(
+            f"- {q['method']} ({q['format']}): weights {q['weights']}; activations {q['activations']} "
+            f"on {q['calibration']['samples']} {q['calibration']['split']} samples; "
+            f"{g['weighted_ops_int8']}/{g['weighted_ops']} Conv/Gemm/MatMul read int8 weights, "
+            f"{g['int8_initializers']} int8 initializers"
+        )
+        if "qad_ranges" in q:
+            r = q["qad_ranges"]
+            lines.append(
+                f"- input ranges of {r['modules']} quantized modules ({r['tensors']} tensors) are the "
+                "quantization-aware run's; the other tensors are calibrated"
+            )
+    lines.append("")
+    lines.append("## Load it")
+    lines.append("")
+    lines.append(_how_to_load(info))
+    lines.append("## Measured")
+    lines.append("")
+    ev = info.get("evaluation")
+    if ev:
+        lines.append(f"On the {ev['split']} split ({ev['samples']} samples):")
+        lines.append("")
+        lines.append("| model | accuracy | agreement with fp32 student | agreement with teacher |")
+        lines.append("|---|---:|---:|---:|")
+        for key, label in (
+            ("teacher", "teacher (PyTorch)"),
+            ("fp32", "student fp32 (PyTorch)"),
+            ("fake_quant", "student fake-quantized (PyTorch, as QAD trained it)"),
+            ("onnx_fp32", "student fp32 (onnxruntime)"),
+            ("int8", "student int8 (onnxruntime)"),
+        ):
+            m = ev.get(key)
+            if m:
+                lines.append(
+                    f"| {label} | {_pct(m.get('acc'))} | {_pct(m.get('agreement_fp32'))} | "
+                    f"{_pct(m.get('agreement_teacher'))} |"
+                )
+        int8 = ev.get("int8") or {}
+        if "agreement_fake_quant" in int8:
+            lines.append(
+                f"The int8 model agrees with the fake-quantized PyTorch student on "
+                f"{_pct(int8['agreement_fake_quant'])} of the samples (parity with the quantization-aware "
+                "training graph)."
+            )
+        lines.append("")
+    if "parity" in info:
+        p = info["parity"]
+        lines.append(
+            f"Parity with PyTorch on {p['samples']} {p['inputs']} inputs: max |Δlogit| "
+            f"{p['max_abs_diff']:.3g}, top-1 agreement {_pct(p['top1_agreement'])}."
+        )
+        lines.append("")
+    if "latency" in info:
+        lat = info["latency"]
+        lines.append(f"Latency ({lat['machine']}; interleaved rounds, median and 10th–90th percentile):")
+        lines.append("")
+        lines.append(table(lat["rows"]))
+    lines.append("## Reproduce")
+    lines.append("")
+    lines.append(f"```\n{info.get('command', '')}\n```")
+    return "\n".join(lines) + "\n"
+
+
+def _term(t: dict[str, Any]) -> str:
+    extra = {
+        k: v for k, v in t.items() if k not in ("loss", "weight") and v not in (None, "logits", 0.0, False)
+    }
+    shown = ", ".join(f"{k}={v}" for k, v in extra.items())
+    return f"{t['loss']}×{t.get('weight', 1.0):g}" + (f" ({shown})" if shown else "")
+
+
+def _data(d: dict[str, Any] | None) -> str | None:
+    if not d:
+        return None
+    sizes = d.get("sizes") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    return f"{d.get('source')}" + (f" ({shown})" if shown else "")
