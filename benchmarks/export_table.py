@@ -40,10 +40,9 @@ def main() -> None:
     ptq_label = next(m for m, info in bench["models"].items() if info.get("export") == str(args.ptq))
     qad_label = next(m for m, info in bench["models"].items() if info.get("export") == str(args.qad))
     mb = {label: info["bytes"] / 1e6 for label, info in bench["models"].items()}
-    params = ptq["model"]["params"]
     rows = {
-        "teacher": ("teacher, PyTorch fp32", None, ev["teacher"]["acc"]),
-        "student": ("student, PyTorch fp32", 4 * params / 1e6, ev["fp32"]["acc"]),
+        "teacher": ("teacher, PyTorch fp32", mb["teacher"], ev["teacher"]["acc"]),
+        "student": ("student, PyTorch fp32", mb["student"], ev["fp32"]["acc"]),
         "student fp32": ("student, onnxruntime fp32", mb["student fp32"], ev["onnx_fp32"]["acc"]),
         ptq_label: ("student, onnxruntime int8 PTQ", mb[ptq_label], ev["int8"]["acc"]),
         qad_label: ("student, onnxruntime int8 QAD", mb[qad_label], qev["int8"]["acc"]),
@@ -64,8 +63,7 @@ def main() -> None:
     for label in labels:
         name, size, acc = rows[label]
         cells = [f"{row(label, b, t)['ms']:.3f} ({row(label, b, t)['vs_eager']:.2f}×)" for b, t in settings]
-        shown = "—" if size is None else f"{size:.3f}"
-        lines.append(f"| {name} | {shown} | {_pct(acc)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {size:.3f} | {_pct(acc)} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     print()
     over_teacher = [f"b{b}/{t}t {row(ptq_label, b, t)['vs_teacher']:.1f}×" for b, t in settings]

@@ -156,6 +156,7 @@ def test_int8_export_is_really_int8_and_its_accuracy_change_is_measured(runs):
     assert set(rows) == {(m, b) for m in ("teacher", "student", "student fp32", "kd int8") for b in (1, 3)}
     assert rows[("student", 1)]["vs_eager"] == 1.0 and rows[("teacher", 3)]["vs_teacher"] == 1.0
     assert rows[("kd int8", 1)]["rounds"] >= 10 and timed["models"]["kd int8"]["acc"] == ev["int8"]["acc"]
+    assert timed["models"]["student"]["bytes"] == 4 * info["model"]["params"]
 
 
 def test_the_torchscript_exporter_is_the_fallback(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import ProtegeError
 from ..files import atomic_write_text
+from ..metrics.cost import count_params
 from . import latency
 from ._deps import require
 from .exporter import example_inputs, machine, open_run
@@ -33,6 +34,12 @@ def _read_export(directory: Path) -> dict[str, Any]:
             f"{directory} holds no ONNX model (format {info.get('format')!r}); bench times onnx/int8 exports"
         )
     return info
+
+
+def _weights(model: Any) -> dict[str, int]:
+    """Parameters and the bytes their fp32 values take (a PyTorch model's size)."""
+    params = count_params(model)
+    return {"params": params, "bytes": 4 * params}
 
 
 def bench(
@@ -63,7 +70,9 @@ def bench(
         candidates = []
         if src.teachers:
             candidates.append(latency.Candidate("teacher", "pytorch", "fp32", module=src.teachers[0]))
+            models["teacher"] = _weights(src.teachers[0])
         candidates.append(latency.Candidate("student", "pytorch", "fp32", module=src.model))
+        models["student"] = _weights(src.model)
         candidates.append(latency.Candidate("student fp32", "onnxruntime", "fp32", onnx=fp32))
         models["student fp32"] = {"bytes": fp32.stat().st_size}
         for directory, info in infos:
