@@ -207,7 +207,7 @@ def test_qad_trains_fake_quantized_survives_resume_and_exports_with_its_ranges(r
     cfg = _cfg(
         runs,
         "qad",
-        quantize="int8",
+        quantize={"mode": "int8", "exclude": ["fc"]},  # the classifier stays float, in QAD and in int8
         student={**STUDENT, "weights": str(runs / "kd")},
         data={"source": "digits", "batch_size": 640},  # 1257 training images: 2 steps per epoch
         optim={"lr": 0.01},
@@ -219,7 +219,7 @@ def test_qad_trains_fake_quantized_survives_resume_and_exports_with_its_ranges(r
     run_dir = runs / "qad"
     first = _quant_state(run_dir)
     assert {k for k in first if k.endswith(".updates")} == {
-        f"quant.inputs.{p}.updates" for p in ("layer1/0", "layer2/0", "layer3/0", "fc")
+        f"quant.inputs.{p}.updates" for p in ("layer1/0", "layer2/0", "layer3/0")
     }
     assert all(int(v) == 2 for k, v in first.items() if k.endswith(".updates"))  # two steps observed
     summary = pg.run(load_config(None, **cfg), resume=True, report=False)
@@ -227,12 +227,16 @@ def test_qad_trains_fake_quantized_survives_resume_and_exports_with_its_ranges(r
     resumed = _quant_state(run_dir)  # the ranges were restored, then observed 2 more steps
     assert all(int(v) == 4 for k, v in resumed.items() if k.endswith(".updates"))
     loaded = load_run(run_dir)
-    assert loaded.quant is not None and parametrize.is_parametrized(loaded.student.fc, "weight")
-    assert loaded.student.layer1[0]._forward_pre_hooks  # the input fake quantization
+    assert loaded.quant is not None and parametrize.is_parametrized(loaded.student.layer3[0], "weight")
+    assert loaded.student.layer1[0]._forward_pre_hooks and not loaded.student.fc._forward_pre_hooks
+    assert not parametrize.is_parametrized(loaded.student.fc)
     plain = pg.build_model("cnn_m", num_classes=10, in_chans=1, widths=[4, 8, 8], weights=run_dir)
     assert set(plain.state_dict()) == set(pg.build_model("cnn_m", widths=[4, 8, 8]).state_dict())
     info = pg.export(run_dir, "int8", calibration=64)
-    assert info["quantization"]["qad_ranges"] == {"modules": 4, "tensors": 4, "unmatched": []}
+    q = info["quantization"]
+    assert q["qad_ranges"] == {"modules": 3, "tensors": 3, "unmatched": []}
+    assert q["excluded"] == {"patterns": ["fc"], "modules": ["fc"]}
+    assert q["graph"]["weighted_ops"] == 4 and q["graph"]["weighted_ops_int8"] == 3
     ev = info["evaluation"]
     assert "fake_quant" in ev and ev["int8"]["agreement_fake_quant"] > 0.9
     assert info["source"]["quantize"]["mode"] == "int8"

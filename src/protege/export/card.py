@@ -84,6 +84,10 @@ def model_card(info: dict[str, Any]) -> str:
             f"{g['weighted_ops_int8']}/{g['weighted_ops']} Conv/Gemm/MatMul read int8 weights, "
             f"{g['int8_initializers']} int8 initializers"
         )
+        if q.get("excluded"):
+            lines.append(
+                f"- kept in float, as the quantization-aware run trained them: {q['excluded']['modules']}"
+            )
         if "qad_ranges" in q:
             r = q["qad_ranges"]
             lines.append(

@@ -61,6 +61,8 @@ class _Source:
     example: torch.Tensor | None = None
     #: a quantization-aware run's student as it trained and was tested: fake-quantized, in PyTorch
     fake_quant: nn.Module | None = None
+    #: module paths (patterns) the quantization-aware run kept in float: the int8 model keeps them too
+    float_modules: list[str] = field(default_factory=list)
 
 
 def default_out(run_dir: str | Path, format: str) -> Path:
@@ -163,7 +165,7 @@ def export(
                     assert calibrating is not None
                     batches, cal = calibrating
                     info["quantization"] = quantize_int8(
-                        fp32, int8, batches, src.qad_ranges if qad_ranges else None
+                        fp32, int8, batches, src.qad_ranges if qad_ranges else None, src.float_modules
                     )
                     info["quantization"]["calibration"] = cal
                     _check_int8(src, fp32, int8, info)
@@ -245,6 +247,7 @@ def open_run(run_dir: Path, which: str, format: str, qad_ranges: bool) -> _Sourc
         checkpoint=f"{which} ({loaded.where.name if loaded.where else '?'})",
         qad_ranges=ranges,
         fake_quant=fake_quant,
+        float_modules=list(cfg.quantize.exclude) if cfg.quantize is not None else [],
     )
 
 

@@ -60,7 +60,7 @@ def _timers(candidates: Sequence[Candidate], threads: int) -> dict[str, Callable
             calls[c.label] = lambda x, m=module: m(x)
         else:
             assert c.onnx is not None
-            sess = session(c.onnx, threads)
+            sess = session(c.onnx, threads, spin=False)
             calls[c.label] = lambda x, s=sess: run(s, x)
     return calls
 

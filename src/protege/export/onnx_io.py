@@ -212,11 +212,15 @@ def diagnose(model: nn.Module, example: torch.Tensor, errors: dict[str, BaseExce
 # -- onnxruntime --------------------------------------------------------------------------------
 
 
-def session(path: Path, threads: int | None = None) -> Any:
+def session(path: Path, threads: int | None = None, spin: bool = True) -> Any:
     """An onnxruntime CPU session of the model at ``path``, all graph optimizations on;
-    ``threads``: intra-op threads (``None``: onnxruntime's default, one per physical core)."""
+    ``threads``: intra-op threads (``None``: onnxruntime's default, one per physical core);
+    ``spin=False``: its worker threads sleep when a run ends instead of spinning for the next one
+    (timed beside other models, a spinning pool holds cores the next model needs)."""
     ort = require("onnxruntime")["onnxruntime"]
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads is not None:

@@ -22,8 +22,9 @@ This is the same scheme :mod:`protege.core.fake_quant` trains with.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,20 @@ def _reader(batches: Iterable[torch.Tensor]) -> Any:
     return Reader()
 
 
+def weighted_nodes(fp32: Path) -> dict[str, list[str]]:
+    """``{module path: [names of the ONNX nodes whose weight is <path>.weight]}`` (dynamo's names)."""
+    import onnx
+
+    proto = onnx.load(str(fp32), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    found: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        if node.op_type in WEIGHTED_OPS and len(node.input) >= 2 and node.input[1] in inits:
+            if node.input[1].endswith(".weight"):
+                found.setdefault(node.input[1].removesuffix(".weight"), []).append(node.name)
+    return found
+
+
 def module_inputs(fp32: Path) -> dict[str, list[str]]:
     """For each weighted operator of the ONNX model whose weight initializer is named after a module
     (``<path>.weight``, as the dynamo exporter keeps parameter names), ``{module path: [its input
@@ -76,10 +91,13 @@ def quantize_int8(
     out: Path,
     calibration: Iterable[torch.Tensor],
     ranges: Mapping[str, tuple[float, float]] | None = None,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the int8 model of the fp32 ONNX model ``fp32`` to ``out``, calibrated on the batches of
     ``calibration``; ``ranges`` (``{module path: (min, max)}``, a quantization-aware run's) fix the
-    input ranges of the modules they name. Returns what was done (for ``export.json``)."""
+    input ranges of the modules they name; the modules matching ``exclude`` (shell patterns of module
+    paths, a quantization-aware run's ``quantize.exclude``) stay float. Returns what was done (for
+    ``export.json``)."""
     require("onnx", "onnxruntime")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -102,6 +120,13 @@ def quantize_int8(
     extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if overrides:
         extra["TensorQuantOverrides"] = overrides
+    excluded: dict[str, list[str]] = {}
+    if exclude:
+        excluded = {
+            path: nodes
+            for path, nodes in weighted_nodes(fp32).items()
+            if any(fnmatch.fnmatchcase(path, pattern) for pattern in exclude)
+        }
     try:
         with quiet():
             quantize_static(
@@ -114,6 +139,7 @@ def quantize_int8(
                 weight_type=getattr(QuantType, WEIGHT_TYPE),
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options=extra,
+                nodes_to_exclude=[n for nodes in excluded.values() for n in nodes] or None,
             )
     except ProtegeError:
         raise
@@ -129,6 +155,8 @@ def quantize_int8(
         "activations": "uint8, asymmetric, per tensor, MinMax calibration",
         "graph": graph_summary(out),
     }
+    if exclude:
+        info["excluded"] = {"patterns": list(exclude), "modules": sorted(excluded)}
     if ranges is not None:
         info["qad_ranges"] = {
             "modules": len(ranges) - len(unmatched),
