@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import protege as pg
+from cli_helpers import run_cli as _cli
 from protege.config import load_config
 from protege.core.fake_quant import FakeQuant
 from protege.core.taps import Taps
@@ -261,19 +262,6 @@ def test_quantize_config_is_checked():
 
 
 # -- bad input -------------------------------------------------------------------------------------
-
-
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from protege import cli
-
-    monkeypatch.setattr(sys, "argv", ["protege", *args])
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, " ".join(capsys.readouterr().err.split())
 
 
 def test_cli_refuses_to_overwrite_and_reports_a_damaged_checkpoint(runs, tmp_path, monkeypatch, capsys):

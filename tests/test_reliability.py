@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import protege as pg
+from cli_helpers import run_cli as _cli
 from protege.config import load_config
 from protege.engine.checkpoint import read_pointers, verify_checkpoint
 from protege.errors import ProtegeError
@@ -253,19 +254,6 @@ def test_cli_exit_code_of_a_run_that_went_non_finite_is_1(tmp_path):
     err = " ".join(proc.stderr.split())
     assert "run failed:" in err and "non-finite loss in epoch" in err
     assert "Traceback" not in proc.stderr and "the run is complete" not in proc.stdout
-
-
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from protege import cli
-
-    monkeypatch.setattr(sys, "argv", ["protege", *args])
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, " ".join(capsys.readouterr().err.split())
 
 
 def _image_folder(root: Path, bad: bool = False, val_images: int = 2) -> Path:
