@@ -2,7 +2,7 @@
 (plain KD, KD³ and its ablations) vs data-free synthesis (DeepInversion, adversarial) vs chance.
 
 Teacher: ``convnet`` (BatchNorm ConvNet, 0.42 M parameters) trained on MNIST-5k with cross-entropy
-(the quickstart recipe: 15 epochs, random 2-px shifts), or an existing run given with
+(the MNIST quickstart recipe before issue 18: 15 epochs, random 2-px shifts), or an existing run given with
 ``--teacher``. Student: ``lenet5`` (no BatchNorm). Every arm is a plain ``protege.run`` of a
 config dict built here (its ``runs/bench-datafree/<arm>-s<seed>/config.yaml`` reproduces it
 alone) and is evaluated on the labelled MNIST-5k test split (1,000 images) at the last epoch and at
@@ -143,7 +143,7 @@ def common(seed: int, epochs: int, out: str) -> dict[str, Any]:
 
 
 def teacher_config(s: dict[str, Any], out: str) -> dict[str, Any]:
-    """The quickstart teacher's recipe (configs/mnist-teacher.yaml), seed 0."""
+    """The MNIST teacher recipe (configs/mnist-teacher.yaml), seed 0."""
     cfg = {**common(0, s["teacher_epochs"], out), "name": "teacher", "student": {"model": TEACHER}}
     del cfg["clip_grad_norm"]  # a BatchNorm ConvNet trained on labels needs none
     return cfg
