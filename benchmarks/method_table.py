@@ -82,6 +82,37 @@ def method_spec(method: str, p: dict[str, Any], epochs: int) -> dict[str, Any] |
         return {"terms": [ce]}
     if method == "kd":
         return {"terms": [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "T": 4}]}
+    if method == "kd_ls":  # logit standardization (Sun et al., CVPR 2024) on the same recipe as kd
+        return {
+            "terms": [
+                {"loss": "ce", "weight": 0.1},
+                {"loss": "kd", "weight": 0.9, "T": 4, "standardize": True},
+            ]
+        }
+    if method == "ctkd":  # kd's recipe with CTKD's learned, adversarial temperature
+        return {"terms": [{"loss": "ce", "weight": 0.1}, {"loss": "ctkd", "weight": 0.9}]}
+    if method == "dkd":  # mdistiller's CIFAR recipe: CE 1, alpha 1, beta 8, T 4, warm-up 1/12 of the run
+        return {
+            "terms": [
+                ce,
+                {"loss": "dkd", "weight": 1.0, "alpha": 1, "beta": 8, "T": 4, "warmup": max(epochs / 12, 1)},
+            ]
+        }
+    if method == "dist":  # the paper's CIFAR-100 recipe: CE 1, beta = gamma = 2, T 4
+        return {"terms": [ce, {"loss": "dist", "weight": 1.0, "beta": 2.0, "gamma": 2.0, "T": 4}]}
+    if method == "diswot":  # DisWOT's two distillers beside CE, weight 1 each (the paper gives none)
+        return {
+            "terms": [
+                ce,
+                {"loss": "diswot_relation", "weight": 1.0, "student": s_last, "teacher": t_last},
+                {
+                    "loss": "diswot_semantic",
+                    "weight": 1.0,
+                    "student": [EMBED, "logits"],
+                    "teacher": [EMBED, "logits"],
+                },
+            ]
+        }
     if method == "fitnet":
         s, t = p["s_maps"][-2], p["t_maps"][-2]
         return {
@@ -176,8 +207,8 @@ def method_spec(method: str, p: dict[str, Any], epochs: int) -> dict[str, Any] |
     raise SystemExit(f"unknown method {method!r}")
 
 
-METHODS = ["scratch", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
-           "ickd", "reviewkd", "simkd"]  # fmt: skip
+METHODS = ["scratch", "kd", "kd_ls", "ctkd", "dkd", "dist", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
+           "ickd", "reviewkd", "simkd", "diswot"]  # fmt: skip
 
 
 def _channels_match(p: dict[str, Any], data: pg.DataSplits) -> bool:
@@ -194,11 +225,29 @@ def _channels_match(p: dict[str, Any], data: pg.DataSplits) -> bool:
     return shapes[0] == shapes[1]
 
 
+def data_spec(args: argparse.Namespace, transforms: str = "augment") -> dict[str, Any]:
+    """The data section of every run: ``--source`` with its size options."""
+    options = {
+        key: value
+        for key, value in (
+            ("size", args.size),
+            ("train_size", args.train_size),
+            ("val_size", args.val_size),
+            ("test_size", args.test_size),
+        )
+        if value is not None
+    }
+    spec: dict[str, Any] = {"source": args.source, "batch_size": args.batch_size, "transforms": transforms}
+    if options:
+        spec["options"] = options
+    return spec
+
+
 def base_config(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
     return {
         "name": name,
         "output_dir": str(Path(args.output_dir)),
-        "data": {"source": "mnist5k", "batch_size": args.batch_size, "transforms": "augment"},
+        "data": data_spec(args),
         "epochs": args.epochs,
         "optim": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4},
         "schedule": {"name": "cosine"},
@@ -222,6 +271,11 @@ def run_one(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--source", default="mnist5k", help="mnist5k (default) or fashion-mnist (`make data`)")
+    ap.add_argument("--size", type=int, default=None, help="resize the images to SIZE x SIZE")
+    ap.add_argument("--train-size", type=int, default=None, help="fashion-mnist: training images drawn")
+    ap.add_argument("--val-size", type=int, default=None, help="fashion-mnist: validation images drawn")
+    ap.add_argument("--test-size", type=int, default=None, help="fashion-mnist: test images drawn")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
@@ -239,7 +293,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = pg.load_data("mnist5k")
+    spec = data_spec(args)
+    data = pg.load_data(args.source, **spec.get("options", {}))
     results: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     for pair in args.pairs.split(","):

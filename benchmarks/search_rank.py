@@ -116,8 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke mode: 4 archs, 1 epoch, 2 batches, tiny widths"
     )
     ap.add_argument(
-        "--dataset", default=None, choices=["mnist5k", "digits"], help="default mnist5k (quick: digits)"
+        "--dataset",
+        default=None,
+        choices=["mnist5k", "digits", "fashion-mnist"],
+        help="default mnist5k (quick: digits); fashion-mnist needs `make data`",
     )
+    ap.add_argument("--train-size", type=int, default=None, help="fashion-mnist: training images drawn")
+    ap.add_argument("--val-size", type=int, default=None, help="fashion-mnist: validation images drawn")
+    ap.add_argument("--test-size", type=int, default=None, help="fashion-mnist: test images drawn")
     ap.add_argument(
         "--size", type=int, default=None, help="resize images to SIZE x SIZE (default: digits 16, mnist5k 28)"
     )
@@ -130,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nb201-cells", type=int, default=None, help="NB201 cells per stage (default 2)")
     ap.add_argument("--nb201-samples", type=int, default=None, help="NB201 cells drawn (default 50)")
     ap.add_argument("--nb201-seed", type=int, default=0)
+    ap.add_argument(
+        "--resnet-archs",
+        type=int,
+        default=None,
+        help="ResNet depth variants trained (a seeded sample of the 64; default --archs, else all)",
+    )
     ap.add_argument(
         "--archs",
         type=int,
@@ -245,6 +257,11 @@ def data_spec(args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {"source": args.dataset, "batch_size": args.batch_size, "transforms": "augment"}
     if args.dataset == "digits" or args.size != 28:  # mnist5k at its native 28: no option (older results)
         spec["options"] = {"size": args.size}
+    sizes = {"train_size": args.train_size, "val_size": args.val_size, "test_size": args.test_size}
+    if any(v is not None for v in sizes.values()):
+        if args.dataset != "fashion-mnist":
+            raise SystemExit("--train-size, --val-size and --test-size apply to --dataset fashion-mnist only")
+        spec.setdefault("options", {}).update({k: v for k, v in sizes.items() if v is not None})
     return spec
 
 
@@ -265,8 +282,9 @@ def arch_list(args: argparse.Namespace, name: str, space: Any) -> list[Any]:
     """The space's ground-truth architectures: all 64 ResNets, or the seeded NB201 sample."""
     if name == "resnet":
         archs = list(space.enumerate())
-        if args.archs is not None and args.archs < len(archs):
-            archs = sorted(random.Random(args.nb201_seed).sample(archs, args.archs))
+        n = args.archs if args.resnet_archs is None else args.resnet_archs
+        if n is not None and n < len(archs):
+            archs = sorted(random.Random(args.nb201_seed).sample(archs, n))
         return archs
     rng, seen, archs = random.Random(args.nb201_seed), set(), []
     n = args.nb201_samples if args.archs is None else min(args.nb201_samples, args.archs)
