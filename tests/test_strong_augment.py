@@ -196,3 +196,38 @@ def test_cache_of_strong_views_then_distill_and_augment_is_refused(tmp_path, mon
     capsys.readouterr()
     assert _cli(monkeypatch, "distill", str(_run_config(tmp_path, weights, "augment")), "--overwrite") == 2
     assert "stale" in capsys.readouterr().err
+
+
+def test_the_shipped_fashion_mnist_kd_strong_config_builds_its_cache(tmp_path, one_thread):
+    """configs/fashion-mnist-kd-strong.yaml on a slice of Fashion-MNIST with a small random teacher:
+    8 strong views with the flip, 480 bytes per image, accepted by its distill run."""
+    from protege.build import load_run_data
+    from protege.caching import build_cache
+    from protege.data import fashion_mnist as fm
+    from protege.models import build_model
+
+    try:
+        fm.read_arrays()
+    except ProtegeError as e:
+        pytest.skip(f"the Fashion-MNIST files are not here: {e}")
+    kwargs = {"widths": [4, 8, 8], "hidden": 16}
+    torch.manual_seed(0)
+    teacher = build_model("convnet", num_classes=10, in_chans=1, **kwargs)
+    save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
+    overrides = [
+        f"teacher.weights={tmp_path / 'teacher.safetensors'}",
+        f"teacher.kwargs={json.dumps(kwargs)}",
+        "data.options={train_size: 40, val_size: 20, test_size: 20}",
+        f"cache.path={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'runs'}",
+    ]
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-kd-strong.yaml", overrides
+    )
+    assert cfg.data.transforms == "strong" and cfg.cache is not None and cfg.cache.views == 8
+    index = build_cache(cfg, device="cpu")
+    assert index["views"] == 8 and "Strong.flip" in index["view_params"] and len(index["view_params"]) == 10
+    # 8 views x (10 x 4 B logits + 10 x 2 B parameters), plus the shard header over 40 images
+    assert 480 <= index["train_bytes_per_sample"] < 490
+    splits, cache = use_cache(cfg, load_run_data(cfg))
+    assert cache.views == 8 and len(splits.train) == 40
