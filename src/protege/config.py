@@ -239,7 +239,14 @@ class DataConfig(BaseModel):
         "mnist5k", description="mnist5k | digits | fashion-mnist | imagefolder | torchvision:<Name> | hf"
     )
     root: str | None = Field(None, description="directory of the data, for sources that read files")
-    transforms: str = "auto"
+    transforms: str = Field(
+        "auto",
+        description=(
+            "auto | a recipe (cifar, imagenet, mnist, resize, none) for file-based sources; in-memory "
+            "sources: auto | none | augment (random 2-px shift), and strong (random resized crop, "
+            "flip for fashion-mnist only, random erasing; Hao et al. 2023) for mnist5k, digits, fashion-mnist"
+        ),
+    )
     batch_size: int = Field(128, gt=0, le=2**31 - 1)
     eval_batch_size: int = Field(512, gt=0, le=2**31 - 1)
     num_workers: int = Field(

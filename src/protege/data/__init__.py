@@ -12,7 +12,11 @@ Sources (:func:`list_sources`): ``mnist5k`` and ``digits`` (bundled, in-memory, 
 ``imagefolder`` (``root/train``, ``root/val``, ``root/test`` class folders),
 ``torchvision:<Name>`` (CIFAR10, CIFAR100, MNIST, FashionMNIST, KMNIST, QMNIST, SVHN, STL10) and
 ``hf`` (a HuggingFace dataset saved with ``save_to_disk``). See :mod:`protege.data.sources` for
-each source's options and :mod:`protege.data.transforms` for the transform recipes.
+each source's options and :mod:`protege.data.transforms` for the transform recipes. The in-memory
+sources take ``transforms="none"``/``"augment"`` (a random 2-pixel shift), and ``mnist5k``,
+``digits`` and ``fashion-mnist`` also ``"strong"`` (random resized crop, a flip for
+``fashion-mnist`` only, random erasing: :mod:`protege.data.strong`); all of them replayable for
+a teacher-output cache (:mod:`protege.data.views`).
 """
 
 from __future__ import annotations

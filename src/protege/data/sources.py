@@ -26,7 +26,8 @@ Sources (:func:`list_sources`):
     fetches missing files with torchvision's downloader into ``root`` (default: the cache). The
     60,000 train images give train and a stratified ``val_fraction`` val split (``seed``); the
     10,000 ``t10k`` images are the test set. In memory, shape ``(1, 28, 28)``, normalised with the
-    set's mean/std (0.2860, 0.3530); ``"augment"`` as for ``mnist5k``. Options: ``size`` (area
+    set's mean/std (0.2860, 0.3530); ``"augment"`` as for ``mnist5k``, ``"strong"`` too
+    and with the horizontal flip (clothes keep their class in a mirror). Options: ``size`` (area
     downscale, e.g. 14, as ``mnist5k``); ``train_size``, ``val_size``, ``test_size``: a stratified
     subset of that many images of each split (train and val drawn with ``seed``, test always
     the same images), so small runs read small slices.
@@ -66,7 +67,14 @@ Transforms: file-based sources take a recipe name from :mod:`protege.data.transf
 ``"auto"``. The in-memory sources (``mnist5k``, ``digits``, ``fashion-mnist``) take ``"auto"`` or ``"none"``
 (identical: the stored normalised tensors) or ``"augment"``: a random shift of up to 2 pixels
 (pad with the background value, random crop back), drawn from torch's global RNG in
-``__getitem__``, on the train split only.
+``__getitem__``, on the train split only. ``mnist5k``, ``digits`` and ``fashion-mnist`` also take
+``"strong"`` (:mod:`protege.data.strong`; Hao et al., NeurIPS 2023): a random resized crop (area
+0.35-1, aspect 3/4-4/3) back to the image's size, a horizontal flip with p = 0.5 for
+``fashion-mnist`` only (a mirrored digit is not that digit), and random erasing with p = 0.25
+(area 0.02-0.2, aspect 0.3-3.3, filled with the background value), likewise drawn in
+``__getitem__`` on the train split only and replayable for a teacher-output cache
+(:mod:`protege.data.views`). ``shifted-pool`` and ``synthetic`` take ``"augment"`` but not
+``"strong"``.
 """
 
 from __future__ import annotations
@@ -120,6 +128,7 @@ class _Source:
     needs_root: bool
     options: tuple[str, ...] = ()
     bundled: bool = False  # in-memory tensors: transforms "auto" / "none" / "augment" only
+    strong: bool = False  # bundled and also takes transforms "strong"
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ _TORCHVISION: dict[str, _TV] = {
 }
 
 _BUNDLED_TRANSFORMS = ("auto", "none", "augment")
+_STRONG = "strong"  # the in-memory sources with ``strong=True`` only (protege.data.strong)
 _DIGIT_NAMES = [str(i) for i in range(10)]
 
 
@@ -168,7 +178,8 @@ def load_data(
         source: a name from :func:`list_sources`, e.g. ``"mnist5k"`` or ``"torchvision:CIFAR10"``.
         root: folder holding the data (``imagefolder``, ``torchvision:*``, ``hf``).
         transforms: ``"auto"``, a recipe from :func:`protege.data.transforms.list_recipes`, or for
-            the in-memory sources ``"none"``/``"augment"``.
+            the in-memory sources ``"none"``/``"augment"`` (and ``"strong"`` for ``mnist5k``,
+            ``digits`` and ``fashion-mnist``).
         val_fraction: share held out for validation where the source has no val split.
         test_fraction: share held out for testing where a source has neither (single ``hf``
             dataset); fixed-split sources ignore both fractions and ``seed``.
@@ -201,9 +212,20 @@ def load_data(
             f"unknown option(s) {', '.join(map(repr, bad))} for data source {source!r} "
             f"(valid options: {valid}){hint}"
         )
+    allowed = (
+        [*_BUNDLED_TRANSFORMS, *((_STRONG,) if spec.strong else ())]
+        if spec.bundled
+        else [*list_recipes(), "auto"]
+    )
+    if transforms == _STRONG and not spec.strong:
+        supported = ", ".join(sorted(n for n, s in _SOURCES.items() if s.strong))
+        raise ProtegeError(
+            f"data source {source!r} does not support transforms 'strong' (only the in-memory sources "
+            f"{supported} do); valid transforms for {source!r}: {', '.join(sorted(allowed))}"
+        )
     if spec.bundled:
-        if transforms not in _BUNDLED_TRANSFORMS:
-            raise unknown(f"transforms for in-memory source {source!r}", transforms, _BUNDLED_TRANSFORMS)
+        if transforms not in allowed:
+            raise unknown(f"transforms for in-memory source {source!r}", transforms, allowed)
     elif transforms != "auto" and transforms not in list_recipes():
         raise unknown("transform recipe", transforms, [*list_recipes(), "auto"])
     for what, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -285,12 +307,14 @@ def _bundled_splits(
 ) -> DataSplits:
     train_idx, val_idx, test_idx = (torch.from_numpy(p) for p in parts)
     shift = 2 if transforms == "augment" else 0
+    strong = transforms == _STRONG
 
-    def part(ix: torch.Tensor, s: int = 0) -> TensorImageDataset:
-        return TensorImageDataset(images[ix].clone(), labels[ix].clone(), shift=s, fill=fill)
+    def part(ix: torch.Tensor, s: int = 0, st: bool = False) -> TensorImageDataset:
+        # a mirrored digit is not that digit: the strong augmentation of digits never flips
+        return TensorImageDataset(images[ix].clone(), labels[ix].clone(), shift=s, fill=fill, strong=st)
 
     return DataSplits(
-        train=part(train_idx, shift),
+        train=part(train_idx, shift, strong),
         val=part(val_idx),
         test=part(test_idx),
         num_classes=10,
@@ -298,10 +322,16 @@ def _bundled_splits(
         input_size=int(images.shape[-1]),
         class_names=list(_DIGIT_NAMES),
         source=source,
-        options={"transforms": "augment" if shift else "none", **extra},
+        options={"transforms": _transforms_option(transforms), **extra},
         mean=(mean,),
         std=(std,),
     )
+
+
+def _transforms_option(transforms: str) -> str:
+    """What an in-memory source records as its ``transforms`` option (part of the fingerprint):
+    ``"augment"``, ``"strong"`` or ``"none"`` (``"auto"`` is ``"none"``)."""
+    return transforms if transforms in ("augment", _STRONG) else "none"
 
 
 def _load_mnist5k(
@@ -438,15 +468,21 @@ def _load_fashion_mnist(
     info = _TORCHVISION["FashionMNIST"]
     mean, std = info.mean[0], info.std[0]
     shift = 2 if transforms == "augment" else 0
+    strong = transforms == _STRONG
     fill = (0.0 - mean) / std
 
-    def part(images: np.ndarray, labels: np.ndarray, ix: np.ndarray, s: int = 0) -> TensorImageDataset:
+    def part(
+        images: np.ndarray, labels: np.ndarray, ix: np.ndarray, s: int = 0, st: bool = False
+    ) -> TensorImageDataset:
         x = torch.from_numpy(images[ix].astype(np.float32)).unsqueeze(1) / 255.0
         x, _ = _resized(x, size, native=28)
-        return TensorImageDataset((x - mean) / std, torch.from_numpy(labels[ix]), shift=s, fill=fill)
+        # clothes keep their class in a mirror: the strong augmentation flips them (p = 0.5)
+        return TensorImageDataset(
+            (x - mean) / std, torch.from_numpy(labels[ix]), shift=s, fill=fill, strong=st, flip=st
+        )
 
     return DataSplits(
-        train=part(arrays.train_images, arrays.train_labels, train_idx, shift),
+        train=part(arrays.train_images, arrays.train_labels, train_idx, shift, strong),
         val=part(arrays.train_images, arrays.train_labels, val_idx),
         test=part(arrays.test_images, arrays.test_labels, test_idx),
         num_classes=len(fm.CLASS_NAMES),
@@ -455,7 +491,7 @@ def _load_fashion_mnist(
         class_names=list(fm.CLASS_NAMES),
         source=source,
         options={
-            "transforms": "augment" if shift else "none",
+            "transforms": _transforms_option(transforms),
             "val_fraction": val_fraction,
             "seed": seed,
             **{k: v for k, v in sizes.items() if v is not None},
@@ -911,14 +947,17 @@ class _Reindexed(Dataset[Any]):
 
 
 _SOURCES: dict[str, _Source] = {
-    "mnist5k": _Source("mnist5k", _load_mnist5k, needs_root=False, options=("size",), bundled=True),
-    "digits": _Source("digits", _load_digits, needs_root=False, options=("size",), bundled=True),
+    "mnist5k": _Source(
+        "mnist5k", _load_mnist5k, needs_root=False, options=("size",), bundled=True, strong=True
+    ),
+    "digits": _Source("digits", _load_digits, needs_root=False, options=("size",), bundled=True, strong=True),
     "fashion-mnist": _Source(
         "fashion-mnist",
         _load_fashion_mnist,
         needs_root=False,
         options=("size", "train_size", "val_size", "test_size"),
         bundled=True,
+        strong=True,
     ),
     "shifted-pool": _Source(
         "shifted-pool", _load_shifted_pool, needs_root=False, options=("size", "parts"), bundled=True

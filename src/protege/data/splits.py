@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ProtegeError
+from .strong import StrongAugment, TorchRng
 
 __all__ = ["DataSplits", "TensorImageDataset", "TransformSubset", "stratified_split", "stratified_subset"]
 
@@ -79,16 +80,34 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """In-memory images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64.
 
     With ``shift > 0`` each item is shifted by a random offset of up to ``shift`` pixels in each
-    direction (padding with ``fill``), drawn from torch's global RNG.
+    direction (padding with ``fill``), drawn from torch's global RNG. With ``strong=True`` each item
+    gets the ``"strong"`` augmentation instead (:class:`protege.data.strong.StrongAugment`: random
+    resized crop, a horizontal flip only if ``flip``, random erasing with ``fill``), also drawn from
+    torch's global RNG; ``shift`` and ``strong`` exclude each other.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: float = 0.0) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        shift: int = 0,
+        fill: float = 0.0,
+        strong: bool = False,
+        flip: bool = False,
+    ) -> None:
         if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"bad shapes: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+        if strong and shift:
+            raise ValueError("shift and strong exclude each other: the strong augmentation has no shift")
+        if flip and not strong:
+            raise ValueError("flip is part of the strong augmentation: pass strong=True with it")
         self.images = images.float().contiguous()
         self.labels = labels.long().contiguous()
         self.shift = int(shift)
         self.fill = float(fill)
+        self.strong = bool(strong)
+        self.flip = bool(flip)
+        self.augment: StrongAugment | None = StrongAugment(self.flip, self.fill) if self.strong else None
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +125,8 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             padded = torch.nn.functional.pad(x, (s, s, s, s), value=self.fill)
             dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
             x = padded[:, dy : dy + h, dx : dx + w]
+        elif self.augment is not None:
+            x = self.augment.apply(x, self.augment.draw(x, TorchRng()))
         return x, self.labels[index]
 
 

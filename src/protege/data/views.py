@@ -11,9 +11,11 @@ functional ops and against the random transforms themselves).
 
 Replayable training transforms (:func:`replay_for`):
 
-- in-memory sources (``mnist5k``, ``digits``): ``"augment"`` (a shift of up to ``s`` pixels: pad by
-  ``s`` with the background value, crop back; parameters ``dy, dx`` in ``[0, 2s]``) and
-  ``"none"``/``"auto"`` (no randomness: one view);
+- in-memory sources (``mnist5k``, ``digits``, ``fashion-mnist``): ``"augment"`` (a shift of up to
+  ``s`` pixels: pad by ``s`` with the background value, crop back; parameters ``dy, dx`` in
+  ``[0, 2s]``), ``"strong"`` (:mod:`protege.data.strong`, Hao et al., NeurIPS 2023: random resized
+  crop ``top, left, height, width``; horizontal flip ``flip``, ``fashion-mnist`` only; random
+  erasing ``on, y, x, h, w``) and ``"none"``/``"auto"`` (no randomness: one view);
 - the recipes of :mod:`protege.data.transforms` on file-based sources: ``"cifar"``
   (``RandomCrop`` with padding: ``top, left``; ``RandomHorizontalFlip``: ``flip``), ``"imagenet"``
   (``RandomResizedCrop``: ``top, left, height, width`` of the box in the image it sees, drawn as
@@ -45,6 +47,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ProtegeError
 from .splits import TensorImageDataset, TransformSubset
+from .strong import StrongAugment
 from .transforms import RECIPES, ToChannels, ToImageTensor
 
 __all__ = [
@@ -58,7 +61,7 @@ __all__ = [
     "view_offsets",
 ]
 
-REPLAYABLE = ("augment (in-memory sources)", "none", "auto", *RECIPES)
+REPLAYABLE = ("augment (in-memory sources)", "strong (in-memory sources)", "none", "auto", *RECIPES)
 """What :func:`replay_for` can replay, for error messages."""
 
 
@@ -236,6 +239,21 @@ class _HorizontalFlip(_Step):
         return F.horizontal_flip(x) if params[0] else x
 
 
+class _Strong(_Step):
+    """:class:`TensorImageDataset`'s ``"strong"`` augmentation (:class:`~protege.data.strong.StrongAugment`):
+    the very draws and replay the dataset makes, here from a seeded numpy generator."""
+
+    def __init__(self, augment: StrongAugment) -> None:
+        self.augment = augment
+        self.names = augment.names
+
+    def draw(self, x: torch.Tensor, rng: np.random.Generator) -> list[int]:
+        return self.augment.draw(x, rng)
+
+    def apply(self, x: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
+        return self.augment.apply(x, params)
+
+
 def _v2_steps(transform: Any) -> list[_Step]:
     """The steps of a ``v2.Compose`` training transform, or a ProtegeError if one is not replayable."""
     from torchvision.transforms import v2
@@ -383,6 +401,9 @@ def replay_for(dataset: Any) -> Replay:
         images, labels = dataset.images, dataset.labels
         steps: list[_Step] = [_Shift(dataset.shift, dataset.fill)] if dataset.shift else []
         desc = f"TensorImageDataset(shift={dataset.shift}, fill={dataset.fill!r})"
+        if dataset.augment is not None:
+            steps = [_Strong(dataset.augment)]
+            desc = f"TensorImageDataset(strong={dataset.augment!r})"
         replay = Replay(lambda i: (images[i], labels[i]), len(labels), steps, desc)
         if dataset.shift:
             replay._views = _PaddedSlices(images, labels, dataset.shift, dataset.fill)

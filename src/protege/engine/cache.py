@@ -6,7 +6,7 @@ trains from the cache (:func:`protege.caching.use_cache`) and never loads a teac
 
 **Views (augmentation-aware, as FKD).** A random crop of an image is not the crop the teacher saw,
 so instead of pretending, every training sample gets ``V`` augmentation parameter sets drawn
-once from a seeded generator (crop box, flip, shift; :mod:`protege.data.views`), the teacher's
+once from a seeded generator (crop box, flip, shift, erased box; :mod:`protege.data.views`), the teacher's
 outputs are stored for each of those views, and training replays exactly those views: sample
 ``i`` at epoch ``e`` is view ``(e + offset[i]) % V``, so every ``V`` epochs each view is seen
 once. Transforms without randomness have ``V = 1``.
