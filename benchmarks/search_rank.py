@@ -148,6 +148,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="only N archs per space (ResNet: a subset drawn with --nb201-seed; NB201: the first N)",
     )
+    ap.add_argument(
+        "--kd-cache-views",
+        type=int,
+        default=None,
+        help="KD ground-truth runs read the teacher from an augmentation-aware cache of this many views per "
+        "training image, built once (the teacher never runs in them, also not for val/test fidelity); "
+        "default: the teacher runs online",
+    )
     ap.add_argument("--teacher-depths", default="9,9,9", help="teacher blocks per stage (ResNet-56: 9,9,9)")
     ap.add_argument("--teacher-widths", default=None, help="teacher channels (default: --widths)")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default 30")
@@ -250,6 +258,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         },
         "nb201_seed": args.nb201_seed,
         "accuracy": "test split, last epoch",
+        **({"kd_cache_views": args.kd_cache_views} if args.kd_cache_views else {}),  # older results: absent
     }
 
 
@@ -412,7 +421,7 @@ def gt_run(
     name = f"{space_name}-{slug(space_name, arch_id)}-{mode}-s{seed}"
     cfg = base_config(args, name, seed, args.epochs) | {"student": space.model_spec(arch)}
     if mode == "kd":
-        cfg |= {"teacher": teacher, "terms": KD_TERMS}
+        cfg |= {"teacher": teacher, "terms": KD_TERMS, **kd_cache(args)}
     t0 = time.perf_counter()
     summary = run_one(cfg, "distill" if mode == "kd" else "train")
     wall = time.perf_counter() - t0
@@ -451,9 +460,35 @@ def _in_chans(args: argparse.Namespace) -> int:
     return int(load_splits(args).in_chans)
 
 
+def kd_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``cache:`` section of a KD ground-truth run (empty when the teacher runs online)."""
+    if not args.kd_cache_views:
+        return {}
+    path = Path(args.output_dir) / f"teacher-cache-v{args.kd_cache_views}"
+    return {"cache": {"path": str(path), "views": args.kd_cache_views, "top_k": "all"}}
+
+
+def build_kd_cache(args: argparse.Namespace, teacher: dict[str, Any]) -> None:
+    """Run the teacher once over ``--kd-cache-views`` views of every training image (and val/test)."""
+    section = kd_cache(args)
+    if not section or (Path(section["cache"]["path"]) / "index.json").is_file():
+        return
+    from protege.caching import build_cache
+
+    cfg = base_config(args, "teacher-cache", 0, args.epochs) | {
+        "student": teacher_spec(args),
+        "teacher": teacher,
+        "terms": KD_TERMS,
+        **section,
+    }
+    t0 = time.perf_counter()
+    build_cache(load_config(None, **cfg))
+    print(f"teacher-output cache: {args.kd_cache_views} views, {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def part_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     start = time.perf_counter()
-    train_teacher(args, gt)
+    build_kd_cache(args, train_teacher(args, gt))  # before any worker starts: one writer
     jobs = []
     for space_name in args.spaces:
         space = build_space(args, space_name)

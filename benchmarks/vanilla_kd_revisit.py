@@ -214,7 +214,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         print("|---|---|---|---|---|")
         for method, row in res["rows"].items():
             s, g = row["standard"], row["strong"]
-            note = " (cache)" if row["from_cache"] else ""
+            note = " (strong: from the cache)" if row["from_cache"] else ""
             print(
                 f"| {method}{note} | {_ms(s['acc'])} | {_ms(s['best'])} | {_ms(g['acc'])} | {_ms(g['best'])} |"
             )
