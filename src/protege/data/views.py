@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ProtegeError
 from .splits import TensorImageDataset, TransformSubset
-from .strong import StrongAugment
+from .strong import StrongAugment, draw_resized_crop
 from .transforms import RECIPES, ToChannels, ToImageTensor
 
 __all__ = [
@@ -194,24 +194,7 @@ class _RandomResizedCrop(_Step):
         self.antialias = t.antialias
 
     def draw(self, x: torch.Tensor, rng: np.random.Generator) -> list[int]:
-        height, width = _hw(x)
-        area = height * width
-        log_ratio = (np.log(self.ratio[0]), np.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = float(np.exp(rng.uniform(*log_ratio)))
-            w = int(round(np.sqrt(target * aspect)))
-            h = int(round(np.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                return [int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w]
-        in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            h, w = height, int(round(height * max(self.ratio)))
-        else:
-            h, w = height, width
-        return [(height - h) // 2, (width - w) // 2, h, w]
+        return draw_resized_crop(*_hw(x), self.scale, self.ratio, rng)
 
     def apply(self, x: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
