@@ -6,7 +6,6 @@ stores its views and a distill run trains from them, and sources without it refu
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from safetensors.torch import save_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from cli_helpers import run_cli as _cli
 from protege.caching import use_cache
 from protege.config import load_config
 from protege.data import TensorImageDataset, load_data
@@ -155,15 +155,6 @@ def _run_config(tmp_path: Path, teacher: Path, transforms: str) -> Path:
     return path
 
 
-def _cli(monkeypatch, *args: str) -> int:
-    from protege import cli
-
-    monkeypatch.setattr(sys, "argv", ["protege", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return int(e.value.code or 0)
-
-
 def test_cache_of_strong_views_then_distill_and_augment_is_refused(tmp_path, monkeypatch, capsys, one_thread):
     from protege.build import load_run_data
     from protege.models import build_model
@@ -172,7 +163,7 @@ def test_cache_of_strong_views_then_distill_and_augment_is_refused(tmp_path, mon
     weights = tmp_path / "teacher.safetensors"
     save_file(build_model("mlp", num_classes=10, in_chans=1, input_size=8).state_dict(), str(weights))
     config = _run_config(tmp_path, weights, "strong")
-    assert _cli(monkeypatch, "cache", str(config)) == 0
+    assert _cli(monkeypatch, capsys, "cache", str(config))[0] == 0
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert index["views"] == 2 and index["view_params"] == [*CROP_NAMES, *ERASE_NAMES]
 
@@ -186,16 +177,18 @@ def test_cache_of_strong_views_then_distill_and_augment_is_refused(tmp_path, mon
     v = splits.train.view_of(0, 5)
     assert extra["index"] == 5 and torch.equal(x, replay.apply(replay.raw(5)[0], params[5, v].tolist()))
 
-    assert _cli(monkeypatch, "distill", str(config)) == 0
+    assert _cli(monkeypatch, capsys, "distill", str(config))[0] == 0
     summary = json.loads((tmp_path / "runs" / "kd" / "summary.json").read_text())
     assert summary["status"] == "completed" and set(summary["final"]) >= {"train/ce", "train/kd"}
 
     augment = load_config(_run_config(tmp_path, weights, "augment"))
     with pytest.raises(ProtegeError, match="(?s)stale.*data: .*transform: "):
         use_cache(augment, load_run_data(augment))
-    capsys.readouterr()
-    assert _cli(monkeypatch, "distill", str(_run_config(tmp_path, weights, "augment")), "--overwrite") == 2
-    assert "stale" in capsys.readouterr().err
+    code, err = _cli(
+        monkeypatch, capsys, "distill", str(_run_config(tmp_path, weights, "augment")), "--overwrite"
+    )
+    assert code == 2
+    assert "stale" in err
 
 
 def test_the_shipped_fashion_mnist_kd_strong_config_builds_its_cache(tmp_path, one_thread):
