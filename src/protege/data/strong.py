@@ -74,17 +74,20 @@ class TorchRng:
         return float(torch.rand(1).item())
 
 
+def _sides(area: int, scale: Sequence[float], ratio: Sequence[float], rng: Rng) -> tuple[int, int]:
+    """A box of ``area * U(scale)`` pixels and log-uniform aspect in ``ratio``, as torchvision draws
+    it: ``(round(sqrt(target * aspect)), round(sqrt(target / aspect)))``, the scale drawn first."""
+    target = area * rng.uniform(*scale)
+    aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+    return int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+
+
 def draw_resized_crop(
     height: int, width: int, scale: Sequence[float], ratio: Sequence[float], rng: Rng
 ) -> list[int]:
     """``top, left, height, width`` of a ``RandomResizedCrop`` box, drawn as torchvision draws it."""
-    area = height * width
-    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(*log_ratio)))
-        w = int(round(np.sqrt(target * aspect)))
-        h = int(round(np.sqrt(target / aspect)))
+        w, h = _sides(height * width, scale, ratio, rng)
         if 0 < w <= width and 0 < h <= height:
             return [int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w]
     in_ratio = width / height
@@ -104,13 +107,8 @@ def draw_erase(
     the rest 0 when the coin says no or 10 tries find no box smaller than the image)."""
     if rng.random() >= p:
         return [0, 0, 0, 0, 0]
-    area = height * width
-    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(*log_ratio)))
-        h = int(round(np.sqrt(target * aspect)))
-        w = int(round(np.sqrt(target / aspect)))
+        h, w = _sides(height * width, scale, ratio, rng)
         if not (h < height and w < width):
             continue
         return [1, int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w]
