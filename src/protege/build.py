@@ -62,7 +62,7 @@ def load_run_data(cfg: RunConfig) -> DataSplits:
 def build_from(spec: ModelConfig, data: DataSplits) -> nn.Module:
     """The model ``spec`` names, built by the task that read ``data`` when it builds its own (LMs)."""
     weights = resolve_weights(spec.weights)
-    task = build_task(getattr(data, "task", "classification"))
+    task = build_task(getattr(data, "task", "classification"), data)
     own = task.build_model(spec.model, weights, spec.kwargs, data)
     if own is not None:
         return own
@@ -140,7 +140,7 @@ def build_distiller(
         teachers = {} if cached else build_teachers(cfg, data)
     weights = [s.weight for s in cfg.all_teachers()] or None
     terms = build_terms(cfg, mode, stage)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, data)
     if cfg.students:
         mutual = cfg.mutual or MutualConfig(weight=0.0)
         return Cohort(

@@ -519,7 +519,7 @@ def load_run(
     where = checkpoint_dir(run_dir, which)
     student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
     teachers = [build_from(s, data) for s in cfg.all_teachers()]
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, data)
     quant = None
     if cfg.quantize is not None:  # the student as it trained and was tested: fake-quantized
         quant = FakeQuant(student, **cfg.quantize.fake_quant_kwargs())

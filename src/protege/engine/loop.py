@@ -163,6 +163,7 @@ def evaluate(
     # No teacher models but teacher weights: the teachers' outputs come in the batches (a cache).
     cached = not teachers and bool(teacher_weights)
     evaluator = task.evaluator(with_teacher=bool(teachers) or cached)
+    keys = task.eval_outputs()  # what the evaluator reads besides the logits (embeddings, …)
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
     filling, stored = teacher_cache is not None and not use_cache, 0
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
@@ -175,7 +176,8 @@ def evaluate(
                 if device is not None:
                     batch = send_to_device(batch, device)
                 inputs, target = task.split(batch)
-                s_out = {"logits": gather(task.forward(student, inputs)["logits"])}
+                s_all = task.forward(student, inputs)
+                s_out = {k: gather(s_all[k]) for k in keys if k in s_all}
                 t_out = None
                 if teachers:
                     if use_cache:

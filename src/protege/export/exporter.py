@@ -262,7 +262,7 @@ def _from_model(
         raise ProtegeError(
             "exporting a model needs its inputs: pass data= (a DataSplits) or example= (an input batch)"
         )
-    task = build_task(getattr(data, "task", "classification")) if data is not None else ClassificationTask()
+    task = build_task(getattr(data, "task", "classification"), data) if data is not None else ClassificationTask()
     teachers = [teacher.eval()] if teacher is not None else []
     return _Source(
         model=model.eval(),

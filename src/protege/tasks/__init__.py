@@ -1,19 +1,29 @@
 """Tasks: what a batch is, how a model runs on it, which metrics count."""
 
+from typing import Any
+
 from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
 from .lm import LMTask
+from .vision_language import VisionLanguageTask
 
-_TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "lm": LMTask}
+_TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "lm": LMTask,
+    "vision_language": VisionLanguageTask,
+}
 
 
-def build_task(name: str) -> Task:
-    """The task registered under ``name``."""
+def build_task(name: str, data: Any = None) -> Task:
+    """The task registered under ``name``, bound to ``data`` (the run's splits) when given."""
     try:
-        return _TASKS[name]()
+        task = _TASKS[name]()
     except KeyError:
         raise unknown("task", name, _TASKS) from None
+    if data is not None:
+        task.bind(data)
+    return task
 
 
-__all__ = ["ClassificationTask", "Evaluator", "LMTask", "Outputs", "Task", "build_task"]
+__all__ = ["ClassificationTask", "Evaluator", "LMTask", "Outputs", "Task", "VisionLanguageTask", "build_task"]

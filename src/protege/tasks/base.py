@@ -29,6 +29,15 @@ class Task:
     #: when it ends (an LM: a directory ``AutoModelForCausalLM.from_pretrained`` loads)
     export_after_run: bool = False
 
+    def bind(self, data: Any) -> None:
+        """Give the task what it needs from the run's data (the vision–language task: the class
+        prompts); :func:`protege.tasks.build_task` calls it when given the data. Nothing by default."""
+
+    def eval_outputs(self) -> tuple[str, ...]:
+        """The output keys :func:`protege.engine.evaluate` hands the evaluator (each ``(N, …)``,
+        one row per sample). Default: ``("logits",)``."""
+        return ("logits",)
+
     def split(self, batch: Any) -> tuple[Any, torch.Tensor | None]:
         raise NotImplementedError
 
