@@ -17,15 +17,20 @@ from .core.on_policy import OnPolicy
 from .core.taps import Taps
 from .core.terms import (
     ab,
+    affinity_mimic,
     at,
     ce,
+    clip_cls,
+    clip_contrastive,
     crd,
     ctkd,
     dist,
     dkd,
+    feat_mse,
     fitnet,
     fsp,
     ft,
+    img_contrast,
     kd,
     multi_kd,
     pkt,
@@ -35,6 +40,7 @@ from .core.terms import (
     sp,
     term,
     vid,
+    vl_align,
 )
 from .data import DataSplits, load_data
 from .engine import Callback, TrainConfig, evaluate, fit, make_loader
@@ -61,6 +67,12 @@ __all__ = [
     "sp",
     "vid",
     "fitnet",
+    "affinity_mimic",
+    "clip_cls",
+    "clip_contrastive",
+    "feat_mse",
+    "img_contrast",
+    "vl_align",
     "Callback",
     "DataSplits",
     "Distiller",

@@ -306,8 +306,15 @@ class TermConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
     loss: str
     weight: float = 1.0
-    student: str | list[str] = Field("logits", description="logits, a tap path, or a list of taps")
-    teacher: str | list[str] = Field("logits", description="logits, a tap path, or a list of taps")
+    student: str | list[str] = Field(
+        "logits",
+        description="logits, a tap path, or a list of taps; left out: the loss's default keys "
+        "(logits, unless the loss names others, e.g. clip_cls reads image_embeds)",
+    )
+    teacher: str | list[str] = Field(
+        "logits",
+        description="logits, a tap path, or a list of taps; left out: the loss's default keys",
+    )
     name: str | None = None
     warmup: float = Field(0.0, ge=0)
     teacher_index: int | None = None
@@ -324,6 +331,19 @@ class TermConfig(BaseModel):
     def term_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`protege.core.distiller.Term` (the loss's params included)."""
         return self.model_dump(exclude={"allow_negative"})
+
+    @model_validator(mode="after")
+    def _default_keys(self) -> TermConfig:
+        """Keys left out are the loss's default keys (see :mod:`protege.losses.registry`); an unknown
+        loss keeps ``logits`` here and is reported where the term is built."""
+        given = self.model_fields_set
+        if ("student" in given and "teacher" in given) or self.loss not in {i.name for i in list_losses()}:
+            return self
+        for field, key in zip(("student", "teacher"), get_loss(self.loss).default_keys):
+            value = key if isinstance(key, str) else list(key)
+            if field not in given and value != getattr(self, field):
+                setattr(self, field, value)
+        return self
 
     @model_validator(mode="after")
     def _weight(self) -> TermConfig:

@@ -69,9 +69,11 @@ class Term(nn.Module):
         loss: registry name of the loss (see ``protege methods``).
         weight: multiplier of the loss in the total.
         student: which student output the loss reads: ``"logits"`` or a tap path; a list of
-            them hands the loss a list of tensors (multi-layer losses: ReviewKD, FSP).
+            them hands the loss a list of tensors (multi-layer losses: ReviewKD, FSP). Default:
+            the loss's default keys (``"logits"`` unless its registration names others, as the
+            vision-language losses do; see :mod:`protege.losses.registry`).
         teacher: which teacher output it reads (ignored by losses that use no teacher); a list
-            like ``student``.
+            like ``student``; default: the loss's default keys, as ``student``.
         name: key of the term in the losses dict; default ``loss`` or ``loss:student_key``.
         warmup: epochs over which the weight ramps linearly from 0 to ``weight``
             (DKD's warm-up, usable by any term).
@@ -92,8 +94,8 @@ class Term(nn.Module):
         self,
         loss: str,
         weight: float = 1.0,
-        student: str | Sequence[str] = "logits",
-        teacher: str | Sequence[str] = "logits",
+        student: str | Sequence[str] | None = None,
+        teacher: str | Sequence[str] | None = None,
         name: str | None = None,
         warmup: float = 0.0,
         teacher_index: int | None = None,
@@ -104,6 +106,8 @@ class Term(nn.Module):
         self.info = get_loss(loss)
         self.loss = loss
         self.weight = float(weight)
+        student = self.info.default_keys[0] if student is None else student
+        teacher = self.info.default_keys[1] if teacher is None else teacher
         self.student_key = student if isinstance(student, str) else list(student)
         self.teacher_key = teacher if isinstance(teacher, str) else list(teacher)
         self.name = term_name(loss, student, name)

@@ -134,3 +134,88 @@ def reviewkd(
 def simkd(student: str, teacher: str, weight: float = 1.0, head: str = "fc", **kwargs: Any) -> Term:
     """SimKD: project the student's feature into the teacher's space and reuse its classifier ``head``."""
     return _feature("simkd", student, teacher, weight, head=head, **kwargs)
+
+
+# ------------------------------------------------------------------ vision-language (CLIP-style)
+# Their default keys are the vision_language task's outputs; see protege.losses.vision_language.
+
+_IMAGE_TEXT = ("image_embeds", "text_embeds")
+
+
+def clip_cls(
+    weight: float = 1.0,
+    T: float = 0.07,
+    student: str = "image_embeds",
+    teacher: str = "class_embeds",
+    **kwargs: Any,
+) -> Term:
+    """VLM-OOD's L-cls: cross-entropy of the student's image embeddings against the teacher's class
+    text embeddings (cosine / T); needs labels."""
+    return Term("clip_cls", weight, student=student, teacher=teacher, T=T, **kwargs)
+
+
+def vl_align(weight: float = 1.0, k: int | None = None, T: float = 1.0, **kwargs: Any) -> Term:
+    """VLM-OOD's L-vlalign: KL between teacher and student image→class distributions over the
+    teacher's top-``k`` classes (``None``: all), read from both sides' ``logits``."""
+    return Term("vl_align", weight, k=k, T=T, **kwargs)
+
+
+def feat_mse(
+    weight: float = 1.0,
+    student: str = "image_embeds",
+    teacher: str = "image_embeds",
+    normalize: bool = True,
+    kind: str = "mse",
+    **kwargs: Any,
+) -> Term:
+    """Embedding mimicry: VLM-OOD's L-mse (normalised, squared error) or DC-CLIP's smooth L1
+    (``kind="smooth_l1"``, usually with ``normalize=False``)."""
+    return Term(
+        "feat_mse", weight, student=student, teacher=teacher, normalize=normalize, kind=kind, **kwargs
+    )
+
+
+def img_contrast(
+    weight: float = 1.0,
+    T: float = 0.07,
+    symmetric: bool = True,
+    student: str = "image_embeds",
+    teacher: str = "image_embeds",
+    **kwargs: Any,
+) -> Term:
+    """VLM-OOD's L-im-cst: InfoNCE between the student's and the teacher's image embeddings."""
+    return Term("img_contrast", weight, student=student, teacher=teacher, T=T, symmetric=symmetric, **kwargs)
+
+
+def clip_contrastive(
+    weight: float = 1.0,
+    T: float = 0.07,
+    same_class_positive: bool = True,
+    student: list[str] | tuple[str, ...] = _IMAGE_TEXT,
+    **kwargs: Any,
+) -> Term:
+    """CLIP's symmetric image-text InfoNCE on the student's own [image, text] embeddings (no
+    teacher); same-class pairs count as positives unless ``same_class_positive=False``."""
+    return Term(
+        "clip_contrastive",
+        weight,
+        student=list(student),
+        teacher=list(student),
+        T=T,
+        same_class_positive=same_class_positive,
+        **kwargs,
+    )
+
+
+def affinity_mimic(
+    weight: float = 1.0,
+    T_s: float = 0.01,
+    T_t: float = 0.01,
+    student: list[str] | tuple[str, ...] = _IMAGE_TEXT,
+    teacher: list[str] | tuple[str, ...] = _IMAGE_TEXT,
+    **kwargs: Any,
+) -> Term:
+    """TinyCLIP's affinity mimicking: the student's in-batch image↔text affinities follow the teacher's."""
+    return Term(
+        "affinity_mimic", weight, student=list(student), teacher=list(teacher), T_s=T_s, T_t=T_t, **kwargs
+    )

@@ -4,7 +4,17 @@ The loss modules register their functions when imported; importing this package 
 so any ``protege.losses.*`` import sees the full registry (the registry itself imports none of them).
 """
 
-from . import contrastive, diswot, features, logits, relations, reuse, review, sequence  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    contrastive,
+    diswot,
+    features,
+    logits,
+    relations,
+    reuse,
+    review,
+    sequence,
+    vision_language,
+)
 from .registry import (
     BoundReduction,
     BuildContext,

@@ -33,6 +33,11 @@ is built.
 A term may read several taps (``student=["layer1", "layer2"]``): the loss then receives a list of
 tensors in that order (``reads="feature-list"`` losses such as ReviewKD and FSP).
 
+A loss may declare the **outputs it reads by default** (``default_keys=(student, teacher)``, each a
+key or a list of keys; default ``("logits", "logits")``): a term that names no ``student`` or no
+``teacher`` reads these, so ``pg.term("clip_cls")`` and a config's ``- loss: clip_cls`` read the
+vision-language task's ``image_embeds`` and ``class_embeds`` without naming them.
+
 A loss may declare a **teacher-side reduction** (``teacher_reduction=``, a
 :class:`TeacherReduction`): a pure, deterministic function of the teacher tensor alone and of some
 of the loss's parameters, whose output the loss accepts in place of the raw teacher tensor with the
@@ -60,7 +65,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -217,6 +222,8 @@ class LossInfo:
     state_params: dict[str, Any] = field(default_factory=dict)
     #: what the term may hand the loss instead of the raw teacher tensor (see :class:`TeacherReduction`)
     teacher_reduction: TeacherReduction | None = None
+    #: the (student, teacher) outputs a term reads when it names none: a key, or a tuple of keys
+    default_keys: tuple[str | tuple[str, ...], str | tuple[str, ...]] = ("logits", "logits")
 
     @property
     def summary(self) -> str:
@@ -253,6 +260,7 @@ def register_loss(
     multi_teacher: bool = False,
     state: type[nn.Module] | None = None,
     teacher_reduction: TeacherReduction | None = None,
+    default_keys: tuple[str | Sequence[str], str | Sequence[str]] = ("logits", "logits"),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a pure loss function under ``name``.
 
@@ -260,8 +268,12 @@ def register_loss(
     in float32 whatever its inputs' dtype, however it is called. The keyword parameters with defaults in the function's signature become the loss's
     documented hyper-parameters (shown by ``protege methods``). ``teacher_reduction``: what the
     loss accepts in place of the raw teacher tensor (see :class:`TeacherReduction`); its
-    ``params`` must be parameters of the loss.
+    ``params`` must be parameters of the loss. ``default_keys``: the ``(student, teacher)`` outputs
+    a term reads when it names none (each a key, or a list of keys for ``reads="feature-list"``).
     """
+    keys = tuple(k if isinstance(k, str) else tuple(k) for k in default_keys)
+    if len(keys) != 2 or not all(k for k in keys):
+        raise ValueError(f"loss {name!r}: default_keys must be (student, teacher), got {default_keys!r}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _LOSSES:
@@ -297,6 +309,7 @@ def register_loss(
             params=params,
             state_params=state_params,
             teacher_reduction=teacher_reduction,
+            default_keys=keys,  # type: ignore[arg-type]
         )
         return wrapped
 
