@@ -26,6 +26,10 @@ shallow to deep) and, when one is found, ``classifier_name: str`` (path of the f
 from ``model.feature_info`` and ``pretrained_cfg["classifier"]``, for torchvision from the
 ``layer1..layer4`` stages when present and the last ``nn.Linear`` with ``num_classes`` outputs
 (best effort; ``feature_modules`` may be empty).
+
+Vision-language models (CLIP-style dual encoders, open_clip and transformers CLIP) have their own
+builder, :func:`protege.models.vlm.build_vl_model`, and their own directory format
+(:func:`protege.models.vlm.save_vl_model`); the image towers of dual encoders come from here.
 """
 
 from __future__ import annotations
