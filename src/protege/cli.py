@@ -177,6 +177,57 @@ def generate(
 
 
 @app.command()
+def prompts(
+    classes: Annotated[
+        str,
+        typer.Option(help="fashion-mnist, or a file: .txt (one class per line) or .json (a list of names)"),
+    ],
+    model: Annotated[
+        str, typer.Option(help="a causal LM: model directory, .gguf file, or smollm2 (offline)")
+    ],
+    out_file: Annotated[Path, typer.Option("--out", help="the class prompts file to write (.json)")],
+    n: Annotated[int, typer.Option(help="descriptions per class, at most")] = 5,
+    manual: Annotated[
+        Path | None, typer.Option(help="a hand-written prompts file (may be partial): it wins per class")
+    ] = None,
+    language: Annotated[
+        list[str] | None,
+        typer.Option("--language", "-l", help="language to ask in: en (default), zh; repeatable"),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer, at most")] = 96,
+    seed: Annotated[int, typer.Option(help="seed of the sampled retries")] = 0,
+) -> None:
+    """Ask a causal LM for short visual descriptions of each class (VLM-OOD's attribute prompts) and
+    write a class prompts file; resumable (OUT.partial keeps the answers so far)."""
+    import warnings
+
+    from .data.prompts import load_prompts, read_class_names
+    from .prompts import generate_prompts
+
+    names = read_class_names(classes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            path = generate_prompts(
+                names, model, out_file, n=n, languages=language or ["en"], max_new_tokens=max_new_tokens,
+                seed=seed, manual=manual,
+            )  # fmt: skip
+        finally:
+            for w in caught:
+                Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
+    written = load_prompts(path, names)
+    counts = {code: sum(len(lang.descriptions[c]) for c in names) for code, lang in written.languages.items()}
+    by_hand = (written.source.get("manual") or {}).get("classes", {})
+    out.print(
+        f"{path}: {len(names)} classes; descriptions "
+        + ", ".join(
+            f"{code} {k} ({len(by_hand.get(code, []))} classes from --manual)" for code, k in counts.items()
+        ),
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/mnist-kd")],
     split: Annotated[str, typer.Option(help="val or test")] = "test",

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import apply_overrides, format_validation_error, read_yaml_mapping
 from .errors import ProtegeError
 from .files import atomic_write_text
-from .tasks.lm import build_lm, left_pad, load_tokenizer
+from .tasks.lm import build_lm, complete, load_tokenizer, render_prompt
 
 __all__ = ["GenerateConfig", "generate", "load_generate_config", "read_prompts"]
 
@@ -128,13 +128,6 @@ def _write(out: Path, prompts: Sequence[str], done: Mapping[str, dict[str, Any]]
     atomic_write_text(out, "".join(json.dumps(done[p], ensure_ascii=False) + "\n" for p in order))
 
 
-def _render(tokenizer: Any, prompt: str, chat: bool) -> str:
-    if chat and getattr(tokenizer, "chat_template", None) is not None:
-        messages = [{"role": "user", "content": prompt}]
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return prompt
-
-
 @torch.no_grad()
 def generate(
     cfg: GenerateConfig, model: torch.nn.Module | None = None, tokenizer: Any = None
@@ -166,9 +159,7 @@ def generate(
         model = build_lm(cfg.model, None, {"dtype": cfg.dtype}, None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    texts = {p: _render(tokenizer, p, cfg.chat) for p in pending}
+    texts = {p: render_prompt(tokenizer, p, cfg.chat) for p in pending}
     encoded = {
         p: tokenizer(texts[p], add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :]
         for p in pending
@@ -177,25 +168,18 @@ def generate(
     generated_tokens = 0
     for b, at in enumerate(range(0, len(pending), cfg.batch_size)):
         batch = pending[at : at + cfg.batch_size]
-        ids, mask = left_pad([encoded[p] for p in batch], pad if pad is not None else 0)
-        width = ids.shape[1]
-        torch.manual_seed(cfg.seed + b)
-        sample = cfg.temperature > 0
-        new = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sample,
-            **({"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0} if sample else {}),
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )[:, width:].cpu()
-        for row, p in enumerate(batch):
-            tokens = new[row].tolist()
-            if eos is not None and eos in tokens:
-                tokens = tokens[: tokens.index(eos)]
-            generated_tokens += len(tokens)
-            completion = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        completions, count = complete(
+            model,
+            tokenizer,
+            [encoded[p] for p in batch],
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            seed=cfg.seed + b,
+            device=device,
+        )
+        generated_tokens += count
+        for p, completion in zip(batch, completions):
             done[p] = {cfg.prompt_field: p, cfg.completion_field: completion}
         if (b + 1) % cfg.save_every == 0:
             _write(out, prompts, done)

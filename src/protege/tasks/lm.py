@@ -90,11 +90,13 @@ __all__ = [
     "TokenDataset",
     "build_lm",
     "check_tokenizers",
+    "complete",
     "convert_gguf",
     "load_lm_data",
     "left_pad",
     "load_tokenizer",
     "next_token_target",
+    "render_prompt",
     "shared_vocab_size",
 ]
 
@@ -134,6 +136,52 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
             ids[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> str:
+    """``prompt`` as a user turn of the tokenizer's chat template (``chat`` and a template exist), else as is."""
+    if chat and getattr(tokenizer, "chat_template", None) is not None:
+        messages = [{"role": "user", "content": prompt}]
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return prompt
+
+
+@torch.no_grad()
+def complete(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[list[str], int]:
+    """One batch of generation: the decoded completions of the token ``rows`` (left-padded together)
+    and the number of tokens generated. Greedy at ``temperature`` 0, else sampled (reseeded with
+    ``seed``); each completion stops at the tokenizer's EOS token."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids, mask = left_pad(rows, pad if pad is not None else 0)
+    width = ids.shape[1]
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    new = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}),
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )[:, width:].cpu()
+    texts, count = [], 0
+    for row in new.tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        count += len(row)
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts, count
 
 
 def next_token_target(labels: torch.Tensor) -> torch.Tensor:
