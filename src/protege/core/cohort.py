@@ -116,7 +116,10 @@ class Cohort(nn.Module):
         self.teacher_weights = next(iter(self.members.values())).teacher_weights if teachers else []
         self.mutual = float(mutual)
         self.mutual_T = float(mutual_T)
-        teacher_taps = [k for d in self.members.values() for term in d.terms for k in term.taps[1]]
+        own = self.task.output_keys
+        teacher_taps = [
+            k for d in self.members.values() for term in d.terms for k in term.taps[1] if k not in own
+        ]
         if fold_teacher_bn:  # see Distiller
             for t in teachers.values():
                 fold_batchnorm(t, keep=teacher_taps)

@@ -499,8 +499,9 @@ class Distiller(nn.Module):
             bad = next(t.name for t in self.terms if t.uses_teacher)
             raise ProtegeError(f"term {bad!r} distills from a teacher, but no teacher was given")
         self._needs_teacher = needs_teacher
-        student_taps = [k for t in self.terms for k in t.taps[0]]
-        teacher_taps = [k for t in self.terms for k in t.taps[1]]
+        own = self.task.output_keys  # what the task's forward returns itself: not taps
+        student_taps = [k for t in self.terms for k in t.taps[0] if k not in own]
+        teacher_taps = [k for t in self.terms for k in t.taps[1] if k not in own]
         if fold_teacher_bn:
             for t in teachers.values():
                 fold_batchnorm(t, keep=teacher_taps)

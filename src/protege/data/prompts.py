@@ -66,6 +66,7 @@ __all__ = [
     "parse_prompts",
     "read_class_names",
     "save_prompts",
+    "template_prompts",
 ]
 
 FORMAT = "protege-class-prompts"
@@ -403,6 +404,19 @@ def fashion_mnist_prompts() -> ClassPrompts:
     """The built-in, hand-written class prompts of Fashion-MNIST, in English and Chinese."""
     text = (resources.files(__package__) / FASHION_MNIST_FILE).read_text(encoding="utf-8")
     return parse_prompts(json.loads(text), f"protege's {FASHION_MNIST_FILE}", CLASS_NAMES, ("en", "zh"))
+
+
+def template_prompts(class_names: Sequence[str], language: str = "en") -> ClassPrompts:
+    """Class prompts of any dataset from its class names alone: ``language``'s default templates
+    filled with the names, no descriptions (``attributes: true`` then asks for a prompts file)."""
+    if language not in DEFAULT_TEMPLATES:
+        raise ProtegeError(
+            f"no default templates for language {language!r} (have: {', '.join(DEFAULT_TEMPLATES)}): "
+            "give a class prompts file (protege prompts writes one)"
+        )
+    names = tuple(str(n) for n in class_names)
+    lang = LanguagePrompts(names, tuple(DEFAULT_TEMPLATES[language]), {})
+    return ClassPrompts(names, {language: lang}, {"kind": "manual", "model": None, "settings": {}})
 
 
 def read_class_names(spec: str | Path | Sequence[str]) -> tuple[str, ...]:

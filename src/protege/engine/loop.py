@@ -672,4 +672,4 @@ def _first_batch(loader: DataLoader, device: torch.device) -> Any:
 
 def _example_input(loader: DataLoader, task: Task) -> torch.Tensor:
     inputs, _ = task.split(next(iter(loader)))
-    return inputs
+    return task.model_input(inputs)

@@ -353,7 +353,7 @@ def _eval_set(src: _Source) -> tuple[str, Dataset[Any]] | None:
 def _batches(dataset: Dataset[Any], task: Task, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, Any]]:
     for batch in make_loader(dataset, batch_size, shuffle=False):
         inputs, target = task.split(batch)
-        yield inputs.float().cpu(), target
+        yield task.model_input(inputs).float().cpu(), target
 
 
 def example_inputs(src: _Source) -> torch.Tensor:

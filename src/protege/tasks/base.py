@@ -22,6 +22,8 @@ class Task:
     name: str = "task"
     #: the metric that decides the "best" epoch; higher is better
     primary_metric: str = "acc"
+    #: the keys :meth:`forward` returns itself (terms read them by name; any other key is a tap path)
+    output_keys: frozenset[str] = frozenset({"logits"})
     #: what :meth:`export` writes: the format the model's own ecosystem loads with one call
     #: (``protege export --format native``); ``None``: the task has none (the checkpoints are the export)
     native_format: str | None = None
@@ -37,6 +39,11 @@ class Task:
         """The output keys :func:`protege.engine.evaluate` hands the evaluator (each ``(N, …)``,
         one row per sample). Default: ``("logits",)``."""
         return ("logits",)
+
+    def model_input(self, inputs: Any) -> Any:
+        """What ``model(...)`` itself takes, from a batch's inputs (for FLOPs, latency and export:
+        a vision–language model's image path). Default: the inputs."""
+        return inputs
 
     def split(self, batch: Any) -> tuple[Any, torch.Tensor | None]:
         raise NotImplementedError

@@ -13,8 +13,8 @@ A **batch** is a dict (the default collation of :class:`CaptionedImages` items):
 - ``"target"``: ``(N,)`` class index *within the batch's class set*;
 - ``"classes"``: the name of that class set (``"seen"``, ``"unseen"``, ``"all"``; collated to a list);
 - ``"text"`` and ``"text_<lang>"``: one caption per image, in the first language and in each of the
-  data's languages (the same caption, translated: a template or an attribute description of the
-  image's class, drawn deterministically per sample);
+  data's languages (a template or an attribute prompt of the image's class, drawn per sample and
+  language from the same seed: the same choice where the languages have as many prompts);
 - ``"index"``: the sample's dataset index.
 
 :meth:`VisionLanguageTask.forward` returns, for student and teacher alike:
@@ -109,7 +109,7 @@ class CaptionedImages(Dataset):
         for k, lang in enumerate(self.languages):
             # one draw per sample: every language gets the same caption (translated)
             rng = random.Random(self.caption_seed * 1_000_003 + j)
-            caption = self.prompts.caption(lang, label, rng)
+            caption = self.prompts.captions(lang, label, rng)
             item[f"text_{lang}"] = caption
             if k == 0:
                 item["text"] = caption
@@ -161,6 +161,26 @@ def _class_indices(value: Any, names: Sequence[str], what: str) -> list[int]:
     return out
 
 
+def check_prompts(prompts: Any, languages: Sequence[str], attributes: bool) -> None:
+    """Every class has prompts in every language (and attribute descriptions when ``attributes``),
+    else a :class:`~protege.errors.ProtegeError` naming the class and language that lack them."""
+    for lang in languages:
+        per_class = prompts.prompts(lang, attributes=attributes)
+        bare = prompts.prompts(lang, attributes=False)
+        for name, ps, plain in zip(prompts.classes, per_class, bare):
+            if not ps:
+                raise ProtegeError(
+                    f"class {name!r} has no prompts in language {lang!r}: add templates/names for it "
+                    "to the prompts file (protege prompts writes one)"
+                )
+            if attributes and len(ps) == len(plain):
+                raise ProtegeError(
+                    f"attributes: true, but class {name!r} has no attribute descriptions in language "
+                    f"{lang!r}: run protege prompts for it, add them to the prompts file, or set "
+                    "attributes: false"
+                )
+
+
 def load_vl_data(data: Mapping[str, Any]) -> VLDataSplits:
     """The run's ``data:`` section read for the vision–language task (see the module docstring)."""
     from ..data import load_data
@@ -189,7 +209,7 @@ def load_vl_data(data: Mapping[str, Any]) -> VLDataSplits:
         prompts = template_prompts(names)  # English templates filled with the source's class names
     else:
         prompts = load_prompts(Path(str(source)).expanduser(), class_names=names)
-    prompts.check(languages, attributes=bool(own.get("attributes", False)))
+    check_prompts(prompts, languages, attributes=bool(own.get("attributes", False)))
     seen = _class_indices(own.get("seen", list(range(len(names)))), names, "seen")
     unseen = [i for i in range(len(names)) if i not in seen]
     sets = {"seen": seen, "unseen": unseen, "all": list(range(len(names)))}
@@ -245,6 +265,7 @@ class VisionLanguageTask(Task):
 
     name = "vision_language"
     primary_metric = "acc"
+    output_keys = frozenset({"logits", "image_embeds", "text_embeds", "class_embeds"})
     native_format = "safetensors"
 
     def __init__(self) -> None:
@@ -292,6 +313,9 @@ class VisionLanguageTask(Task):
                 f"(CaptionedImages items, collated); got {type(batch).__name__}"
             )
         return batch, batch.get("target")
+
+    def model_input(self, inputs: Any) -> Any:
+        return inputs["image"]  # the model's forward is its image path
 
     def meta(self, batch: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
