@@ -60,7 +60,16 @@ from ..metrics.fidelity import classification_report
 from .base import Evaluator, Outputs, Task
 
 #: data options this task reads itself (everything else goes to the image source)
-VL_OPTIONS = ("seen", "languages", "prompts", "attributes", "caption_seed", "few_shot", "retrieval_size")
+VL_OPTIONS = (
+    "seen",
+    "languages",
+    "prompts",
+    "attributes",
+    "caption_seed",
+    "few_shot",
+    "retrieval_size",
+    "parallel",
+)
 #: the shots of the few-shot probe, and how many episodes each is averaged over
 DEFAULT_SHOTS = (1, 5, 10)
 FEW_SHOT_EPISODES = 5
@@ -86,8 +95,10 @@ class CaptionedImages(Dataset):
         prompts: Any,
         languages: Sequence[str],
         caption_seed: int = 0,
+        parallel: Sequence[Mapping[str, str]] = (),
     ) -> None:
         self.base = base
+        self.parallel = list(parallel)
         self.classes = list(classes)
         self.class_set = class_set
         self.prompts = prompts
@@ -107,12 +118,23 @@ class CaptionedImages(Dataset):
         label = self.classes[y]
         item: dict[str, Any] = {"image": image, "target": y, "classes": self.class_set, "index": i}
         for k, lang in enumerate(self.languages):
-            # one draw per sample: every language gets the same caption (translated)
             rng = random.Random(self.caption_seed * 1_000_003 + j)
             caption = self.prompts.captions(lang, label, rng)
             item[f"text_{lang}"] = caption
             if k == 0:
                 item["text"] = caption
+        if len(self.languages) > 1:  # one language per sample, drawn from the sample's own seed
+            mix = self.languages[
+                random.Random(self.caption_seed * 1_000_003 + j + 1).randrange(len(self.languages))
+            ]
+            item["text_mix"] = item[f"text_{mix}"]
+        if self.parallel:  # a sentence pair of the parallel corpus rides along with each image
+            pair = self.parallel[(j * 7919 + self.caption_seed) % len(self.parallel)]
+            for lang in self.languages:
+                item[f"para_{lang}"] = pair[lang]
+            item["para"] = pair[self.languages[0]]
+            if len(self.languages) > 1:
+                item["para_mix"] = pair[mix]
         return item
 
 
@@ -215,16 +237,25 @@ def load_vl_data(data: Mapping[str, Any]) -> VLDataSplits:
     sets = {"seen": seen, "unseen": unseen, "all": list(range(len(names)))}
     seed = int(own.get("caption_seed", 0))
 
-    def wrap(ds: Dataset | None, which: str) -> CaptionedImages | None:
+    corpus: dict[str, list[dict[str, str]]] = {"train": [], "eval": []}
+    if own.get("parallel"):
+        from ..data.parallel import load_parallel_corpus
+
+        if len(languages) < 2:
+            raise ProtegeError("data.options.parallel needs two or more languages (data.options.languages)")
+        train_pairs, val_pairs = load_parallel_corpus(str(own["parallel"]), languages, split_seed=seed)
+        corpus = {"train": list(train_pairs), "eval": list(val_pairs)}
+
+    def wrap(ds: Dataset | None, which: str, part: str) -> CaptionedImages | None:
         if ds is None:
             return None
-        return CaptionedImages(ds, sets[which], which, prompts, languages, seed)
+        return CaptionedImages(ds, sets[which], which, prompts, languages, seed, corpus[part])
 
     shots = tuple(int(k) for k in own.get("few_shot", DEFAULT_SHOTS))
     return VLDataSplits(
-        train=wrap(base.train, "seen"),  # type: ignore[arg-type]
-        val=wrap(base.val, "seen"),  # type: ignore[arg-type]
-        test=wrap(base.test, "all"),
+        train=wrap(base.train, "seen", "train"),  # type: ignore[arg-type]
+        val=wrap(base.val, "seen", "eval"),  # type: ignore[arg-type]
+        test=wrap(base.test, "all", "eval"),
         num_classes=len(seen),
         in_chans=base.in_chans,
         input_size=base.input_size,
@@ -248,14 +279,14 @@ def load_vl_data(data: Mapping[str, Any]) -> VLDataSplits:
 def _language(model: nn.Module, languages: Sequence[str]) -> str:
     """The language of the text field ``model`` reads (``text``: the data's first language)."""
     text_field = str(getattr(model, "text_field", "text"))
-    if text_field == "text":
-        return languages[0]
+    if text_field == "text" or (text_field == "text_mix" and len(languages) > 1):
+        return languages[0]  # mixed captions: the class prompts of the first language
     lang = text_field.removeprefix("text_")
     if text_field == lang or lang not in languages:
+        fields = ["text", *(f"text_{x}" for x in languages), *(["text_mix"] if len(languages) > 1 else [])]
         raise ProtegeError(
-            f"a model reads text field {text_field!r}, but the batches carry "
-            f"{', '.join(['text', *(f'text_{x}' for x in languages)])}: set its text_field to one of them, "
-            "or add the language to data.options.languages"
+            f"a model reads text field {text_field!r}, but the batches carry {', '.join(fields)}: set its "
+            "text_field to one of them, or add the language to data.options.languages"
         )
     return lang
 
@@ -265,7 +296,7 @@ class VisionLanguageTask(Task):
 
     name = "vision_language"
     primary_metric = "acc"
-    output_keys = frozenset({"logits", "image_embeds", "text_embeds", "class_embeds"})
+    output_keys = frozenset({"logits", "image_embeds", "text_embeds", "class_embeds", "para_embeds"})
     native_format = "safetensors"
 
     def __init__(self) -> None:
@@ -377,22 +408,32 @@ class VisionLanguageTask(Task):
             raise ProtegeError(f"batch class set {class_set!r} is not one of {', '.join(data.class_sets)}")
         out: Outputs = {}
         images = inputs.get("image")
-        field_ = "text" if lang == data.languages[0] and "text" in inputs else f"text_{lang}"
+        field_ = str(getattr(model, "text_field", "text"))
         texts = inputs.get(field_)
+        para = inputs.get(field_.replace("text", "para", 1))
+        if para is not None:  # the parallel corpus's sentences in the model's language
+            out["para_embeds"] = self.encode_texts(model, list(para))
         if images is not None:
             out["image_embeds"] = model.encode_image(images)
-        langs = data.languages if not model.training else [lang]
-        for other in langs:
-            suffix = "" if other == lang else f":{other}"
-            cls = self.class_embeds(model, class_set, other)
-            if suffix == "":
-                out["class_embeds"] = cls
-            if images is not None:
-                img = F.normalize(out["image_embeds"].float(), dim=-1)
-                out["logits" + suffix] = model.logit_scale().float() * img @ cls.t()
-            t = texts if other == lang else inputs.get(f"text_{other}")
-            if t is not None:
-                out["text_embeds" + suffix] = self.encode_texts(model, list(t))
+        cls = self.class_embeds(model, class_set, lang)
+        out["class_embeds"] = cls
+        if images is not None:
+            img = F.normalize(out["image_embeds"].float(), dim=-1)
+            out["logits"] = model.logit_scale().float() * img @ cls.t()
+        if texts is not None:
+            out["text_embeds"] = self.encode_texts(model, list(texts))
+        if not model.training:  # evaluation (and frozen teachers): every language, its own captions
+            for other in data.languages:
+                if images is not None:
+                    other_cls = cls if other == lang else self.class_embeds(model, class_set, other)
+                    out[f"logits:{other}"] = model.logit_scale().float() * img @ other_cls.t()
+                captions = inputs.get(f"text_{other}")
+                if captions is not None:
+                    out[f"text_embeds:{other}"] = (
+                        out["text_embeds"]
+                        if field_ == f"text_{other}"
+                        else self.encode_texts(model, list(captions))
+                    )
         if "logits" not in out:  # text-only batches: a placeholder so generic code finds logits
             out["logits"] = out.get("text_embeds", torch.zeros(0))
         return out
@@ -401,7 +442,7 @@ class VisionLanguageTask(Task):
         """The output keys :func:`protege.engine.evaluate` hands the evaluator."""
         data = self._data()
         keys = ["logits", "image_embeds", "text_embeds"]
-        for lang in data.languages[1:]:
+        for lang in data.languages:
             keys += [f"logits:{lang}", f"text_embeds:{lang}"]
         return tuple(keys)
 
@@ -458,14 +499,14 @@ class VisionLanguageEvaluator(Evaluator):
         y = torch.cat(self.target)
         rows = {k: torch.cat(v) for k, v in self.rows.items()}
         teacher = torch.cat(self.teacher) if self.teacher else None
-        logits = rows["logits"]
+        langs = self.data.languages
+        logits = rows.get(f"logits:{langs[0]}", rows["logits"])  # the first language's, whatever the model reads
         report = classification_report(logits, y, teacher)
         sets = self.data.class_sets
         full = logits.shape[1] == len(sets["all"]) and bool(sets["unseen"])
-        langs = self.data.languages
         for i, lang in enumerate(langs):
             suffix = "" if i == 0 else f":{lang}"
-            lg = rows.get("logits" + suffix)
+            lg = rows.get(f"logits:{lang}", rows["logits"] if i == 0 else None)
             if lg is None:
                 continue
             if suffix:
@@ -473,7 +514,7 @@ class VisionLanguageEvaluator(Evaluator):
             if full:
                 report["zs_seen" + suffix] = _restricted_acc(lg, y, sets["seen"])
                 report["zs_unseen" + suffix] = _restricted_acc(lg, y, sets["unseen"])
-            texts = rows.get("text_embeds" + suffix)
+            texts = rows.get(f"text_embeds:{lang}", rows.get("text_embeds") if i == 0 else None)
             if texts is not None and "image_embeds" in rows:
                 report.update(
                     {
