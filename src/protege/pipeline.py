@@ -286,6 +286,8 @@ def run_stages(
         get_loss(t.loss).uses_teacher for i in range(len(cfg.stages)) for t in cfg.stage_config(i).terms
     ):
         raise ProtegeError("distill: no stage has a term that reads the teacher; use 'protege train'")
+    if mode == "distill" and cfg.task == "vision_language":
+        _check_alignment_order(cfg)
     started = [d for d in dirs if read_pointers(d / "checkpoints")]
     if resume and not started:
         raise ProtegeError(
@@ -312,6 +314,22 @@ def run_stages(
     with exclusive_lock_main(cfg.run_dir):
         _write_config(cfg, resume, changes)
         return _run_stages(cfg, mode, resume, data, student, teachers)
+
+
+def _check_alignment_order(cfg: RunConfig) -> None:
+    """DC-CLIP's order: the stage aligning the student's towers (terms that read no teacher) comes
+    after the stage distilling them, unless the student starts from weights that were distilled."""
+    reads = [
+        any(get_loss(t.loss).uses_teacher for t in cfg.stage_config(i).terms) for i in range(len(cfg.stages))
+    ]
+    first = reads.index(True)
+    assert cfg.student is not None
+    if first > 0 and cfg.student.weights is None:
+        raise ProtegeError(
+            f"stage {cfg.stages[0].name!r} aligns the student's towers, but no stage before it distils them "
+            f"(the first that reads the teacher is {cfg.stages[first].name!r}): put the distillation stage "
+            "first, or give student.weights (a run whose towers were distilled)"
+        )
 
 
 def _run_stages(
@@ -376,6 +394,8 @@ def _run_stages(
         for st in stages
     ]
     if len(stages) == len(cfg.stages) and data.test is not None and summary.get("checkpoints"):
+        for entry, st in zip(summary["stages"][:-1], stages[:-1]):  # what each earlier stage left
+            entry["test"] = test_checkpoints(distiller, data, cfg, Path(st["dir"]), ("last",))
         summary["test"] = test_checkpoints(distiller, data, cfg)
     atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
     distiller.close()
@@ -450,18 +470,22 @@ def export_students(cohort: Cohort, cfg: RunConfig) -> dict[str, str]:
 
 
 def test_checkpoints(
-    distiller: Distiller | Cohort, data: DataSplits, cfg: RunConfig
+    distiller: Distiller | Cohort,
+    data: DataSplits,
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    which_ones: tuple[str, ...] = ("last", "best"),
 ) -> dict[str, dict[str, Any]]:
     """Test-split metrics of the run's ``last`` and ``best`` checkpoints (per student for a cohort:
-    ``{"best": {name: metrics}}``)."""
+    ``{"best": {name: metrics}}``); ``run_dir``: another directory's (an earlier stage's)."""
     assert data.test is not None
     loader = make_loader(data.test, cfg.data.eval_batch_size, shuffle=False)
     teachers = list(distiller.teachers.values())
     device = next(distiller.student.parameters()).device
     results: dict[str, dict[str, Any]] = {}
     cache: list[torch.Tensor] = []
-    for which in ("last", "best"):
-        where = checkpoint_dir(cfg.run_dir, which)
+    for which in which_ones:
+        where = checkpoint_dir(run_dir or cfg.run_dir, which)
         distiller.student.load_state_dict(load_file(where / "model.safetensors", device=str(device)))
         if (where / "distiller.safetensors").is_file():  # trained extras (e.g. SimKD's projector)
             extra = load_file(where / "distiller.safetensors", device=str(device))
