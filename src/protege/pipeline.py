@@ -599,7 +599,9 @@ def evaluate_run(
         "metrics": evaluate(student, loader, task, teachers, [s.weight for s in cfg.all_teachers()]),
     }
     models = {"student": student, **({"teacher": teachers[0]} if teachers else {})}
-    result.update(model_costs(models, task.split(next(iter(loader)))[0], latency=latency))
+    # what model(...) itself takes: a vision-language model's images, not the whole batch dict
+    example = task.model_input(task.split(next(iter(loader)))[0])
+    result.update(model_costs(models, example, latency=latency))
     if "speedup" in result["student"]:
         result["speedup"] = result["student"]["speedup"]
     return result

@@ -55,7 +55,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.splits import DataSplits
-from ..errors import ProtegeError
+from ..errors import ProtegeError, closest
 from ..metrics.fidelity import classification_report
 from .base import Evaluator, Outputs, Task
 
@@ -332,8 +332,14 @@ class VisionLanguageTask(Task):
     def build_model(
         self, name: str, weights: str | None, kwargs: Mapping[str, Any], data: Any
     ) -> nn.Module | None:
-        from ..models.vlm import build_vl_model
+        from ..models.vlm import VL_MODELS, build_vl_model
 
+        if name not in VL_MODELS and not closest(name, VL_MODELS):
+            raise ProtegeError(
+                f"task vision_language needs a vision-language model ({', '.join(VL_MODELS)}), not "
+                f"{name!r}; to use an image model as the image tower: model: dual_encoder, kwargs: "
+                f"{{embed_dim: 128, image: {{model: {name}}}, text: {{kind: transformer}}}}"
+            )
         return build_vl_model(name, weights, kwargs, in_chans=int(getattr(data, "in_chans", 3)))
 
     # -- batches
