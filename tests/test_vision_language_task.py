@@ -186,7 +186,16 @@ def test_forward_outputs_and_logits_by_hand(fm_root: Path) -> None:
         with torch.no_grad():
             out = task.forward(model, batch)
             classes = data.class_sets[which]
-            assert set(out) == {"image_embeds", "class_embeds", "logits", "text_embeds"}
+            # evaluation mode: the model's own outputs plus every language's (here only en)
+            assert set(out) == {
+                "image_embeds",
+                "class_embeds",
+                "logits",
+                "text_embeds",
+                "logits:en",
+                "text_embeds:en",
+            }
+            torch.testing.assert_close(out["logits:en"], out["logits"])
             assert out["image_embeds"].shape == (12, 16) and out["text_embeds"].shape == (12, 16)
             assert out["class_embeds"].shape == (len(classes), 16) and out["logits"].shape == (
                 12,
@@ -218,17 +227,28 @@ def test_forward_languages_and_text_field(fm_root: Path) -> None:
         train_keys = set(task.forward(model.train(), batch))
         eval_out = task.forward(model.eval(), batch)
     assert train_keys == {"image_embeds", "class_embeds", "logits", "text_embeds"}
-    assert set(eval_out) == train_keys | {"logits:zh", "text_embeds:zh"}
+    assert set(eval_out) == train_keys | {"logits:en", "text_embeds:en", "logits:zh", "text_embeds:zh"}
     assert eval_out["logits:zh"].shape == (12, 6) and eval_out["text_embeds:zh"].shape == (12, 16)
     assert not torch.allclose(eval_out["logits:zh"], eval_out["logits"])  # the Chinese class prompts
-    assert task.eval_outputs() == ("logits", "image_embeds", "text_embeds", "logits:zh", "text_embeds:zh")
+    torch.testing.assert_close(eval_out["logits:en"], eval_out["logits"])
+    assert task.eval_outputs() == (
+        "logits",
+        "image_embeds",
+        "text_embeds",
+        "logits:en",
+        "text_embeds:en",
+        "logits:zh",
+        "text_embeds:zh",
+    )
     # a model reading the Chinese captions: its own language is zh, the other one en
     zh = _dual(text_field="text_zh").eval()
     with torch.no_grad():
         out = task.forward(zh, batch)
         torch.testing.assert_close(out["text_embeds"], zh.encode_text(batch["text_zh"]), atol=1e-5, rtol=1e-5)
-    assert {"logits:en", "text_embeds:en"} <= set(out) and "logits:zh" not in out
-    with pytest.raises(ProtegeError, match="text field 'text_fr'.*text, text_en, text_zh"):
+    assert {"logits:en", "text_embeds:en", "logits:zh"} <= set(out)
+    torch.testing.assert_close(out["logits:zh"], out["logits"])  # its own language is zh
+    torch.testing.assert_close(out["text_embeds:zh"], out["text_embeds"])
+    with pytest.raises(ProtegeError, match="text field 'text_fr'.*text, text_en, text_zh, text_mix"):
         task.forward(_dual(text_field="text_fr"), batch)
 
 
@@ -453,3 +473,61 @@ def test_cli_bad_input_exits_2_before_the_run(fm_root: Path, tmp_path: Path, mon
     code, err = run_cli(monkeypatch, capsys, "distill", str(no_tok))
     assert code == 2 and "nowhere/tokenizer.json'notfound" in squeeze(err.split()), err
     assert not (tmp_path / "runs").exists()  # no run directory for any of them
+
+
+def test_mixed_captions_and_parallel_corpus(fm_root: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "pairs.jsonl"
+    pairs = [{"en": f"sentence {i}", "zh": f"句子{i}"} for i in range(40)]
+    corpus.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs), encoding="utf-8")
+    data = _data(fm_root, languages=["en", "zh"], parallel=str(corpus))
+    items = [data.train[i] for i in range(30)]
+    langs = {"en" if it["text_mix"] == it["text_en"] else "zh" for it in items}
+    assert langs == {"en", "zh"}  # a language per sample, both drawn
+    for it in items:
+        assert it["text_mix"] in (it["text_en"], it["text_zh"])
+        assert it["para_zh"] == "句子" + it["para_en"].removeprefix("sentence ")  # a pair, aligned
+        assert it["para_mix"] in (it["para_en"], it["para_zh"]) and it["para"] == it["para_en"]
+    train_pairs = {it["para_en"] for it in (data.train[i] for i in range(len(data.train)))}
+    test_pairs = {it["para_en"] for it in (data.test[i] for i in range(len(data.test)))}
+    assert not train_pairs & test_pairs  # evaluation batches carry the corpus's held-out pairs
+    task = build_task("vision_language", data)
+    mixed = _dual(text_field="text_mix").train()
+    out = task.forward(mixed, _batch(data.train))
+    assert out["para_embeds"].shape == (12, 16) and out["para_embeds"].requires_grad
+    with pytest.raises(ProtegeError, match="parallel needs two or more languages"):
+        _data(fm_root, languages=["en"], parallel=str(corpus))
+
+
+def test_two_stage_run_reports_each_stage_and_refuses_align_first(
+    fm_root: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    options = {"languages": ["en", "zh"], "seen": list(range(10)), "few_shot": [1]}
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        str(_config(tmp_path, "t", fm_root, options, student=_tiny(), terms=[{"loss": "ce"}])),
+    )
+    assert code == 0, err
+    distill = {
+        "name": "distill",
+        "terms": [
+            {"loss": "feat_mse"},
+            {"loss": "feat_mse", "name": "text", "student": "text_embeds", "teacher": "text_embeds"},
+        ],
+    }
+    align = {"name": "align", "terms": [{"loss": "clip_contrastive"}]}
+    student = _tiny()
+    student["kwargs"]["text_field"] = "text_mix"
+    sections = {"teacher": _tiny(weights=str(tmp_path / "runs" / "t")), "student": student}
+    bad = _config(tmp_path, "bad", fm_root, options, stages=[align, distill], **sections)
+    code, err = run_cli(monkeypatch, capsys, "distill", str(bad))
+    assert code == 2 and "stage 'align' aligns the student's towers" in err
+    assert not (tmp_path / "runs" / "bad").exists()
+    good = _config(tmp_path, "good", fm_root, options, stages=[distill, align], **sections)
+    code, err = run_cli(monkeypatch, capsys, "distill", str(good))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "good" / "summary.json").read_text())
+    stage1 = summary["stages"][0]["test"]["last"]  # stage 1 alone, beside stage 1 + 2 (summary["test"])
+    for key in ("acc", "acc:zh", "i2t_r1", "i2t_r1:zh"):
+        assert math.isfinite(stage1[key]) and math.isfinite(summary["test"]["last"][key]), key
