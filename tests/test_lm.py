@@ -322,6 +322,11 @@ def test_protege_distill_lowers_kl_and_the_student_reloads(assets, tmp_path: Pat
     assert kls[-1] < kls[0] < before and kls[-1] < 0.7 * before, (before, kls)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["export"] == str(run_dir / "model")
+    # the task-metrics run report: the LM's metrics, the teacher's perplexity beside the student's
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    last = summary["test"]["last"]
+    ppl = f"<td>ppl</td><td>perplexity</td><td>{last['ppl']:.4f}</td>"
+    assert ppl in page and f"<td>{last['teacher_ppl']:.4f}</td>" in page and "task</b> lm" in page
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     checkpoint = build_from(cfg.student.model_copy(update={"weights": str(run_dir)}), data).eval()
     ids = data.val.input_ids[:2]

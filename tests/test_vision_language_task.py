@@ -425,7 +425,9 @@ def test_cli_train_teacher_distill_and_evaluate(fm_root: Path, tmp_path: Path, m
         assert math.isfinite(last[key]), key
     assert 0 <= last["zs_unseen"] <= 1 and summary["final"]["val/acc"] >= 0
     assert "zs_unseen" not in summary["best"]  # validation holds seen classes only: no zero-shot number
-    assert not (run_dir / "report.html").exists()  # the run report covers classification runs only
+    # the task-metrics report (tests/test_report_tasks.py): the open-vocabulary number among its metrics
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert f"<td>{100 * last['zs_unseen']:.2f}%</td>" in page and (run_dir / "report.json").is_file()
     out = tmp_path / "eval.json"
     code, err = run_cli(monkeypatch, capsys, "evaluate", str(run_dir), "--no-latency", "--json", str(out))
     assert code == 0, err

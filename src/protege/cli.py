@@ -412,7 +412,11 @@ def report(
         bool, typer.Option(help="measure the models' latency again, side by side (default: the run's)")
     ] = False,
 ) -> None:
-    """Write a run's report.html: summary, curves, calibration, CKA, probes, gradient variance."""
+    """Write a run's report.html: summary, curves, calibration, CKA, probes, gradient variance.
+
+    A run of another task (vision_language, lm) gets its task's metrics instead: summary and cost,
+    every test metric beside the baseline's and the teacher's, one row per stage, the curves
+    (--probes, --max-images and --latency apply to classification runs)."""
     from .analysis.report import build_report
 
     path = build_report(

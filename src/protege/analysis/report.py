@@ -15,6 +15,15 @@ self-contained HTML file (figures embedded, no script, nothing fetched) with:
    adversarial transfer, invariance, per-class agreement;
 6. **Gradient variance**: the ``protege analyze gradvar`` sweep, when the run has one.
 
+A run of another task (``vision_language``, ``lm``, ...) gets the *task-metrics report* instead,
+from its files alone, no model loaded: summary (models with their key settings, terms, data —
+for vision_language the seen and unseen classes and the languages —, headline metrics, params,
+FLOPs, latency, wall time); every metric the task's evaluator wrote to ``summary.json``, grouped
+(accuracy / zero-shot, few-shot, retrieval, likelihood and calibration, fidelity, one group per
+further language), for the last and best checkpoints, beside the baseline's and the teacher's;
+one row per stage of a multi-stage run (DC-CLIP: stage 1 alone vs stages 1 + 2); the curves. The
+classification probes are not computed for it.
+
 :func:`compare_runs` puts several runs' summaries side by side with a fidelity-vs-accuracy scatter
 (Stanton et al., NeurIPS 2021: a student can generalize well and still be far from its teacher).
 """
@@ -25,6 +34,7 @@ import datetime
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -248,7 +258,11 @@ def _pixel_bounds(loaded: LoadedRun) -> tuple[torch.Tensor, torch.Tensor, torch.
 # -- figures ------------------------------------------------------------------------------------
 
 
-def _curves(metrics: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
+def _curves(
+    metrics: list[dict[str, Any]], baseline: list[dict[str, Any]], stage_starts: Sequence[int] = ()
+) -> str:
+    """The loss terms, validation accuracy and fidelity per epoch; ``stage_starts``: the epochs
+    (0-based, counted on across stages) a later stage of a multi-stage run begins at, marked."""
     plt = H.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.6))
     ax = axes[0][0]
@@ -279,6 +293,7 @@ def _curves(metrics: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> st
             )
         ax.set(title=title, ylabel=ylabel)
     for ax in axes.flat:
+        _mark_stages(ax, stage_starts)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.25)
@@ -291,6 +306,12 @@ def _curves(metrics: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> st
         "Per epoch: the training loss terms as the distiller weighs them, validation accuracy, and fidelity "
         "to the teacher on the validation split (the baseline's where a baseline run was found).",
     )
+
+
+def _mark_stages(ax: Any, stage_starts: Sequence[int]) -> None:
+    """A dotted line between the last epoch of a stage and the first of the next one."""
+    for start in stage_starts:
+        ax.axvline(start + 0.5, color="#888888", ls=":", lw=1)
 
 
 def _reliability(logits: dict[str, torch.Tensor], target: torch.Tensor) -> str:
@@ -382,7 +403,8 @@ def _terms_text(cfg: RunConfig) -> str:
     parts = []
     for t in final.terms:
         params = ", ".join(f"{k}={v}" for k, v in t.params.items())
-        where = "" if t.student == "logits" else f" {t.student}→{t.teacher}"
+        keys = [",".join(k) if isinstance(k, list) else k for k in (t.student, t.teacher)]
+        where = "" if t.student == "logits" else f" {keys[0]}→{keys[1]}"
         parts.append(f"{t.weight:g}·{t.loss}{where}" + (f" ({params})" if params else ""))
     return " + ".join(parts)
 
@@ -647,6 +669,512 @@ def _gradvar_section(run_dir: Path) -> str:
     return gradvar_table(result) + gradvar_figure(result)
 
 
+# -- other tasks: the task-metrics report -------------------------------------------------------
+
+#: the task-metrics report's sections, by HTML id, in order (``stages`` only for a multi-stage run)
+TASK_SECTIONS = ("summary", "metrics", "stages", "curves", "probes")
+#: metrics shown first, in this order (the others follow in natural order)
+_ORDER = ("acc", "top5", "zs_seen", "zs_unseen", "nll", "ppl", "ece", "agreement", "kl")
+#: the groups of the test-metrics table: title and which metric names (without language) it holds
+_GROUPS: tuple[tuple[str, Any], ...] = (
+    ("accuracy", lambda b: b in ("acc", "top5") or b.startswith("zs_")),
+    ("few-shot probe", lambda b: b.startswith("fewshot_")),
+    ("retrieval (recall@k)", lambda b: re.fullmatch(r"[it]2[ti]_r\d+", b) is not None),
+    ("likelihood and calibration", lambda b: b in ("nll", "ppl", "ece")),
+    ("fidelity to the teacher", lambda b: b in ("agreement", "kl")),
+)
+#: headline metrics (the summary table, one column per stage), where the run has them
+_HEADLINE = ("zs_unseen", "zs_seen", "acc", "ppl", "agreement", "kl")
+_WHAT = {
+    "acc": "top-1 accuracy",
+    "top5": "top-5 accuracy",
+    "nll": "negative log-likelihood",
+    "ppl": "perplexity",
+    "ece": "expected calibration error",
+    "agreement": "top-1 agreement with the teacher",
+    "kl": "KL(teacher ‖ student), nats",
+}
+_WHAT_TASK = {
+    "vision_language": {
+        "acc": "zero-shot top-1, all classes compete",
+        "top5": "zero-shot top-5, all classes compete",
+        "zs_seen": "zero-shot, seen classes' images, seen classes compete",
+        "zs_unseen": "zero-shot, unseen classes' images, unseen classes compete (open vocabulary)",
+        "fewshot_unseen": "logistic-regression probe on unseen classes' image embeddings, k per class",
+        "i2t": "image → caption recall (a hit: a caption of the image's class)",
+        "t2i": "caption → image recall (a hit: an image of the caption's class)",
+    },
+    "lm": {"acc": "next-token top-1 accuracy", "nll": "next-token NLL, nats"},
+}
+
+
+def _natural(key: str) -> tuple[Any, ...]:
+    """Sort key: :data:`_ORDER` first, then names with their numbers compared as numbers."""
+    base, _, lang = key.partition(":")
+    rank = _ORDER.index(base) if base in _ORDER else len(_ORDER)
+    parts = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", base))
+    return (lang, rank, parts)
+
+
+def _is_share(key: str) -> bool:
+    """Whether a metric is a share in [0, 1] (shown as a percentage)."""
+    base = key.partition(":")[0].removeprefix("teacher_")
+    return (
+        base in ("acc", "agreement")
+        or re.fullmatch(r"top\d+|zs_\w+|fewshot_\w+@\d+|[it]2[ti]_r\d+", base) is not None
+    )
+
+
+def _fmt(key: str, value: Any) -> str:
+    return H.pct(value) if _is_share(key) else H.num(value)
+
+
+def _delta(key: str, a: Any, b: Any) -> str:
+    if H.missing(a) or H.missing(b):
+        return "—"
+    d = float(a) - float(b)
+    return f"{100 * d:+.2f} pp" if _is_share(key) else f"{d:+.4f}"
+
+
+def _what(task: str, key: str) -> str:
+    base, _, lang = key.partition(":")
+    own = _WHAT_TASK.get(task, {})
+    if m := re.fullmatch(r"(fewshot_\w+)@(\d+)", base):
+        text = own.get(m[1], "").replace("k per class", f"{m[2]} per class")
+    elif m := re.fullmatch(r"([it]2[ti])_r(\d+)", base):
+        text = own.get(m[1], "") and f"{own[m[1]]}, R@{m[2]}"
+    else:
+        text = own.get(base) or _WHAT.get(base, "")
+    return f"{text} ({lang})" if text and lang else text
+
+
+def _task_metrics(summary: dict[str, Any]) -> tuple[str, dict[str, float], dict[str, float]]:
+    """``(split, last, best)`` of any task: the test metrics of the last and best checkpoints, or
+    the validation metrics of the last and best epochs when the run has no test split."""
+    test = summary.get("test") or {}
+    if isinstance(test.get("last"), dict) or isinstance(test.get("best"), dict):
+        return "test", dict(test.get("last") or {}), dict(test.get("best") or {})
+
+    def val(record: dict[str, Any]) -> dict[str, float]:
+        return {k[4:]: v for k, v in record.items() if k.startswith("val/")}
+
+    return "val", val(summary.get("final", {})), val(summary.get("best", {}))
+
+
+def _split_teacher(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``(own, teacher)``: a summary's metrics without and with the ``teacher_`` prefix (stripped)."""
+    own = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
+    teacher = {k[len("teacher_") :]: v for k, v in metrics.items() if k.startswith("teacher_")}
+    return own, teacher
+
+
+def _groups(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """The test-metrics table's groups: by kind for the data's first language, then one group per
+    further language (keys ``<metric>:<lang>``), then whatever matched no group."""
+    plain = sorted((k for k in keys if ":" not in k), key=_natural)
+    out = []
+    for title, holds in _GROUPS:
+        members = [k for k in plain if holds(k)]
+        if members:
+            out.append((title, members))
+    grouped = {k for _, ks in out for k in ks}
+    rest = [k for k in plain if k not in grouped]
+    langs = sorted({k.partition(":")[2] for k in keys if ":" in k})
+    out += [
+        (f"language {lang}", sorted((k for k in keys if k.endswith(f":{lang}")), key=_natural))
+        for lang in langs
+    ]
+    if rest:
+        out.append(("other", rest))
+    return out
+
+
+def _model_text(spec: Any) -> str:
+    """A model section in one line: its name, key keyword arguments (a tower by its model or kind)
+    and where its weights come from."""
+
+    def scalar(v: Any) -> bool:
+        return isinstance(v, (str, int, float, bool)) or v is None
+
+    parts = []
+    for k, v in spec.kwargs.items():
+        if isinstance(v, dict):
+            name = v.get("model") or v.get("kind")
+            inner = ", ".join(
+                f"{ik}={iv}" for ik, iv in v.items() if ik not in ("model", "kind") and scalar(iv)
+            )
+            if name:
+                parts.append(f"{k}={name}" + (f" ({inner})" if inner else ""))
+            elif inner:
+                parts.append(f"{k}: {inner}")
+        elif scalar(v):
+            parts.append(f"{k}={v}")
+        else:
+            parts.append(f"{k}={v}"[:60])
+    text = spec.model + (f" [{'; '.join(parts)}]" if parts else "")
+    return text + (f" (weights {spec.weights})" if spec.weights else "")
+
+
+def _class_names(source: str) -> list[str] | None:
+    """The class names of a source protege knows without reading it, else ``None``."""
+    if source == "fashion-mnist":
+        from ..data.fashion_mnist import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if source in _BUNDLED:
+        return [str(i) for i in range(10)]
+    return None
+
+
+def _data_text(cfg: RunConfig) -> str:
+    """The data line of the header: source, recipe and options (for vision_language: the seen and
+    unseen classes and the languages)."""
+    options = dict(cfg.data.options)
+    text = f"{cfg.data.source} ({cfg.data.transforms})"
+    if cfg.task != "vision_language":
+        return text + "".join(f" · {k} {v}" for k, v in options.items())
+    names = _class_names(cfg.data.source)
+    seen = options.pop("seen", None)
+    if seen is None:
+        text += " · seen: every class (no unseen class)"
+    else:
+        shown = [names[v] if names and isinstance(v, int) and 0 <= v < len(names) else str(v) for v in seen]
+        text += f" · seen ({len(shown)}): {', '.join(shown)}"
+        if names is not None:
+            unseen = [n for n in names if n not in shown]
+            text += f" · unseen ({len(unseen)}): {', '.join(unseen) or 'none'}"
+        else:
+            text += " · unseen: the source's other classes"
+    text += f" · languages: {', '.join(map(str, options.pop('languages', ['en'])))}"
+    return text + "".join(f" · {k} {v}" for k, v in options.items())
+
+
+def _stage_dirs(run_dir: Path, cfg: RunConfig) -> list[Path]:
+    """Where each stage wrote (as :mod:`protege.pipeline` lays it out), under ``run_dir`` as it is now."""
+    return [run_dir / "stages" / st.name for st in cfg.stages[:-1]] + [run_dir]
+
+
+def _all_metrics(run_dir: Path, cfg: RunConfig) -> tuple[list[dict[str, Any]], list[int]]:
+    """``(metrics, stage_starts)``: ``metrics.jsonl`` of the run; of a multi-stage run every stage's,
+    one after another (epochs counted on across stages), with the epochs later stages start at."""
+    if not cfg.stages:
+        return read_metrics(run_dir), []
+    out: list[dict[str, Any]] = []
+    starts = []
+    for stage_dir in _stage_dirs(run_dir, cfg):
+        offset = out[-1]["epoch"] + 1 if out else 0
+        if out:
+            starts.append(offset)
+        out += [{**m, "epoch": m["epoch"] + offset} for m in read_metrics(stage_dir)]
+    return out, starts
+
+
+def _more_curves(
+    metrics: list[dict[str, Any]],
+    baseline: list[dict[str, Any]],
+    first_language: str,
+    stage_starts: Sequence[int] = (),
+) -> str | None:
+    """The validation metrics :func:`_curves` does not plot, one panel per metric, a line per
+    language (the teacher's last value, where logged, dotted)."""
+    keys = sorted(
+        {k for m in metrics for k in m if k.startswith("val/") and not k.startswith("val/teacher_")}
+    )
+    shown = {"val/acc", "val/agreement", "val/kl"}
+    bases: dict[str, list[str]] = {}
+    for key in keys:
+        bases.setdefault(key[4:].partition(":")[0], []).append(key)
+    bases = {b: ks for b, ks in bases.items() if not set(ks) <= shown}
+    if not bases:
+        return None
+    plt = H.pyplot()
+    ncols = min(3, len(bases))
+    nrows = math.ceil(len(bases) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.3 * nrows), squeeze=False)
+    epochs = max(m["epoch"] + 1 for m in metrics + baseline)
+    for ax, base in zip(axes.flat, sorted(bases, key=_natural)):
+        several = len(bases[base]) > 1  # languages: a colour each, distilled solid, baseline dashed
+        for i, key in enumerate(sorted(bases[base], key=_natural)):
+            lang = key.partition(":")[2] or first_language
+            for who, ms, style in (("distilled", metrics, "-"), ("baseline", baseline, "--")):
+                if ms and any(key in m for m in ms):
+                    label = who + (f" {lang}" if several else "")
+                    xs = [m["epoch"] + 1 for m in ms]
+                    ax.plot(
+                        xs,
+                        [m.get(key, math.nan) for m in ms],
+                        ls=style,
+                        marker="o",
+                        ms=3,
+                        color=f"C{i}" if several else _COLORS[who],
+                        label=label,
+                    )
+        teacher = f"val/teacher_{base}"
+        if metrics and teacher in metrics[-1]:
+            ax.axhline(metrics[-1][teacher], color=_COLORS["teacher"], ls=":", lw=1.2, label="teacher")
+        _mark_stages(ax, stage_starts)
+        ax.set(title=base, xlabel="epoch", xlim=(0.5, epochs + 0.5))
+        if epochs <= 12:
+            ax.set_xticks(range(1, epochs + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(bases) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return H.figure(
+        fig,
+        "further validation metrics",
+        "The task's other validation metrics per epoch, a line per language where the data has several "
+        "(solid: distilled; dashed: baseline; dotted: the teacher's last value).",
+    )
+
+
+def _task_report(
+    run_dir: Path,
+    cfg: RunConfig,
+    summary: dict[str, Any],
+    baseline: str | Path | None,
+    out_path: Path,
+    latency: bool,
+) -> Path:
+    """The report of a run of a task other than classification, from its files alone (no model is
+    loaded): summary, every test metric beside the baseline's, each stage's, the curves."""
+    base_dir, base_how = find_baseline(run_dir, baseline)
+    base_summary = read_json(base_dir / "summary.json") if base_dir else None
+    base_cfg = load_config(base_dir / "config.yaml") if base_dir else None
+    split, last, best = _task_metrics(summary)
+    last, teacher = _split_teacher(last)
+    best, teacher_best = _split_teacher(best)
+    teacher = {**teacher_best, **teacher}
+    base_last, base_best = _task_metrics(base_summary)[1:] if base_summary else ({}, {})
+    base_last, base_best = _split_teacher(base_last)[0], _split_teacher(base_best)[0]
+    student_text = (
+        _model_text(cfg.student)
+        if cfg.student is not None
+        else ", ".join(s.name or s.model for s in cfg.students)
+    )
+    teachers = cfg.all_teachers()
+    labels = {
+        "teacher": f"teacher ({teachers[0].model})" if teachers else "teacher",
+        "baseline": "baseline, no KD"
+        + (f" ({base_cfg.student.model})" if base_cfg and base_cfg.student else ""),
+        "distilled": f"distilled ({cfg.student.model if cfg.student else 'students'})",
+    }
+    record: dict[str, Any] = {
+        "run": str(run_dir),
+        "task": cfg.task,
+        "split": split,
+        "baseline": str(base_dir) if base_dir else None,
+    }
+
+    # summary: headline metrics and cost per model
+    headline = [k for k in _HEADLINE if k in last or k in best]
+    student_cost = _cost(summary, "student")
+    costs = {"teacher": _cost(summary, "teacher"), "distilled": student_cost}
+    values = {"teacher": teacher, "distilled": last}
+    if base_summary is not None:
+        own = _cost(base_summary, "student")
+        same = H.missing(own["params"]) or own["params"] == student_cost["params"]
+        costs["baseline"] = student_cost if same and not H.missing(student_cost["params"]) else own
+        values["baseline"] = base_last
+    if not teachers:
+        costs.pop("teacher")
+    rows = {
+        who: {**{k: values[who].get(k) for k in headline}, **costs[who]}
+        for who in ("teacher", "baseline", "distilled")
+        if who in costs
+    }
+    record["summary"] = {labels[w]: r for w, r in rows.items()}
+    cells = [
+        [
+            labels[w],
+            *(_fmt(k, r.get(k)) for k in headline),
+            H.count(r.get("params")),
+            H.num(None if r.get("flops") is None else r["flops"] / 1e6, 2),
+            H.num(r.get("ms"), 3),
+            _speedup(r.get("speedup")),
+        ]
+        for w, r in rows.items()
+    ]
+    stages = summary.get("stages") or []
+    wall = sum(st.get("wall_time_s") or 0 for st in stages) if stages else summary.get("wall_time_s")
+    notes = []
+    if base_dir is None:
+        notes.append(
+            H.esc(base_how) + ". Train one with <code>protege train &lt;this run's config&gt; --set "
+            f"name={H.esc(cfg.name)}-baseline</code> (its terms without a teacher, e.g. <code>ce</code>), or "
+            "name one (a run distilled with fewer terms, say) with <code>--baseline runs/&lt;name&gt;</code> "
+            "or the config's <code>baseline:</code>."
+        )
+    if latency:
+        notes.append(
+            "Latency is not measured again for this task: the table shows the run's own measurement."
+        )
+    summary_html = (
+        f"<p>Headline metrics of the last checkpoint on the {H.esc(split)} split (the teacher's as the "
+        "distillation computed them on the same split; every metric under Test metrics), and cost from the "
+        "runs' <code>summary.json</code>: latency is the median batch-1 forward measured side by side at the "
+        "end of the distillation; speed-up = teacher latency / model latency."
+        f" Wall time of the run{' (all stages)' if stages else ''}: "
+        f"{'—' if H.missing(wall) else f'{wall:.1f} s'}.</p>"
+        + H.table(
+            ["model", *headline, "params", "MFLOPs", "latency ms", "speed-up"],
+            cells,
+            highlight=[w == "distilled" for w in rows],
+        )
+        + "".join(H.note(n) for n in notes)
+    )
+
+    # every metric, grouped, beside the baseline's and the teacher's
+    keys = sorted(set(last) | set(best), key=_natural)
+    header = ["metric", "what", "distilled (last)", "distilled (best)"]
+    if base_summary is not None:
+        header += ["baseline (last)", "baseline (best)", "Δ last vs baseline"]
+    header.append("teacher")
+    table_rows, marks = [], []
+    for title, members in _groups(keys):
+        table_rows.append([title, *[""] * (len(header) - 1)])
+        marks.append(True)
+        for k in members:
+            row = [k, _what(cfg.task, k), _fmt(k, last.get(k)), _fmt(k, best.get(k))]
+            if base_summary is not None:
+                row += [
+                    _fmt(k, base_last.get(k)),
+                    _fmt(k, base_best.get(k)),
+                    _delta(k, last.get(k), base_last.get(k)),
+                ]
+            table_rows.append([*row, _fmt(k, teacher.get(k))])
+            marks.append(False)
+    loose = sorted(set(teacher) - set(keys), key=_natural)  # teacher references without a student twin
+    if loose:
+        table_rows.append(["teacher reference", *[""] * (len(header) - 1)])
+        marks.append(True)
+        for k in loose:
+            table_rows.append(
+                [f"teacher_{k}", _what(cfg.task, k), *["—"] * (len(header) - 3), _fmt(k, teacher[k])]
+            )
+            marks.append(False)
+    record["metrics"] = {
+        "distilled": {"last": last, "best": best},
+        "teacher": teacher,
+        **({"baseline": {"last": base_last, "best": base_best}} if base_summary is not None else {}),
+    }
+    metrics_html = (
+        f"<p>Every metric the task's evaluator reports on the {H.esc(split)} split, for the last checkpoint "
+        "and the one best on validation; the teacher's as the distillation computed them on the same split."
+        + (
+            " Zero-shot accuracies classify through the class prompts' text embeddings; the unseen classes "
+            "were in no training or validation batch."
+            if cfg.task == "vision_language"
+            else ""
+        )
+        + "</p>"
+        + H.table(header, table_rows, highlight=marks)
+    )
+    sections = [("summary", "Summary", summary_html), ("metrics", "Test metrics", metrics_html)]
+
+    # multi-stage: what each stage left (DC-CLIP: stage 1 alone vs stages 1 + 2)
+    if stages:
+        stage_keys = [
+            k
+            for k in sorted(
+                set(last) | {m for st in stages for m in ((st.get("test") or {}).get("last") or {})},
+                key=_natural,
+            )
+            if k.partition(":")[0] in _HEADLINE
+            or re.fullmatch(r"fewshot_\w+@\d+|[it]2[ti]_r1", k.partition(":")[0])
+        ]
+        stage_rows, record["stages"] = [], []
+        for i, st in enumerate(stages):
+            final = i == len(stages) - 1
+            got = last if final else _split_teacher((st.get("test") or {}).get("last") or {})[0]
+            name = f"{i + 1}. {st.get('name')}" + (f" (stages 1–{i + 1}: the run)" if final and i else "")
+            terms = _terms_text(cfg.stage_config(i)) if i < len(cfg.stages) else "?"
+            stage_rows.append(
+                [
+                    name,
+                    terms,
+                    str(st.get("epochs_completed", "?")),
+                    H.num(st.get("wall_time_s"), 1),
+                    *(_fmt(k, got.get(k)) for k in stage_keys),
+                ]
+            )
+            record["stages"].append({"name": st.get("name"), "terms": terms, "test_last": got})
+        missing = [st.get("name") for st in stages[:-1] if not (st.get("test") or {}).get("last")]
+        stages_html = (
+            "<p>Each stage's last checkpoint on the test split, the later one holding every stage before it "
+            "(all of each stage's metrics are in <code>report.json</code>).</p>"
+            + H.table(
+                ["stage", "terms", "epochs", "wall s", *stage_keys],
+                stage_rows,
+                highlight=[i == len(stages) - 1 for i in range(len(stages))],
+            )
+            + (
+                H.note(
+                    f"No test metrics for stage(s) {H.esc(', '.join(map(str, missing)))}: the run has no test "
+                    "split, or not every stage completed."
+                )
+                if missing
+                else ""
+            )
+        )
+        sections.append(("stages", "Stages", stages_html))
+
+    metrics, starts = _all_metrics(run_dir, cfg)
+    if metrics:
+        base_metrics = _all_metrics(base_dir, base_cfg)[0] if base_dir and base_cfg else []
+        languages = (cfg.data.options.get("languages") or ["en"]) if cfg.task == "vision_language" else [""]
+        more = _more_curves(metrics, base_metrics, str(languages[0]), starts)
+        curves = _curves(metrics, base_metrics, starts) + (more or "")
+        if stages:
+            curves = (
+                "<p>The stages one after another (epochs counted on across stages, a dotted line where the "
+                "next stage starts); each stage logs its own loss terms.</p>" + curves
+            )
+    else:
+        curves = H.note("no metrics.jsonl")
+    sections.append(("curves", "Curves", curves))
+    sections.append(
+        (
+            "probes",
+            "Probes",
+            H.note(
+                "The classification probes — reliability diagrams, representation similarity (CKA), "
+                "localization (CAM / saliency), invariance and adversarial transfer — read a classification "
+                f"student's images and class logits; they are not computed for task {H.esc(cfg.task)}."
+            ),
+        )
+    )
+
+    teacher_text = "; ".join(_model_text(t) for t in teachers) or "none"
+    if stages:
+        terms_text = " · ".join(
+            f"{st.name}: {_terms_text(cfg.stage_config(i))}" for i, st in enumerate(cfg.stages)
+        )
+    else:
+        terms_text = _terms_text(cfg)
+    header_html = "".join(
+        f'<p class="meta">{line}</p>'
+        for line in (
+            f"<b>task</b> {H.esc(cfg.task)} · <b>status</b> {H.esc(summary.get('status', '?'))} · "
+            f"{summary.get('epochs_completed', '?')} of {summary.get('epochs', '?')} epochs"
+            + (f" (last stage; {len(stages)} stages)" if stages else "")
+            + f" · <b>seed</b> {cfg.seed} · <b>wall time</b> {'—' if H.missing(wall) else f'{wall:.1f} s'}",
+            f"<b>data</b> {H.esc(_data_text(cfg))}",
+            f"<b>teacher</b> {H.esc(teacher_text)}",
+            f"<b>student</b> {H.esc(student_text)}",
+            f"<b>terms</b> {H.esc(terms_text)}",
+            f"<b>baseline</b> {H.esc(base_dir)} — {H.esc(base_how)}" if base_dir else "<b>baseline</b> none",
+            f"generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} from {H.esc(run_dir)}",
+        )
+    )
+    atomic_write_text(out_path.with_suffix(".json"), json.dumps(record, indent=2, default=float))
+    atomic_write_text(out_path, H.page(f"protege report — {cfg.name}", header_html, sections))
+    return out_path
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 
@@ -710,6 +1238,12 @@ def build_report(
     sample of ``max_images`` of its images. ``latency=True`` measures teacher, baseline and student
     again, side by side; by default the report shows the latencies the distillation measured side
     by side at the end of training. Written atomically.
+
+    A run of another task (``vision_language``, ``lm``, ...) gets the task-metrics report instead,
+    read from its files alone (:data:`TASK_SECTIONS`: summary with cost, every test metric of the
+    task's evaluator beside the baseline's and the teacher's, one row per stage of a multi-stage
+    run, the curves); the classification probes are not computed for it (``probes``,
+    ``max_images`` and ``latency`` do not apply).
     """
     run_dir = Path(run_dir)
     summary = _finished(run_dir)
@@ -717,6 +1251,8 @@ def build_report(
     out_path = Path(out) if out is not None else run_dir / "report.html"
     if max_images < 2:
         raise ProtegeError("max_images must be at least 2 (CKA and the probes compare images)")
+    if cfg.task != "classification":
+        return _task_report(run_dir, cfg, summary, baseline, out_path, latency)
     base_dir, base_how = find_baseline(run_dir, baseline)
     summaries = {
         "distilled": summary,
@@ -742,8 +1278,8 @@ def build_report(
             "<code>--baseline runs/&lt;name&gt;</code>; the probes need it."
         )
 
-    # the model sections read images and class logits: one-student classification runs with a teacher
-    one_student = cfg.student is not None and cfg.task == "classification" and bool(cfg.all_teachers())
+    # the model sections read images and class logits: one-student runs with a teacher
+    one_student = cfg.student is not None and bool(cfg.all_teachers())
     loaded = load_run(run_dir, "best") if one_student else None
     classify = loaded is not None
     model_sections: list[tuple[str, str, str]] = []

@@ -46,16 +46,13 @@ def run(
 def write_run_report(cfg: RunConfig) -> Path | None:
     """``report.html`` at the end of a distillation; a failure only warns: the run is saved.
 
-    Not for a run distilled from a teacher-output cache (the report would load the teacher the
-    cache exists to avoid) nor for tasks the report does not cover: those say how to write it.
-    Returns the report's path, or ``None`` when none was written."""
+    Every task: classification runs get the full report, other tasks (``vision_language``,
+    ``lm``, ...) the task-metrics report (see :func:`protege.analysis.report.build_report`). Not
+    for a run distilled from a teacher-output cache (the report would load the teacher the cache
+    exists to avoid): it says how to write it. Returns the report's path, or ``None`` when none
+    was written."""
     run_dir = cfg.run_dir
     if not PartialState().is_main_process:
-        return None
-    if cfg.task != "classification":
-        console.print(
-            f"report: the run report covers classification runs; task {cfg.task!r} has its own metrics"
-        )
         return None
     if cfg.cache is not None:
         console.print(
