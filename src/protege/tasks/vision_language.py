@@ -506,7 +506,9 @@ class VisionLanguageEvaluator(Evaluator):
         rows = {k: torch.cat(v) for k, v in self.rows.items()}
         teacher = torch.cat(self.teacher) if self.teacher else None
         langs = self.data.languages
-        logits = rows.get(f"logits:{langs[0]}", rows["logits"])  # the first language's, whatever the model reads
+        logits = rows.get(
+            f"logits:{langs[0]}", rows["logits"]
+        )  # the first language's, whatever the model reads
         report = classification_report(logits, y, teacher)
         sets = self.data.class_sets
         full = logits.shape[1] == len(sets["all"]) and bool(sets["unseen"])
