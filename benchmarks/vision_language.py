@@ -20,7 +20,9 @@ addition (weights 1, untuned):
 - ``scratch``: ``clip_cls`` only, CE(cos(f_s, t_c)/0.07) through the class prompts' embeddings -- the
   student gets nothing from the teacher's images;
 - ``+feat_mse``, ``+img_contrast``, ``+vl_align`` (k = 5 of the 6 seen classes), ``+attributes``
-  (class prompts and captions with the hand-written attribute descriptions), and ``all`` of them.
+  (class prompts and captions with the hand-written attribute descriptions), ``+attributes
+  (SmolLM2)`` (the descriptions ``protege prompts`` got from SmolLM2-135M instead), and ``all``
+  (hand-written descriptions).
 
 Columns (test split, 10,000 images; mean ± std over seeds; last epoch): zero-shot seen (6-way among
 seen-class images), zero-shot unseen (4-way among unseen-class images), 5-shot linear probe on the
@@ -62,12 +64,15 @@ from protege.config import load_config
 SEEN = ["T-shirt/top", "Trouser", "Dress", "Coat", "Sneaker", "Ankle boot"]
 TEXT = {"kind": "sentence_encoder", "path": "minilm"}
 CLS = {"loss": "clip_cls", "weight": 1.0}
+SMOLLM2_PROMPTS = "configs/vision_language/fashion-mnist-prompts.smollm2.json"
 ROWS: dict[str, dict[str, Any]] = {
     "scratch": {"terms": [CLS], "attributes": False},
     "+feat_mse": {"terms": [CLS, {"loss": "feat_mse", "weight": 1.0}], "attributes": False},
     "+img_contrast": {"terms": [CLS, {"loss": "img_contrast", "weight": 1.0}], "attributes": False},
     "+vl_align": {"terms": [CLS, {"loss": "vl_align", "weight": 1.0, "k": 5}], "attributes": False},
     "+attributes": {"terms": [CLS], "attributes": True},
+    # the same, with the descriptions SmolLM2-135M wrote (protege prompts; mostly not visual)
+    "+attributes (SmolLM2)": {"terms": [CLS], "attributes": True, "prompts": SMOLLM2_PROMPTS},
     "all": {
         "terms": [
             CLS,
@@ -105,7 +110,9 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def data_section(args: argparse.Namespace, attributes: bool, seen: list[str] | None) -> dict[str, Any]:
+def data_section(
+    args: argparse.Namespace, attributes: bool, seen: list[str] | None, prompts: str | None = None
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "train_size": args.train_size,
         "val_size": args.val_size,
@@ -116,6 +123,8 @@ def data_section(args: argparse.Namespace, attributes: bool, seen: list[str] | N
         options["test_size"] = args.test_size
     if seen is not None:
         options["seen"] = seen
+    if prompts is not None:
+        options["prompts"] = prompts
     return {
         "source": "fashion-mnist",
         "transforms": "augment",
@@ -176,9 +185,10 @@ def teacher(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def student(args: argparse.Namespace, row: str, seed: int, spec: dict[str, Any]) -> dict[str, Any]:
     r = ROWS[row]
-    name = f"{row.lstrip('+').replace('_', '-')}-s{seed}"
+    slug = row.lstrip("+").replace("_", "-").replace(" (", "-").replace(")", "").lower()
+    name = f"{slug}-s{seed}"
     cfg = common(args, name, seed, args.epochs) | {
-        "data": data_section(args, attributes=r["attributes"], seen=SEEN),
+        "data": data_section(args, attributes=r["attributes"], seen=SEEN, prompts=r.get("prompts")),
         "teacher": spec,
         "student": model(args.student),
         "terms": r["terms"],
