@@ -533,3 +533,20 @@ def test_two_stage_run_reports_each_stage_and_refuses_align_first(
     stage1 = summary["stages"][0]["test"]["last"]  # stage 1 alone, beside stage 1 + 2 (summary["test"])
     for key in ("acc", "acc:zh", "i2t_r1", "i2t_r1:zh"):
         assert math.isfinite(stage1[key]) and math.isfinite(summary["test"]["last"][key]), key
+
+
+def test_teacher_output_cache_is_refused(fm_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = _config(
+        tmp_path,
+        "cached",
+        fm_root,
+        {"seen": SEEN},
+        teacher=_tiny(),
+        student=_tiny(),
+        terms=VLM_OOD_TERMS,
+        cache={"path": str(tmp_path / "cache")},
+    )
+    for command in ("cache", "distill"):
+        code, err = run_cli(monkeypatch, capsys, command, str(cfg))
+        assert code == 2 and "does not cover the vision_language task" in err, (command, err)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs" / "cached").exists()

@@ -147,6 +147,7 @@ def build_cache(
     if not specs:
         raise ProtegeError("the config has no teacher to cache: add `teacher: {model: ..., weights: ...}`")
     data = load_run_data(cfg)
+    _no_vl_cache(data)
     if getattr(data, "task", None) == "lm":
         return _build_lm_cache(cfg, data, path, top_k, overwrite, device)
     parts = fingerprint_parts(cfg, data)
@@ -259,6 +260,7 @@ def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCach
     settings = cfg.cache
     if settings is None:
         raise ProtegeError("the config has no `cache:` section")
+    _no_vl_cache(data)
     if getattr(data, "task", None) == "lm":  # top-k next-token rows (protege.engine.lm_cache)
         return use_lm_cache(cfg, data)
     cache = TeacherCache.open(settings.path, verify=settings.verify)
@@ -311,3 +313,13 @@ def use_lm_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
         },
     )
     return splits, cache
+
+
+def _no_vl_cache(data: Any) -> None:
+    """A teacher-output cache holds per-sample logits and taps; a vision-language teacher's outputs
+    (image, caption and class embeddings) are not in that format yet: refused, not half-supported."""
+    if getattr(data, "task", None) == "vision_language":
+        raise ProtegeError(
+            "a teacher-output cache does not cover the vision_language task yet: remove `cache:` (the "
+            "teacher then runs online; a frozen text tower already encodes each distinct caption once)"
+        )
