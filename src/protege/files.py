@@ -83,6 +83,21 @@ def atomic_save_tensors(
         raise
 
 
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a ``.jsonl`` file; a line that is not
+    JSON, or not a JSON object, is a :class:`ProtegeError` naming ``path:line``."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ProtegeError(f"{path}:{n} is not valid JSON: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise ProtegeError(f"{path}:{n} must hold a JSON object, not {type(record).__name__}")
+        yield n, record
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()

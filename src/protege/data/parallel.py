@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ProtegeError
+from ..files import jsonl_objects
 
 __all__ = ["HSK_LANGUAGES", "load_parallel_corpus", "read_parallel_jsonl", "read_hsk", "split_parallel"]
 
@@ -61,15 +62,7 @@ def read_parallel_jsonl(path: str | Path, languages: Sequence[str]) -> list[Reco
     if not path.is_file():
         raise ProtegeError(f"parallel corpus not found: {path} (give hsk or a .jsonl file)")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProtegeError(f"{path}:{n} is not valid JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise ProtegeError(f'{path}:{n} must be an object such as {{"en": ..., "zh": ...}}')
+    for n, record in jsonl_objects(path):
         missing = [
             lang for lang in languages if not (isinstance(record.get(lang), str) and record[lang].strip())
         ]

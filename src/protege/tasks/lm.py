@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -81,6 +80,7 @@ from torch.utils.data import Dataset
 
 from ..data.splits import DataSplits
 from ..errors import ProtegeError, closest
+from ..files import jsonl_objects
 from ..losses.sequence import IGNORE_INDEX, TopKLogProbs, cached_buckets
 from .base import Evaluator, Outputs, Task
 
@@ -696,16 +696,7 @@ def _read_text(root: Path) -> list[dict[str, Any]]:
 def _read_jsonl(root: Path) -> list[dict[str, Any]]:
     records = []
     for path in _files(root, ".jsonl"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProtegeError(f"{path}:{n} is not valid JSON: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise ProtegeError(f"{path}:{n} must hold a JSON object, not {type(record).__name__}")
-            records.append(record)
+        records += [record for _, record in jsonl_objects(path)]
     if not records:
         raise ProtegeError(f"{root} holds no JSON record")
     return records
