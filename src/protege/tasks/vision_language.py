@@ -84,8 +84,10 @@ class CaptionedImages(Dataset):
     """The images of ``base`` whose class is in ``classes`` (original indices, in class-set order),
     each as a dict with its class index *within the set*, the set's name and one caption per language.
 
-    The caption of sample ``i`` is drawn from ``random.Random(caption_seed * 1_000_003 + i)``: the
-    same every epoch and every run (a resumed run sees the same batches)."""
+    The captions of the source's sample ``j`` are drawn from ``random.Random(caption_seed * 1_000_003
+    + j)`` (the same seed in every language), its ``text_mix`` language from the seed ``+ 1``, its
+    parallel pair is ``parallel[(j * 7919 + caption_seed) % len(parallel)]``: the same every epoch and
+    every run (a resumed run sees the same batches)."""
 
     def __init__(
         self,
@@ -107,7 +109,6 @@ class CaptionedImages(Dataset):
         where = {c: i for i, c in enumerate(self.classes)}
         labels = _labels(base)
         self.items = [(i, where[int(y)]) for i, y in enumerate(labels) if int(y) in where]
-        self._where = where
 
     def __len__(self) -> int:
         return len(self.items)
