@@ -561,6 +561,10 @@ def merge_shard(gt: GroundTruth, path: Path) -> None:
     path.unlink()
 
 
+#: mean CE accuracy below which an arch counts as one that never learns (10 classes: chance 10 %)
+CHANCE_MARGIN = 0.2
+
+
 def summarize_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     """Per space: accuracies, the noise ceiling (τ between seeds), τ between KD and CE rankings."""
     out: dict[str, Any] = {"teacher": gt.data.get("teacher")}
@@ -581,6 +585,19 @@ def summarize_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
                 "train_s_median": _median_time(gt, space_name, mode),
             }
         kd, ce = gt.accs(space_name, ids, "kd", args.seeds), gt.accs(space_name, ids, "ce", args.seeds)
+        # archs that never learn (NB201 cells whose ops cut the input from the output) separate from
+        # the rest by tens of points and make any ANOVA "significant": the test again without them
+        dead = sorted(a for a, v in ce.items() if v < CHANCE_MARGIN)
+        if dead:
+            row["without_dead"] = {"excluded": dead} | {
+                mode: _anova(
+                    [
+                        {a: v for a, v in p.items() if a not in dead}
+                        for p in (_seed_accs(gt, space_name, ids, mode, s) for s in range(args.seeds))
+                    ]
+                )
+                for mode in ("kd", "ce")
+            }
         both = sorted(set(kd) & set(ce))
         row["kd_vs_ce"] = correlate(kd, ce) if len(both) >= 3 else None
         row["kd_gain_mean"] = statistics.fmean(kd[a] - ce[a] for a in both) if both else None
@@ -694,6 +711,15 @@ def gt_table(summary: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     if spreads:
         lines += ["", "Spread (std): " + "; ".join(spreads)]
+    for space in args.spaces:
+        w = (summary.get(space) or {}).get("without_dead")
+        if w and w.get("kd") and w.get("ce"):
+            lines += [
+                "",
+                f"{space} without the {len(w['excluded'])} archs at chance (mean CE accuracy < "
+                f"{100 * CHANCE_MARGIN:.0f} %): ANOVA p KD / CE {w['kd']['p']:.2g} / {w['ce']['p']:.2g}, "
+                f"ICC {w['kd']['icc']:.2f} / {w['ce']['icc']:.2f}, {w['kd']['archs']} archs",
+            ]
     if teacher.get("acc") is not None:
         lines += [
             "",
