@@ -550,3 +550,21 @@ def test_teacher_output_cache_is_refused(fm_root: Path, tmp_path: Path, monkeypa
         code, err = run_cli(monkeypatch, capsys, command, str(cfg))
         assert code == 2 and "does not cover the vision_language task" in err, (command, err)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs" / "cached").exists()
+
+
+def test_the_vision_language_configs_validate() -> None:
+    from protege.config import load_config
+
+    folder = Path(__file__).parent.parent / "configs" / "vision_language"
+    configs = sorted(folder.glob("*.yaml"))
+    assert {p.name for p in configs} >= {
+        "teacher-minilm.yaml",
+        "vlm-ood.yaml",
+        "teacher-use.yaml",
+        "dc-clip.yaml",
+    }
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.task == "vision_language", path.name
+    dc = load_config(folder / "dc-clip.yaml")
+    assert [st.name for st in dc.stages] == ["distill", "align"]

@@ -582,8 +582,15 @@ def methods() -> None:
         table.add_column(col)
     for info in list_losses():
         params = ", ".join(f"{k}={v}" for k, v in {**info.params, **info.state_params}.items())
+        keys = [",".join(k) if isinstance(k, tuple) else k for k in info.default_keys]
+        shown = (
+            ""
+            if keys == ["logits", "logits"]
+            else f" [{keys[0]}" + (f" → {keys[1]}]" if info.uses_teacher else "]")
+        )
         reads = (
             info.reads
+            + shown
             + (" + labels" if info.uses_target else "")
             + ("" if info.uses_teacher else " (no teacher)")
             + (f"; teacher → {info.teacher_reduction.name}" if info.teacher_reduction else "")
