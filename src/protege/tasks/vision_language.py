@@ -396,14 +396,13 @@ class VisionLanguageTask(Task):
         memo = self._text_memo.setdefault(model, {})
         device = str(_device(model))
         todo = list(dict.fromkeys(t for t in texts if (t, device) not in memo))
+        if len(memo) + len(todo) > TEXT_MEMO_LIMIT:  # unbounded text (a corpus): keep no more
+            memo.clear()
+            with torch.no_grad():
+                return model.encode_text(texts).detach()
         if todo:
             with torch.no_grad():
-                fresh = dict(zip(todo, model.encode_text(todo).detach()))
-            if len(memo) + len(fresh) > TEXT_MEMO_LIMIT:  # unbounded text (a corpus): keep no more
-                memo.clear()
-                with torch.no_grad():
-                    return model.encode_text(texts).detach()
-            memo.update({(t, device): e for t, e in fresh.items()})
+                memo.update({(t, device): e for t, e in zip(todo, model.encode_text(todo).detach())})
         return torch.stack([memo[(t, device)] for t in texts])
 
     def forward(self, model: nn.Module, inputs: Any) -> Outputs:
