@@ -159,6 +159,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--teacher-depths", default="9,9,9", help="teacher blocks per stage (ResNet-56: 9,9,9)")
     ap.add_argument("--teacher-widths", default=None, help="teacher channels (default: --widths)")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default 30")
+    ap.add_argument(
+        "--teacher-train-size",
+        type=int,
+        default=None,
+        help="fashion-mnist: training images the teacher is trained on (default --train-size; drawn from "
+        "the same training pool, never from the validation or test images); a teacher trained on more "
+        "data than its students leaves KD room to rank them",
+    )
     ap.add_argument("--batches", type=int, default=None, help="proxy batches/replicates (default 5)")
     ap.add_argument("--proxy-batch-size", type=int, default=None, help="default 64")
     ap.add_argument("--proxies", default=None, help="comma list of proxies (default: list_proxies())")
@@ -255,6 +263,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "depths": _ints(args.teacher_depths),
             "widths": _ints(args.teacher_widths),
             "epochs": args.teacher_epochs,
+            **({"train_size": args.teacher_train_size} if args.teacher_train_size else {}),
         },
         "nb201_seed": args.nb201_seed,
         "accuracy": "test split, last epoch",
@@ -270,6 +279,8 @@ def data_spec(args: argparse.Namespace) -> dict[str, Any]:
     if any(v is not None for v in sizes.values()):
         if args.dataset != "fashion-mnist":
             raise SystemExit("--train-size, --val-size and --test-size apply to --dataset fashion-mnist only")
+    if args.teacher_train_size is not None and args.dataset != "fashion-mnist":
+        raise SystemExit("--teacher-train-size applies to --dataset fashion-mnist only")
         spec.setdefault("options", {}).update({k: v for k, v in sizes.items() if v is not None})
     return spec
 
@@ -393,6 +404,9 @@ def teacher_spec(args: argparse.Namespace) -> dict[str, Any]:
 def train_teacher(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
     """Train the teacher once (CE); its spec with ``weights`` pointing at the run."""
     cfg = base_config(args, "teacher", 0, args.teacher_epochs) | {"student": teacher_spec(args)}
+    if args.teacher_train_size:
+        options = {**cfg["data"].get("options", {}), "train_size": args.teacher_train_size}
+        cfg["data"] = {**cfg["data"], "options": options}
     t0 = time.perf_counter()
     summary = run_one(cfg, "train")
     if gt.data.get("teacher") is None:

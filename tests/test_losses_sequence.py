@@ -232,6 +232,41 @@ def test_minilm_matches_loops_with_grouped_query_keys() -> None:
         minilm([t64(sq), t64(sk), t64(sv)], [t64(tq), t64(tk), t64(tv)], torch.tensor(y), heads=5)
 
 
+def test_minilm_bidirectional_matches_loops_and_ignores_padding() -> None:
+    """causal=False (MiniLM on an encoder): every kept position is a key; padding is neither."""
+    y = np.zeros((2, 5), dtype=np.int64)
+    y[1, 3:] = IGNORE_INDEX  # the second text is two tokens shorter (right padding)
+    tq, tk, tv = rand(2, 5, 8, seed=20), rand(2, 5, 8, seed=21), rand(2, 5, 8, seed=22)
+    sq, sk, sv = rand(2, 5, 4, seed=23), rand(2, 5, 4, seed=24), rand(2, 5, 4, seed=25)
+    heads = 2
+
+    def full(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:  # (heads, n, n) over the first n tokens
+        d = a.shape[1] // heads
+        out = np.zeros((heads, n, n))
+        for h in range(heads):
+            for i in range(n):
+                scores = [a[i, h * d : (h + 1) * d] @ b[j, h * d : (h + 1) * d] / math.sqrt(d) for j in range(n)]
+                out[h, i] = softmax(np.array(scores))
+        return out
+
+    expected = 0.0
+    for a_s, b_s, a_t, b_t in ((sq, sk, tq, tk), (sv, sv, tv, tv)):
+        vals = []
+        for b, n in ((0, 5), (1, 3)):
+            rs, rt = full(a_s[b], b_s[b], n), full(a_t[b], b_t[b], n)
+            vals += [np.mean([kl(rt[h, i], rs[h, i]) for h in range(heads)]) for i in range(n)]
+        expected += float(np.mean(vals))
+    args = ([t64(sq), t64(sk), t64(sv)], [t64(tq), t64(tk), t64(tv)], torch.tensor(y))
+    got = minilm(*args, heads=heads, causal=False)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert minilm(*args, heads=heads).item() != pytest.approx(expected, rel=1e-3)  # causal differs
+    # what padding holds does not matter
+    noisy = [t.clone() for t in args[0]]
+    for t in noisy:
+        t[1, 3:] += 100.0
+    assert minilm(noisy, args[1], args[2], heads=heads, causal=False).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_registry_entries() -> None:
     for name in ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "hidden_mse", "hidden_cosine", "minilm"):
         info = get_loss(name)

@@ -489,8 +489,9 @@ def _heads(x: Tensor, width: int, who: str) -> Tensor:
     return x.reshape(b, length, d // width, width).transpose(1, 2)
 
 
-def _relation_logp(a: Tensor, b: Tensor, heads: int, who: str) -> Tensor:
-    """Causal ``log softmax(A_h B_h^T / sqrt(d_h))`` per relation head: ``(B, heads, L, L)``.
+def _relation_logp(a: Tensor, b: Tensor, heads: int, who: str, keys: Tensor | None = None) -> Tensor:
+    """``log softmax(A_h B_h^T / sqrt(d_h))`` per relation head: ``(B, heads, L, L)``; causal when
+    ``keys`` is ``None``, else over the positions ``keys`` ``(B, L)`` marks (a bidirectional encoder).
 
     ``A`` splits into ``heads`` heads of width ``d_h``; ``B`` into heads of the same width, repeated to
     ``heads`` (grouped-query attention, where keys and values have fewer heads than queries).
@@ -506,9 +507,12 @@ def _relation_logp(a: Tensor, b: Tensor, heads: int, who: str) -> Tensor:
         )
     hb = hb.repeat_interleave(heads // hb.shape[1], dim=1)
     scores = ha @ hb.transpose(-1, -2) / math.sqrt(width)
-    length = scores.shape[-1]
-    future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
-    return F.log_softmax(scores.masked_fill(future, torch.finfo(scores.dtype).min), dim=-1)
+    if keys is not None:
+        hidden = ~keys[:, None, None, :]  # (B, 1, 1, L): padding is no key
+    else:
+        length = scores.shape[-1]
+        hidden = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+    return F.log_softmax(scores.masked_fill(hidden, torch.finfo(scores.dtype).min), dim=-1)
 
 
 @register_loss(
@@ -525,6 +529,7 @@ def minilm(
     target: Tensor,
     heads: int = 1,
     relations: Sequence[str] = ("qk", "vv"),
+    causal: bool = True,
 ) -> Tensor:
     r"""MiniLM self-attention distillation: attention distributions and value relations, per token.
 
@@ -545,6 +550,10 @@ def minilm(
     repeated as the attention does. The projections are read before rotary position embedding, so
     ``qk`` is the content part of a LLaMA-style attention. Batches must be right-padded (padding is
     then never an earlier position of a kept one), as :class:`protege.tasks.lm.LMTask` batches are.
+
+    ``causal=False`` is the original MiniLM's bidirectional encoder (BERT, a sentence encoder): row
+    ``i`` covers every kept position ``j``; padding (``target_j == -100``) is neither query nor key, as
+    the token mask of :class:`protege.tasks.embedding.EmbeddingTask` batches marks it.
     """
     if len(student_qkv) != 3 or len(teacher_qkv) != 3:
         raise ValueError(
@@ -571,8 +580,9 @@ def minilm(
     total = student_qkv[0].new_zeros(())
     for rel in relations:
         a, b = rel
-        log_s = _relation_logp(s_map[a], s_map[b], int(heads), "student")
-        log_t = _relation_logp(t_map[a], t_map[b], int(heads), "teacher")
+        keys = None if causal else keep
+        log_s = _relation_logp(s_map[a], s_map[b], int(heads), "student", keys)
+        log_t = _relation_logp(t_map[a], t_map[b], int(heads), "teacher", keys)
         rows_s = log_s.transpose(1, 2)[keep]  # (n, heads, L)
         rows_t = log_t.transpose(1, 2)[keep]
         total = total + _mean(_kl(rows_t, rows_s).mean(-1))
