@@ -705,6 +705,13 @@ _WHAT_TASK = {
         "t2i": "caption → image recall (a hit: an image of the caption's class)",
     },
     "lm": {"acc": "next-token top-1 accuracy", "nll": "next-token NLL, nats"},
+    "embedding": {
+        "cos": "mean cosine, student vs teacher embedding of each held-out text",
+        "cos_mapped": "mean cosine after a linear map into the teacher's space (2-fold cross-fitted)",
+        "knn10": "overlap of each held-out text's top-10 neighbours, student vs teacher",
+        "spearman": "Spearman's rho of pairwise cosine similarities, student vs teacher",
+        "n_texts": "held-out texts measured",
+    },
 }
 
 
@@ -718,9 +725,10 @@ def _natural(key: str) -> tuple[Any, ...]:
 
 def _is_share(key: str) -> bool:
     """Whether a metric is a share in [0, 1] (shown as a percentage)."""
-    base = key.partition(":")[0].removeprefix("teacher_")
+    base = key.partition(":")[0].removeprefix("teacher_").removeprefix("teacher/")
     return (
-        base in ("acc", "agreement")
+        base in ("acc", "agreement", "knn10")
+        or base.startswith("probe/")
         or re.fullmatch(r"top\d+|zs_\w+|fewshot_\w+@\d+|[it]2[ti]_r\d+", base) is not None
     )
 
@@ -743,6 +751,9 @@ def _what(task: str, key: str) -> str:
         text = own.get(m[1], "").replace("k per class", f"{m[2]} per class")
     elif m := re.fullmatch(r"([it]2[ti])_r(\d+)", base):
         text = own.get(m[1], "") and f"{own[m[1]]}, R@{m[2]}"
+    elif m := re.fullmatch(r"(teacher/)?probe/(\w+)", base):
+        who = "the teacher's" if m[1] else "the student's"
+        text = f"logistic-regression probe on {who} frozen embeddings: {m[2]} accuracy (held-out texts)"
     else:
         text = own.get(base) or _WHAT.get(base, "")
     return f"{text} ({lang})" if text and lang else text

@@ -20,11 +20,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-#: a model's input: one tensor, or keyword tensors (``model(**example)``, e.g. an LM's input_ids and mask)
-Example = torch.Tensor | Mapping[str, torch.Tensor]
+#: a model's input: one tensor, keyword tensors (``model(**example)``, e.g. an LM's input_ids and
+#: mask), or a list of texts (a sentence encoder, which tokenizes inside)
+Example = torch.Tensor | Mapping[str, torch.Tensor] | list[str]
 
 
 def _to(example: Example, device: torch.device) -> Example:
+    if isinstance(example, list):
+        return example
     if isinstance(example, Mapping):
         return {k: v.to(device) for k, v in example.items()}
     return example.to(device)
@@ -151,3 +154,42 @@ def model_costs(
                 if latency:
                     cost["speedup"] = teacher["latency"]["ms"] / cost["latency"]["ms"]
     return costs
+
+
+def text_throughput(
+    models: Mapping[str, nn.Module],
+    texts: list[str],
+    batch_sizes: tuple[int, ...] = (1, 64),
+    threads: tuple[int | None, ...] = (1, None),
+    max_seconds: float = 10.0,
+    iters: int = 30,
+) -> dict[str, dict[str, float]]:
+    """Sentences per second of text models (``model(list_of_texts)``), measured side by side.
+
+    For each thread count (``None``: all of ``torch.get_num_threads()`` at call time) and batch size,
+    the models encode the same ``batch`` texts (the first of ``texts``, cycled) in turn, round after
+    round (:func:`measure_latencies`), so a busy machine slows all of them alike. Returns
+    ``{model: {"t1_b1": sentences/s, "t1_b64": …, "tall_b1": …, …}}`` and, with a ``"teacher"``
+    among ``models``, ``"speedup_t1_b1"`` … (the teacher's time / the model's) for the others.
+    """
+    if not texts:
+        raise ValueError("text_throughput needs at least one text")
+    all_threads = torch.get_num_threads()
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    try:
+        for n in threads:
+            torch.set_num_threads(all_threads if n is None else n)
+            tag = "tall" if n is None else f"t{n}"
+            for b in batch_sizes:
+                batch = [texts[i % len(texts)] for i in range(b)]
+                lat = measure_latencies(models, batch, warmup=2, iters=iters, max_seconds=max_seconds)
+                for name, m in lat.items():
+                    out[name][f"{tag}_b{b}"] = b / (m["ms"] / 1000.0)
+    finally:
+        torch.set_num_threads(all_threads)
+    if "teacher" in out:
+        for name, row in out.items():
+            if name != "teacher":
+                for key in list(row):
+                    row[f"speedup_{key}"] = row[key] / out["teacher"][key]
+    return out

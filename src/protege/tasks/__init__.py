@@ -5,11 +5,13 @@ from typing import Any
 from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
+from .embedding import EmbeddingTask
 from .lm import LMTask
 from .vision_language import VisionLanguageTask
 
 _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
+    "embedding": EmbeddingTask,
     "lm": LMTask,
     "vision_language": VisionLanguageTask,
 }
@@ -26,4 +28,4 @@ def build_task(name: str, data: Any = None) -> Task:
     return task
 
 
-__all__ = ["ClassificationTask", "Evaluator", "LMTask", "Outputs", "Task", "VisionLanguageTask", "build_task"]
+__all__ = ["ClassificationTask", "EmbeddingTask", "Evaluator", "LMTask", "Outputs", "Task", "VisionLanguageTask", "build_task"]
