@@ -316,10 +316,17 @@ def use_lm_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
 
 
 def _no_vl_cache(data: Any) -> None:
-    """A teacher-output cache holds per-sample logits and taps; a vision-language teacher's outputs
-    (image, caption and class embeddings) are not in that format yet: refused, not half-supported."""
-    if getattr(data, "task", None) == "vision_language":
+    """A teacher-output cache holds per-sample logits and taps of images or token sequences; a
+    vision-language teacher's outputs (image, caption and class embeddings) and a sentence encoder's
+    text embeddings are not in that format yet: refused, not half-supported."""
+    task = getattr(data, "task", None)
+    if task == "vision_language":
         raise ProtegeError(
             "a teacher-output cache does not cover the vision_language task yet: remove `cache:` (the "
             "teacher then runs online; a frozen text tower already encodes each distinct caption once)"
+        )
+    if task == "embedding":
+        raise ProtegeError(
+            "a teacher-output cache does not cover the embedding task yet: remove `cache:` (the teacher "
+            "then encodes each batch online)"
         )
