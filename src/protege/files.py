@@ -85,8 +85,13 @@ def atomic_save_tensors(
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of a ``.jsonl`` file; a line that is not
-    JSON, or not a JSON object, is a :class:`ProtegeError` naming ``path:line``."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    JSON, or not a JSON object, is a :class:`ProtegeError` naming ``path:line``, and so is a file
+    that is not UTF-8 text."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ProtegeError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

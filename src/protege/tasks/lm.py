@@ -79,8 +79,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.splits import DataSplits
+from ..data.text import hf_records, jsonl_records, text_documents
 from ..errors import ProtegeError, closest
-from ..files import jsonl_objects
 from ..losses.sequence import IGNORE_INDEX, TopKLogProbs, cached_buckets
 from .base import Evaluator, Outputs, Task
 
@@ -680,35 +680,6 @@ class _Fields:
         )
 
 
-def _files(root: Path, suffix: str) -> list[Path]:
-    if root.is_file():
-        return [root]
-    files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
-    if not files:
-        raise ProtegeError(f"no {suffix} file under {root}")
-    return files
-
-
-def _read_text(root: Path) -> list[dict[str, Any]]:
-    return [{"text": p.read_text(encoding="utf-8")} for p in _files(root, ".txt")]
-
-
-def _read_jsonl(root: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in _files(root, ".jsonl"):
-        records += [record for _, record in jsonl_objects(path)]
-    if not records:
-        raise ProtegeError(f"{root} holds no JSON record")
-    return records
-
-
-def _read_hf(root: Path) -> dict[str, list[dict[str, Any]]]:
-    from ..data.sources import open_saved_dataset
-
-    _, splits, _ = open_saved_dataset(root, "protege[llm]")
-    return {split: ds.to_list() for split, ds in splits.items()}
-
-
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -878,9 +849,9 @@ def load_lm_data(
     val_fraction, test_fraction = float(data.get("val_fraction", 0.1)), float(data.get("test_fraction", 0.2))
     seed = int(data.get("split_seed", 0))
     given = (
-        _read_hf(root)
+        hf_records(root, "protege[llm]")
         if source == "hf"
-        else {"train": (_read_text if source == "text" else _read_jsonl)(root)}
+        else {"train": (text_documents if source == "text" else jsonl_records)(root)}
     )
     splits = {
         name: _examples(tokenizer, records, fields, block_size, max_length, f"{root} ({name})")
