@@ -170,9 +170,10 @@ def load_embedding_data(
     val_size = _positive(options, "val_size", 500)
     eval_size = _positive(options, "eval_size", 3000)
     read_kw: dict[str, Any] = {}
-    for key in ("unit", "text_field", "label_fields"):
+    for key in ("unit", "text_field", "label_fields", "min_chars"):
         if key in options:
-            read_kw[key] = list(options[key]) if key == "label_fields" else str(options[key])
+            value = options[key]
+            read_kw[key] = list(value) if key == "label_fields" else value if key == "min_chars" else str(value)
 
     entries: list[str] = []
     if source == "corpora":
