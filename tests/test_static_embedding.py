@@ -201,6 +201,8 @@ def test_static_like_builds_the_same_model_without_the_teacher_pass(tiny):
     assert tokens_of(like) == tokens_of(made) and like.dim == 8 and not like.embedding.weight.any()
     like.load_state_dict(made.state_dict())
     torch.testing.assert_close(like.encode(TEXTS), made.encode(TEXTS))
+    config = json.loads(json.dumps(made.config_dict()))  # JSON-able
+    assert config["kind"] == "static" and config["dim"] == 8 and config["vocab_size"] == made.vocab_size
 
 
 def test_vocabulary_subset_shrinks_the_tokenizer(tiny):
@@ -381,4 +383,3 @@ def test_save_leaves_nothing_half_written(tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_static(model, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
-    assert isinstance(json.loads(json.dumps(model.config_dict())), dict)
