@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtegeError
 from ..files import creatable_dir_problem, fsync_dir, replace_dir, staged_dir, storable, write_durable
+from .embedding import SentenceEmbedder
 
 __all__ = [
     "FORMATS",
@@ -99,7 +100,7 @@ TokenVectors = Callable[[Tensor, Tensor], Tensor]
 # --------------------------------------------------------------------------- the model
 
 
-class StaticEmbedder(nn.Module):
+class StaticEmbedder(SentenceEmbedder):
     """A static sentence encoder: the (optionally L2-normalised) mean of the text's token vectors.
 
     Args:
@@ -113,6 +114,7 @@ class StaticEmbedder(nn.Module):
     """
 
     kind = "static"
+    add_special_tokens = False
 
     def __init__(
         self,
@@ -136,7 +138,6 @@ class StaticEmbedder(nn.Module):
         self.dim = int(dim)
         self.max_length = int(max_length)
         self.normalize = bool(normalize)
-        self.truncated = 0
         self.info: dict[str, Any] = dict(info or {})
         self.unk_id = _unk_id(backend)
         self.embedding = nn.Embedding(size, self.dim)
@@ -195,12 +196,9 @@ class StaticEmbedder(nn.Module):
             pooled = F.normalize(pooled, dim=-1)  # the zero vector stays zero
         return {"embedding": pooled, "token_embeddings": tokens, "attention_mask": mask}
 
-    def encode(self, texts: Sequence[str]) -> Tensor:
-        """``(N, dim)`` sentence vectors (float32)."""
-        return self.features(texts)["embedding"]
-
-    def forward(self, texts: Sequence[str]) -> Tensor:
-        return self.encode(texts)
+    def save(self, directory: Path) -> None:
+        """The folder model2vec and sentence-transformers both load (:func:`save_static`, float32)."""
+        save_static(self, directory)
 
     def config_dict(self) -> dict[str, Any]:
         """What this model is (JSON-able): kind, sizes, normalisation, token limit, initialisation."""

@@ -440,7 +440,7 @@ class EmbeddingTask(Task):
         return out
 
     def eval_outputs(self) -> tuple[str, ...]:
-        return ("embedding", "labels", "fold")
+        return ("logits", "embedding", "labels", "fold")
 
     def evaluator(self, with_teacher: bool) -> Evaluator:
         return EmbeddingEvaluator(self.data.probes if self.data is not None else [], with_teacher)
@@ -448,10 +448,56 @@ class EmbeddingTask(Task):
     def export(
         self, model: nn.Module, data: Any, directory: Path, spec: Mapping[str, Any] | None = None
     ) -> bool:
-        from ..models.embedding import save_embedder
+        from ..models.embedding import SentenceEmbedder, save_embedder
 
+        if not isinstance(model, SentenceEmbedder):
+            return False
         save_embedder(model, directory)
+        texts = list(getattr(getattr(data, "test", None), "texts", [])[:16]) or PARITY_TEXTS
+        check_export(model, Path(directory), texts)
         return True
+
+
+#: texts an export is checked on when the run's data gives none
+PARITY_TEXTS = ["A short sentence.", "Distillation keeps what the teacher knows in a smaller model."]
+#: a re-loaded export must give the student's vectors up to float rounding
+EXPORT_TOLERANCE = 1e-4
+
+
+def check_export(model: nn.Module, directory: Path, texts: Sequence[str]) -> dict[str, float]:
+    """Load ``directory`` with sentence-transformers (and, for a static model, model2vec) and compare
+    their vectors of ``texts`` with ``model``'s; a difference above :data:`EXPORT_TOLERANCE` raises
+    (the export does not reproduce the student). Libraries that are not installed are skipped.
+    Returns the largest difference per library."""
+    import importlib.util
+
+    texts = list(texts)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = model.encode(texts).detach().float().cpu()
+    finally:
+        model.train(was)
+    diffs: dict[str, float] = {}
+    if importlib.util.find_spec("sentence_transformers") is not None:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(directory), device="cpu")
+        theirs = torch.as_tensor(st.encode(texts, convert_to_numpy=True)).float()
+        diffs["sentence-transformers"] = float((ours - theirs).abs().max())
+    if getattr(model, "kind", "") == "static" and importlib.util.find_spec("model2vec") is not None:
+        from model2vec import StaticModel
+
+        theirs = torch.as_tensor(StaticModel.from_pretrained(str(directory)).encode(texts)).float()
+        diffs["model2vec"] = float((ours - theirs).abs().max())
+    bad = {k: v for k, v in diffs.items() if not v <= EXPORT_TOLERANCE}
+    if bad:
+        raise ProtegeError(
+            f"the exported model in {directory.name} does not reproduce the student "
+            f"(max |Δ| {bad}); nothing was written. Report this"
+        )
+    return diffs
 
 
 def _report_truncation(teacher: nn.Module, splits: EmbeddingDataSplits) -> None:
