@@ -239,7 +239,7 @@ def main() -> None:
 
 
 def load_export(path: Path) -> nn.Module:
-    from protege.models.embedding import load_embedder
+    from protege.models.embedding_io import load_embedder
 
     return load_embedder(path).eval()
 

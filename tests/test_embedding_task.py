@@ -121,6 +121,10 @@ def test_transformer_student_distills_and_exports_a_sentence_transformer(
     assert losses[-1] < losses[0]  # it learns
     model_dir = cfg.run_dir / "model"
     st = SentenceTransformer(str(model_dir), device="cpu")
+    from protege.models.embedding import TransformerEmbedder
+    from protege.models.embedding_io import load_embedder
+
+    assert isinstance(load_embedder(model_dir), TransformerEmbedder)
     student = load_run(cfg.run_dir, "best").student.eval()
     texts = ["the red river near the city", "a quiet stone garden"]
     with torch.no_grad():
@@ -147,9 +151,12 @@ def test_static_student_trains_through_an_adapter_and_exports_for_model2vec(
     assert "cos_mapped" in summary["test"]["last"] and "cos" not in summary["test"]["last"]  # 16-d vs 32-d
     m2v = StaticModel.from_pretrained(str(cfg.run_dir / "model"))
     assert m2v.dim == 16
-    from protege.models.static_embedding import load_static
+    from protege.models.embedding_io import load_embedder
+    from protege.models.static_embedding import StaticEmbedder
 
-    ours = load_static(cfg.run_dir / "model").encode(["the blue stone near the river"])
+    loaded = load_embedder(cfg.run_dir / "model")  # the folder says which kind it is
+    assert isinstance(loaded, StaticEmbedder)
+    ours = loaded.encode(["the blue stone near the river"])
     assert torch.allclose(ours, torch.as_tensor(m2v.encode(["the blue stone near the river"])), atol=1e-5)
 
 

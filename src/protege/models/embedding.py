@@ -251,33 +251,6 @@ def save_embedder(model: SentenceEmbedder, directory: str | os.PathLike[str]) ->
     model.save(Path(directory).expanduser())
 
 
-def is_static_folder(directory: Path) -> bool:
-    """Whether ``directory`` holds a static model (model2vec's ``config.json``, or a
-    sentence-transformers ``modules.json`` whose first module is a ``StaticEmbedding``)."""
-    config, modules = directory / "config.json", directory / "modules.json"
-    try:
-        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "model2vec":
-            return True
-        if modules.is_file():
-            first = json.loads(modules.read_text(encoding="utf-8"))[0]
-            return "StaticEmbedding" in str(first.get("type", ""))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, IndexError, AttributeError, KeyError):
-        return False
-    return False
-
-
-def load_embedder(directory: str | os.PathLike[str], max_length: int | None = None) -> SentenceEmbedder:
-    """A saved sentence-embedding model: a static one (:func:`protege.models.static_embedding.load_static`:
-    protege's, model2vec's or a sentence-transformers ``StaticEmbedding`` folder) or a Transformer one
-    (:func:`load_sentence_encoder`)."""
-    path = Path(directory).expanduser()
-    if path.is_dir() and is_static_folder(path):
-        from .static_embedding import load_static
-
-        return load_static(path)
-    return load_sentence_encoder(path, max_length=max_length)
-
-
 # --------------------------------------------------------------------------- Transformer encoders
 
 

@@ -505,7 +505,7 @@ def _report_truncation(teacher: nn.Module, splits: EmbeddingDataSplits) -> None:
     import sys
 
     texts = splits.train.texts  # type: ignore[attr-defined]
-    lengths = [len(ids) for ids in teacher.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    lengths = [len(ids) for ids in teacher.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
     over = sum(n > splits.max_length for n in lengths)
     splits.options["truncated_train_texts"] = int(over)
     if over:
