@@ -193,6 +193,7 @@ def test_minilm_relations_on_encoder_taps(tiny_teacher: Path) -> None:
         ({"teacher": {"model": "sentence_encoder", "kwargs": {"path": "MISSING"}}}, "sentence encoder"),
         ({"student": {"model": "resnet20"}}, "task embedding builds models"),
         ({"cache": {"path": "CACHE"}}, "does not cover the embedding task"),
+        ({"student": {"model": "static", "kwargs": {"dim": 8, "tokenizer": "TOKENIZER"}}}, "another vocabulary"),
     ],
 )
 def test_bad_input_exits_2_without_writing(
@@ -204,7 +205,7 @@ def test_bad_input_exits_2_without_writing(
                [{"loss": "cosine"}], epochs=1)
     for key, value in change.items():
         value = json.loads(json.dumps(value).replace("MISSING", str(tmp_path / "missing")).replace(
-            "CACHE", str(tmp_path / "cache")))
+            "CACHE", str(tmp_path / "cache")).replace("TOKENIZER", str(_other_tokenizer(tmp_path))))
         cfg[key] = value
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -214,6 +215,17 @@ def test_bad_input_exits_2_without_writing(
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "emb" / "summary.json").exists()
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+def _other_tokenizer(tmp_path: Path) -> Path:
+    """A WordPiece tokenizer with a 6-token vocabulary: not the teacher's."""
+    from transformers import BertTokenizerFast
+
+    d = tmp_path / "other-tok"
+    d.mkdir(exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the"]))
+    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(d)
+    return d
 
 
 def test_empty_text_file_is_refused(tmp_path: Path) -> None:

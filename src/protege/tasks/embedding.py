@@ -309,6 +309,8 @@ def build_embedding_model(
                 "sentence_encoder)"
             )
         teacher = build_embedding_model(str(reference["model"]), None, reference.get("kwargs") or {}, None)
+        if "tokenizer" in kwargs:
+            _same_tokenizer(teacher, kwargs.pop("tokenizer"), name)
         if name == "teacher":
             model = _call(emb.transformer_student, teacher, kwargs, "a Transformer student (model: teacher)")
         else:
@@ -322,6 +324,23 @@ def build_embedding_model(
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def _same_tokenizer(teacher: nn.Module, given: Any, name: str) -> None:
+    """A student initialised from the teacher reads the teacher's token ids: another tokenizer is refused."""
+    from transformers import AutoTokenizer
+
+    try:
+        other = AutoTokenizer.from_pretrained(str(given), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ProtegeError(f"kwargs.tokenizer {given!r}: cannot load a tokenizer from it ({e})") from None
+    if other.get_vocab() != teacher.tokenizer.get_vocab():
+        raise ProtegeError(
+            f"model {name!r} is initialised from the teacher, whose embeddings are indexed by the teacher's "
+            f"tokenizer ({len(teacher.tokenizer.get_vocab())} tokens); kwargs.tokenizer {given!r} has another "
+            f"vocabulary ({len(other.get_vocab())} tokens). Remove kwargs.tokenizer (the student uses the "
+            "teacher's), or train a student with its own tokenizer from scratch"
+        )
 
 
 def _call(fn: Any, teacher: nn.Module, kwargs: Mapping[str, Any], what: str) -> nn.Module:
