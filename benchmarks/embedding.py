@@ -45,6 +45,7 @@ import protege as pg
 from protege.config import load_config
 from protege.engine import evaluate, make_loader
 from protege.metrics.cost import count_params, text_throughput
+from protege.pipeline import load_run
 from protege.tasks import build_task
 from protege.tasks.embedding import build_embedding_model
 
@@ -150,6 +151,10 @@ def main() -> None:
     splits = task.load_data(data_section(args), [TEACHER], [])
     loader = make_loader(splits.test, 64, shuffle=False)
     teacher = build_embedding_model("minilm", None, {}, None).eval()
+    tcache: list[torch.Tensor] = []  # the teacher's test-split vectors, computed once for every row
+
+    def score(model: nn.Module) -> dict[str, float]:
+        return evaluate(model, loader, task, [teacher], teacher_cache=tcache)
     results: dict[str, Any] = {
         "settings": vars(args) | {"sizes": splits.sizes(), "data": splits.options},
         "rows": {},
@@ -168,7 +173,7 @@ def main() -> None:
         print(f"{row}: {shown} {extra}", flush=True)
 
     if want("teacher"):
-        m = evaluate(teacher, loader, task, [teacher])
+        m = score(teacher)
         record("teacher", m, params=count_params(teacher))
 
     if want("model2vec"):
@@ -186,7 +191,7 @@ def main() -> None:
             wall = json.loads((path / "protege-wall.json").read_text())["wall_s"]
             model = Model2VecModel(StaticModel.from_pretrained(str(path)))
             row = f"model2vec d={d}"
-            record(row, evaluate(model, loader, task, [teacher]), wall_s=wall, params=int(model.m2v.embedding.size))
+            record(row, score(model), wall_s=wall, params=int(model.m2v.embedding.size))
             models[row] = model
             sizes[row] = dir_size(path)
 
@@ -197,7 +202,7 @@ def main() -> None:
             model = build_embedding_model("static", None, spec["kwargs"], TEACHER).eval()
             wall = time.perf_counter() - t0
             row = f"static init d={d}"
-            record(row, evaluate(model, loader, task, [teacher]), wall_s=wall, params=count_params(model))
+            record(row, score(model), wall_s=wall, params=count_params(model))
             models[row] = model
             path = out_dir / f"static-init-{d}"
             if not path.exists():
@@ -209,8 +214,21 @@ def main() -> None:
             ]
             row = f"static trained d={d}"
             add_trained(results, row, summaries, args)
-            models[row] = load_export(Path(args.output_dir) / f"static-{d}-s0" / "model")
-            sizes[row] = dir_size(Path(args.output_dir) / f"static-{d}-s0" / "model")
+            run_dir = Path(args.output_dir) / f"static-{d}-s0"
+            models[row] = load_export(run_dir / "model")
+            sizes[row] = dir_size(run_dir / "model")
+            if d == max(dims):  # the same student stored in fewer bits
+                for storage in ("float16", "int8"):
+                    path = out_dir / f"static-{d}-{storage}"
+                    if not path.exists():
+                        student = load_run(run_dir, "best").student
+                        student.storage = storage
+                        task.export(student, splits, path)
+                    model = load_export(path)
+                    row_q = f"static trained d={d} ({storage})"
+                    record(row_q, score(model), seeds=1)
+                    models[row_q] = model
+                    sizes[row_q] = dir_size(path)
 
     if want("transformer"):
         for label, layers in (("L3", [1, 3, 5]), ("L2", [2, 5])):

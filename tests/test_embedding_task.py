@@ -134,16 +134,18 @@ def test_transformer_student_distills_and_exports_a_sentence_transformer(
     assert (cfg.run_dir / "report.html").is_file()
 
 
+@pytest.mark.parametrize("storage", ["float32", "int8"])
 def test_static_student_trains_through_an_adapter_and_exports_for_model2vec(
-    tmp_path: Path, tiny_teacher: Path, corpus: Path
+    tmp_path: Path, tiny_teacher: Path, corpus: Path, storage: str
 ) -> None:
     from model2vec import StaticModel
+    from safetensors import safe_open
 
     cfg = load_config(
         None,
         **_cfg(
             tmp_path, tiny_teacher, corpus,
-            {"model": "static", "kwargs": {"dim": 16}},
+            {"model": "static", "kwargs": {"dim": 16, "storage": storage}},
             [{"loss": "cosine", "weight": 1.0, "adapter": "linear"}],
         ),
     )
@@ -151,6 +153,8 @@ def test_static_student_trains_through_an_adapter_and_exports_for_model2vec(
     assert "cos_mapped" in summary["test"]["last"] and "cos" not in summary["test"]["last"]  # 16-d vs 32-d
     m2v = StaticModel.from_pretrained(str(cfg.run_dir / "model"))
     assert m2v.dim == 16
+    with safe_open(str(cfg.run_dir / "model" / "model.safetensors"), "pt") as f:
+        assert str(f.get_tensor("embeddings").dtype) == f"torch.{storage}"  # stored as asked
     from protege.models.embedding_io import load_embedder
     from protege.models.static_embedding import StaticEmbedder
 

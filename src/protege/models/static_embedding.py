@@ -115,6 +115,8 @@ class StaticEmbedder(SentenceEmbedder):
 
     kind = "static"
     add_special_tokens = False
+    #: how :meth:`save` stores the vectors (:data:`STORAGE_DTYPES`); training is always float32
+    storage = "float32"
 
     def __init__(
         self,
@@ -197,8 +199,9 @@ class StaticEmbedder(SentenceEmbedder):
         return {"embedding": pooled, "token_embeddings": tokens, "attention_mask": mask}
 
     def save(self, directory: Path) -> None:
-        """The folder model2vec and sentence-transformers both load (:func:`save_static`, float32)."""
-        save_static(self, directory)
+        """The folder model2vec and sentence-transformers both load (:func:`save_static`), its vectors
+        stored as :attr:`storage` says."""
+        save_static(self, directory, dtype=self.storage)
 
     def config_dict(self) -> dict[str, Any]:
         """What this model is (JSON-able): kind, sizes, normalisation, token limit, initialisation."""
