@@ -11,7 +11,7 @@ test part is held out (``protege.data.text``). Rows:
   (its defaults otherwise: SIF 1e-4, float16 storage), evaluated through model2vec's own ``encode``;
 - ``static init d=…``: protege's model2vec-style initialisation only (``model: static``);
 - ``static trained d=…``: the same, then distilled on the texts (``cosine`` through a linear adapter);
-- ``transformer L3`` / ``L2``: Transformer students with the teacher's layers 1, 3, 5 / 2, 5
+- ``transformer L3`` / ``L2`` / ``L1``: Transformer students with the teacher's layers 1, 3, 5 / 2, 5 / 5
   (layer selection), distilled with ``cosine``.
 
 Columns (``protege.tasks.embedding.EmbeddingEvaluator`` on the held-out texts): ``cos`` (mean cosine
@@ -231,7 +231,7 @@ def main() -> None:
                     sizes[row_q] = dir_size(path)
 
     if want("transformer"):
-        for label, layers in (("L3", [1, 3, 5]), ("L2", [2, 5])):
+        for label, layers in (("L3", [1, 3, 5]), ("L2", [2, 5]), ("L1", [5])):
             spec = {"model": "teacher", "kwargs": {"layers": layers}}
             summaries = [
                 train(run_cfg(args, f"transformer-{label.lower()}-s{s}", s, spec, args.transformer_lr))

@@ -33,7 +33,8 @@ batch's relations, ``minilm`` on query/key/value taps.
 **Evaluation** (:class:`EmbeddingEvaluator`, on the test split): fidelity to the teacher on the held-out
 texts — ``cos`` (mean cosine, when the widths agree), ``cos_mapped`` (mean cosine after a least-squares
 linear map from the student's space to the teacher's, fitted on one half of the texts and measured on
-the other, both ways: a static student lives in its own PCA space), ``knn10`` (overlap of the top-10
+the other, both ways: a static student lives in its own PCA space; NaN with fewer than ``4 (D + 1)``
+texts, too few to fit the map), ``knn10`` (overlap of the top-10
 cosine neighbours of each text among the held-out texts, teacher vs student), ``spearman`` (Spearman's
 rho between the two models' cosine similarities of sampled pairs) — and ``probe/<name>``: accuracy of
 a logistic regression fitted on the frozen, normalised embeddings of the probe's labelled training texts
@@ -570,7 +571,7 @@ def mapped_cosine(student: torch.Tensor, teacher: torch.Tensor) -> float:
     space; the least-squares map (with a bias) is fitted on the even rows and measured on the odd
     ones, and the other way round (2-fold cross-fitting: no row is measured by a map fitted on it)."""
     n = student.shape[0]
-    if n < 4:
+    if n // 2 < 2 * (student.shape[1] + 1):  # too few texts to fit a map of this width: not measured
         return float("nan")
     s = torch.cat([_normalize(student), torch.ones(n, 1, dtype=torch.float64)], dim=1)
     t = _normalize(teacher)
