@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dims", default="256,64", help="static students' widths")
     ap.add_argument("--rows", default="all", help="comma list of rows (teacher,model2vec,static-init,static,transformer)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds of the trained rows")
+    ap.add_argument("--transformers", default="L3,L2,L1", help="Transformer students: L3 (layers 1,3,5), L2 (2,5), L1 (5)")
     ap.add_argument("--static-lr", type=float, default=0.003)
     ap.add_argument("--transformer-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all)")
@@ -231,7 +232,10 @@ def main() -> None:
                     sizes[row_q] = dir_size(path)
 
     if want("transformer"):
+        chosen = args.transformers.split(",")
         for label, layers in (("L3", [1, 3, 5]), ("L2", [2, 5]), ("L1", [5])):
+            if label not in chosen:
+                continue
             spec = {"model": "teacher", "kwargs": {"layers": layers}}
             summaries = [
                 train(run_cfg(args, f"transformer-{label.lower()}-s{s}", s, spec, args.transformer_lr))
