@@ -123,6 +123,8 @@ SPECIAL: dict[str, Callable[[], Case]] = {
     # vision-language: the student embeds into the teacher's space (clip_cls: C class embeddings)
     "clip_cls": lambda: Case(_randn(N, 12, seed=1), _randn(CLASSES, 12, seed=2), torch.arange(N) % CLASSES),
     "feat_mse": lambda: Case(_near(_randn(N, 12, seed=2), 1, 0.3), _randn(N, 12, seed=2)),
+    # sentence embeddings: the student's vector of each text against the teacher's
+    "cosine": lambda: Case(_near(_randn(N, 12, seed=2), 1, 0.3), _randn(N, 12, seed=2)),
     "img_contrast": lambda: Case(_near(_randn(N, 12, seed=2), 1, 0.3), _randn(N, 12, seed=2)),
     # [image, text] embeddings; classes repeat in the batch (several positives per row)
     "clip_contrastive": lambda: Case(
