@@ -156,6 +156,15 @@ def _transformers() -> Any:
 # --------------------------------------------------------------------------- the interface
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s first parameter (else buffer) lives; the CPU when it has neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 class SentenceEmbedder(nn.Module):
     """Base class of the sentence-embedding models: texts -> ``(N, dim)`` float vectors.
 
@@ -227,11 +236,7 @@ class SentenceEmbedder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in self.parameters():
-            return t.device
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        return module_device(self)
 
     def config_dict(self) -> dict[str, Any]:
         """A JSON-able description of the architecture (``{"kind": ..., ...}``), enough to rebuild it."""

@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtegeError, unknown
 from ..files import atomic_save_tensors, atomic_write_text, replace_dir, staged_dir
-from .embedding import MINILM, _masked_mean, _resolve_encoder_path
+from .embedding import MINILM, _masked_mean, _resolve_encoder_path, module_device
 from .embedding import _require as _require_package
 
 __all__ = [
@@ -169,11 +169,7 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in self.parameters():
-            return t.device
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        return module_device(self)
 
 
 def _trains(params: Any) -> bool:
