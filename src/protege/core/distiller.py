@@ -635,6 +635,11 @@ class Distiller(nn.Module):
         if rolled:
             batch = self.task.rollout(self.student, batch, self.on_policy)
             self._student_taps.pop()  # what generation recorded
+        elif self.training and teacher_outputs is None and self._needs_teacher:
+            batch = self.task.refine_batch(batch, self.student, list(self._teachers.values()))
+            self._student_taps.pop()  # what the extra passes recorded
+            for taps in self._teacher_taps:
+                taps.pop()
         inputs, target = self.task.split(batch)
         meta = self.task.meta(batch)
         # Teachers first: their activations are freed before the student's, which must live until

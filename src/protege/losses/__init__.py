@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (register)
     relations,
     reuse,
     review,
+    segmentation,
     sequence,
     vision_language,
 )

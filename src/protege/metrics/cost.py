@@ -57,13 +57,21 @@ def count_flops(model: nn.Module, example: Example) -> int:
     not counted), divided by the batch size of ``example``.
     """
     modes = {m: m.training for m in model.modules()}  # restore each module's own mode afterwards
+    # Parameters frozen while counting: the counter's module tracker hooks every module output that
+    # requires grad, and a view of a parameter taken under no_grad (SAM's prompt encoder reshapes its
+    # embedding weights) requires grad without a grad_fn, which the tracker rejects.
+    grads = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     try:
+        for p in grads:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             _call(model, _to(example, _model_device(model)))
     finally:
         for m, mode in modes.items():
             m.train(mode)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
     return int(counter.get_total_flops() // max(_batch(example), 1))
 
 

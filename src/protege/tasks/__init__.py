@@ -7,12 +7,14 @@ from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
 from .embedding import EmbeddingTask
 from .lm import LMTask
+from .segmentation import SegmentationTask
 from .vision_language import VisionLanguageTask
 
 _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
     "lm": LMTask,
+    "promptable_segmentation": SegmentationTask,
     "vision_language": VisionLanguageTask,
 }
 
@@ -28,4 +30,4 @@ def build_task(name: str, data: Any = None) -> Task:
     return task
 
 
-__all__ = ["ClassificationTask", "EmbeddingTask", "Evaluator", "LMTask", "Outputs", "Task", "VisionLanguageTask", "build_task"]
+__all__ = ["ClassificationTask", "EmbeddingTask", "Evaluator", "LMTask", "Outputs", "SegmentationTask", "Task", "VisionLanguageTask", "build_task"]

@@ -68,6 +68,12 @@ class Task:
 
         raise ProtegeError(f"on_policy needs a generative task (lm); task {self.name!r} does not generate")
 
+    def refine_batch(self, batch: Any, student: nn.Module, teachers: Sequence[nn.Module]) -> Any:
+        """A training batch rewritten from what the models predict on it (TinySAM's hard prompts:
+        new points where student and teacher disagree). The distiller calls it on every training
+        batch when the teachers run live; the batch as it is by default."""
+        return batch
+
     def evaluator(self, with_teacher: bool) -> Evaluator:
         raise NotImplementedError
 
