@@ -254,3 +254,8 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys) -> None:
     path.write_text(yaml.safe_dump(cfg))
     code, err = run_cli(monkeypatch, capsys, "distill", str(path))
     assert code == 2 and "builds models sam, sam_student, not 'sam_studnet'" in err and "did you mean 'sam_student'" in err
+
+    cfg = _config(tmp_path, terms=[{"loss": "mask_kd"}], cache={"path": str(tmp_path / "cache")})
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(monkeypatch, capsys, "cache", str(path))
+    assert code == 2 and "cannot serve promptable_segmentation" in err

@@ -330,3 +330,9 @@ def _no_vl_cache(data: Any) -> None:
             "a teacher-output cache does not cover the embedding task yet: remove `cache:` (the teacher "
             "then encodes each batch online)"
         )
+    if task == "promptable_segmentation":
+        raise ProtegeError(
+            "a teacher-output cache cannot serve promptable_segmentation: its training prompts are drawn "
+            "anew for every batch (and the hard-prompt sampler asks the live teacher), so stored teacher "
+            "masks would answer other prompts; remove `cache:` (the teacher runs online)"
+        )

@@ -712,6 +712,17 @@ _WHAT_TASK = {
         "spearman": "Spearman's rho of pairwise cosine similarities, student vs teacher",
         "n_texts": "held-out texts measured",
     },
+    "promptable_segmentation": {
+        "miou": "mask IoU with the ground truth, mean of the one-point, three-point and box prompts",
+        "miou_1pt": "mask IoU with the ground truth, one point per object (its most interior pixel)",
+        "miou_3pt": "mask IoU with the ground truth, three points per object",
+        "miou_box": "mask IoU with the ground truth, the object's box as the prompt",
+        "tmiou": "mask IoU with the teacher's mask for the same prompt, mean of the three kinds",
+        "tmiou_1pt": "mask IoU with the teacher's mask, one-point prompts",
+        "tmiou_3pt": "mask IoU with the teacher's mask, three-point prompts",
+        "tmiou_box": "mask IoU with the teacher's mask, box prompts",
+        "iou_mae": "mean absolute error of the predicted IoU (the IoU head) against the true mask IoU",
+    },
 }
 
 
@@ -728,6 +739,7 @@ def _is_share(key: str) -> bool:
     base = key.partition(":")[0].removeprefix("teacher_").removeprefix("teacher/")
     return (
         base in ("acc", "agreement", "knn10")
+        or re.fullmatch(r"t?miou(_\w+)?", base) is not None
         or base.startswith("probe/")
         or re.fullmatch(r"top\d+|zs_\w+|fewshot_\w+@\d+|[it]2[ti]_r\d+", base) is not None
     )

@@ -1,0 +1,315 @@
+"""TinySAM's recipe measured: a small SAM distilled from a bigger one, stage by stage, with hard prompts.
+
+No SAM weights or SA-1B images are available offline, so everything here is built from real parts and
+says so: the teacher is the ``segment_anything`` SAM architecture at a small size (ViT image encoder,
+128-px images, a 16×16 embedding grid, SAM's prompt encoder and two-way mask decoder at width 64),
+**trained here** with SAM's own loss (``configs/segmentation/sam-tiny-teacher.yaml``) on composites of
+real Fashion-MNIST objects and scikit-image shapes on real scikit-image textures, whose instance masks
+are exact (``protege.data.segmentation``). The students have a small CNN image encoder + SAM's neck
+(~5× fewer encoder FLOPs) and the teacher's prompt encoder and mask decoder (copied, then trained).
+
+Rows (``--seeds`` seeds each, the same student, initialisation and schedule):
+
+- ``gt only``: SAM's loss against the ground truth (focal 20 : dice 1 + IoU head), no teacher;
+- ``+ embedding KD``: + the teacher's image embedding (MSE, MobileSAM's decoupled term);
+- ``+ full-stage KD``: + the decoder's output tokens (MSE) and the teacher's mask logits (``mask_kd``),
+  TinySAM's full-stage distillation;
+- ``+ hard prompts``: the same with TinySAM's online hard-prompt sampling (``sampler: hard``);
+- ``int8``: the best row's first seed exported to ONNX and quantized (W8A8, onnxruntime), when
+  ``protege.export.sam_onnx`` is available.
+
+Columns: mask mIoU on the held-out composites with one point, three points and a box, against the
+ground truth and against the teacher's masks; parameters; FLOPs of the image encoder (per image) and of
+the decoder (per prompt); latency of each, measured side by side (teacher and students in turn).
+"Everything" mode: the dense point grid vs TinySAM's hierarchical strategy on test images (time,
+prompts decoded, mIoU/recall of matched masks against the ground truth and against the dense result).
+
+    python benchmarks/segmentation.py --json benchmarks/results/segmentation-tinysam.json
+
+Finished runs are reused when the command is run again (``--output-dir``, default runs/seg-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import protege as pg
+from protege.config import load_config
+from protege.engine import evaluate, make_loader
+from protege.metrics.cost import count_flops, count_params, measure_latencies
+from protege.pipeline import load_run
+from protege.tasks import build_task
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "segmentation"
+EMBEDDING = {"loss": "fitnet", "name": "embedding", "student": "embedding", "teacher": "embedding"}
+TOKENS = {"loss": "fitnet", "name": "tokens", "student": "tokens", "teacher": "tokens"}
+ROWS: dict[str, dict[str, Any]] = {
+    "gt only": {"terms": [{"loss": "sam_gt"}], "sampler": "uniform", "mode": "train"},
+    "+ embedding KD": {"terms": [{"loss": "sam_gt"}, EMBEDDING], "sampler": "uniform", "mode": "distill"},
+    "+ full-stage KD": {
+        "terms": [{"loss": "sam_gt"}, EMBEDDING, TOKENS, {"loss": "mask_kd"}],
+        "sampler": "uniform",
+        "mode": "distill",
+    },
+    "+ hard prompts": {
+        "terms": [{"loss": "sam_gt"}, EMBEDDING, TOKENS, {"loss": "mask_kd"}],
+        "sampler": "hard",
+        "mode": "distill",
+    },
+}
+SLUG = {"gt only": "gt", "+ embedding KD": "emb", "+ full-stage KD": "full", "+ hard prompts": "hard"}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="runs/seg/sam-tiny-teacher", help="the trained teacher's run directory")
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--test-size", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rows", default="all", help="comma list of row slugs: gt,emb,full,hard")
+    ap.add_argument("--lr", type=float, default=0.001)
+    ap.add_argument("--everything-images", type=int, default=20, help="test images for the everything mode")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--output-dir", default="runs/seg-bench")
+    ap.add_argument("--json", default=None)
+    return ap.parse_args()
+
+
+def data_section(args: argparse.Namespace, sampler: str) -> dict[str, Any]:
+    return {
+        "source": "composites",
+        "batch_size": 16,
+        "options": {
+            "size": 128,
+            "train": args.train_size,
+            "val": 200,
+            "test": args.test_size,
+            "max_objects": 4,
+            "prompts": {"point_prompts": 4, "box_prompts": 2, "sampler": sampler, "rounds": 2},
+        },
+    }
+
+
+def teacher_section(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": "sam", "kwargs": {"variant": "tiny"}, "weights": args.teacher}
+
+
+def run_cfg(args: argparse.Namespace, row: str, seed: int) -> tuple[dict[str, Any], str]:
+    spec = ROWS[row]
+    cfg = {
+        "name": f"{SLUG[row]}-s{seed}",
+        "output_dir": args.output_dir,
+        "task": "promptable_segmentation",
+        "seed": seed,
+        "epochs": args.epochs,
+        "cpu": True,
+        "progress": False,
+        "keep_checkpoints": "last+best",
+        "data": data_section(args, spec["sampler"]),
+        # the teacher is named in every row: the student copies its mask decoder (the same start for
+        # all rows); a ``train`` run never runs it
+        "teacher": teacher_section(args),
+        "student": {"model": "sam_student", "kwargs": {"encoder": "cnn"}},
+        "terms": spec["terms"],
+        "optim": {"name": "adamw", "lr": args.lr, "weight_decay": 0.01},
+        "schedule": {"name": "cosine"},
+    }
+    return cfg, spec["mode"]
+
+
+def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
+    cfg = load_config(None, **cfg_dict)
+    done = cfg.run_dir / "summary.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("status") == "completed" and "test" in summary:
+            return summary
+    t0 = time.perf_counter()
+    summary = pg.run(cfg, mode=mode, overwrite=True, report=False)  # type: ignore[arg-type]
+    print(f"{cfg.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return summary
+
+
+def mean_std(summaries: list[dict[str, Any]], which: str = "best") -> tuple[dict[str, float], dict[str, float]]:
+    keys = sorted({k for s in summaries for k in (s["test"].get(which) or {})})
+    mean, std = {}, {}
+    for k in keys:
+        vals = [float(s["test"][which][k]) for s in summaries if k in s["test"][which]]
+        mean[k] = statistics.mean(vals)
+        std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+class _Encoder(nn.Module):
+    """``model.encode`` as a module (latency and FLOPs of the image encoder alone)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)
+
+
+class _Decoder(nn.Module):
+    """``model.decode`` as a module (latency and FLOPs of prompt encoder + mask decoder)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> Any:
+        return self.model.decode(embeddings, points=points, labels=labels)["masks"]
+
+
+def costs(models: dict[str, nn.Module], prompts: int = 16) -> dict[str, dict[str, Any]]:
+    """Parameters, FLOPs and side-by-side latencies of each model's encoder and decoder."""
+    any_model = next(iter(models.values()))
+    size = int(any_model.img_size)
+    image = torch.rand(1, 3, size, size)
+    out: dict[str, dict[str, Any]] = {}
+    encoders = {name: _Encoder(m).eval() for name, m in models.items()}
+    decoders = {name: _Decoder(m).eval() for name, m in models.items()}
+    with torch.no_grad():
+        embeddings = {name: m.encode(image) for name, m in models.items()}
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(1, prompts, 1, 2, generator=g) * size
+    labels = torch.ones(1, prompts, 1, dtype=torch.long)
+    for name, m in models.items():
+        out[name] = {
+            "params": count_params(m),
+            "encoder_params": count_params(m.image_encoder),
+            "encoder_gflops": count_flops(encoders[name], image) / 1e9,
+            "decoder_mflops_per_prompt": count_flops(
+                decoders[name], {"embeddings": embeddings[name], "points": points, "labels": labels}
+            )
+            / prompts
+            / 1e6,
+        }
+    enc_lat = measure_latencies(encoders, image, iters=100, max_seconds=15)
+    # one embedding per model: the decoders are timed side by side on their own model's embedding
+    dec_lat = {}
+    for name in models:
+        example = {"embeddings": embeddings[name], "points": points, "labels": labels}
+        dec_lat[name] = measure_latencies({name: decoders[name]}, example, iters=100, max_seconds=5)[name]
+    for name in models:
+        out[name]["encoder_ms"] = enc_lat[name]["ms"]
+        out[name]["decoder_ms_per_prompt"] = dec_lat[name]["ms"] / prompts
+    return out
+
+
+def everything(args: argparse.Namespace, models: dict[str, nn.Module], splits: Any) -> dict[str, Any]:
+    """Dense grid vs hierarchical "segment everything" on test images (``protege.segment``)."""
+    try:
+        from protege.segment import match_masks, segment_everything
+    except ImportError:
+        return {}
+    from protege.data.segmentation import instance_masks
+
+    images = splits.test.images  # the unprompted composites
+    n = min(args.everything_images, len(images))
+    out: dict[str, Any] = {}
+    for name, model in models.items():
+        model.eval()
+        acc: dict[str, list[float]] = {}
+        for i in range(n):
+            item = images[i]
+            ref = torch.as_tensor(instance_masks(item["instances"].numpy())).bool()
+            dense = segment_everything(model, item["image"], mode="dense")
+            hier = segment_everything(model, item["image"], mode="hierarchical")
+            for label, res in (("dense", dense), ("hierarchical", hier)):
+                m = match_masks(res.masks, ref)
+                acc.setdefault(f"{label}/miou", []).append(m["miou"])
+                acc.setdefault(f"{label}/recall", []).append(m["recall"])
+                acc.setdefault(f"{label}/seconds", []).append(res.total_seconds)
+                acc.setdefault(f"{label}/prompts", []).append(float(res.prompts))
+            acc.setdefault("hierarchical_vs_dense/miou", []).append(match_masks(hier.masks, dense.masks)["miou"])
+        out[name] = {k: statistics.mean(v) for k, v in acc.items()}
+        d, h = out[name]["dense/seconds"], out[name]["hierarchical/seconds"]
+        out[name]["speedup"] = d / h if h else float("nan")
+        print(f"everything {name}: { {k: round(v, 3) for k, v in out[name].items()} }", flush=True)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = None if args.rows == "all" else set(args.rows.split(","))
+    if not (Path(args.teacher) / "summary.json").is_file():
+        sys.exit(
+            f"no trained teacher at {args.teacher}: run `protege train {CONFIGS / 'sam-tiny-teacher.yaml'} "
+            "--set output_dir=runs/seg` first (or pass --teacher)"
+        )
+    task = build_task("promptable_segmentation")
+    splits = task.load_data(data_section(args, "uniform"), [teacher_section(args)], [])
+    loader = make_loader(splits.test, 16, shuffle=False)
+    teacher = task.build_model("sam", args.teacher, {"variant": "tiny"}, splits).eval()
+    results: dict[str, Any] = {"settings": vars(args) | {"sizes": splits.sizes()}, "rows": {}}
+    t_metrics = evaluate(teacher, loader, task)
+    results["rows"]["teacher"] = {"metrics": t_metrics}
+    print(f"teacher: { {k: round(v, 4) for k, v in t_metrics.items()} }", flush=True)
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    for row in ROWS:
+        if wanted is not None and SLUG[row] not in wanted:
+            continue
+        summaries = []
+        for seed in range(args.seeds):
+            cfg, mode = run_cfg(args, row, seed)
+            summaries.append(train(cfg, mode))
+        best, best_std = mean_std(summaries, "best")
+        last, last_std = mean_std(summaries, "last")
+        wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
+        results["rows"][row] = {"metrics": best, "std": best_std, "last": last, "last_std": last_std,
+                                "wall_s": wall, "seeds": len(summaries)}  # fmt: skip
+        print(f"{row}: { {k: round(v, 4) for k, v in best.items()} } (± { {k: round(v, 4) for k, v in best_std.items()} })", flush=True)
+        models[row] = load_run(Path(args.output_dir) / f"{SLUG[row]}-s0", "best").student.eval()
+    print("costs: side by side ...", flush=True)
+    for name, c in costs(models).items():
+        results["rows"].setdefault(name, {})["cost"] = c
+    results["everything"] = everything(args, {k: models[k] for k in models if k in ("teacher", "+ hard prompts", "+ full-stage KD")}, splits)
+    results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    print_table(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+def print_table(results: dict[str, Any]) -> None:
+    head = ["row", "mIoU 1pt", "mIoU 3pt", "mIoU box", "vs teacher 1pt", "vs teacher box", "params",
+            "enc GFLOPs", "dec MFLOPs/prompt", "enc ms", "dec ms/prompt"]  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row, r in results["rows"].items():
+        m, sd, c = r.get("metrics", {}), r.get("std", {}), r.get("cost", {})
+
+        def f(key: str, m: dict[str, Any] = m, sd: dict[str, Any] = sd) -> str:
+            if key not in m:
+                return "—"
+            return f"{100 * m[key]:.1f}" + (f" ± {100 * sd[key]:.1f}" if sd.get(key) else "")
+
+        cells = [row, f("miou_1pt"), f("miou_3pt"), f("miou_box"), f("tmiou_1pt"), f("tmiou_box")]
+        cells += [
+            f"{c['params'] / 1e6:.2f}M" if c else "—",
+            f"{c['encoder_gflops']:.3f}" if c else "—",
+            f"{c['decoder_mflops_per_prompt']:.1f}" if c else "—",
+            f"{c['encoder_ms']:.2f}" if c else "—",
+            f"{c['decoder_ms_per_prompt']:.3f}" if c else "—",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
