@@ -80,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", default="all", help="comma list of row slugs: gt,emb,full,hard")
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--everything-images", type=int, default=20, help="test images for the everything mode")
+    ap.add_argument("--train-only", action="store_true", help="train the rows' runs, skip costs and everything mode")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output-dir", default="runs/seg-bench")
     ap.add_argument("--json", default=None)
@@ -275,6 +276,8 @@ def main() -> None:
                                 "wall_s": wall, "seeds": len(summaries)}  # fmt: skip
         print(f"{row}: { {k: round(v, 4) for k, v in best.items()} } (± { {k: round(v, 4) for k, v in best_std.items()} })", flush=True)
         models[row] = load_run(Path(args.output_dir) / f"{SLUG[row]}-s0", "best").student.eval()
+    if args.train_only:
+        return
     print("costs: side by side ...", flush=True)
     for name, c in costs(models).items():
         results["rows"].setdefault(name, {})["cost"] = c

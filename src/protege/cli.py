@@ -621,20 +621,36 @@ def config_schema() -> None:
 def _print_run(summary: dict[str, Any], run_dir: Path) -> None:
     table = Table(title=f"{run_dir} — {summary['status']}")
     table.add_column("")
-    for col in ("acc", "agreement", "kl", "ece", "nll"):
-        table.add_column(col, justify="right")
     rows = [("val last", summary.get("final", {}), "val/"), ("val best", summary.get("best", {}), "val/")]
     for which, metrics in summary.get("test", {}).items():
         rows.append((f"test {which}", metrics, ""))
+    columns = _run_columns(rows)
+    for col in columns:
+        table.add_column(col, justify="right")
     for label, metrics, prefix in rows:
         table.add_row(
             label,
-            *(
-                f"{metrics[prefix + k]:.4f}" if prefix + k in metrics else "—"
-                for k in ("acc", "agreement", "kl", "ece", "nll")
-            ),
+            *(f"{metrics[prefix + k]:.4f}" if prefix + k in metrics else "—" for k in columns),
         )
     out.print(table)
+
+
+#: the columns of a classification run's table
+_CLASSIFICATION_COLUMNS = ("acc", "agreement", "kl", "ece", "nll")
+
+
+def _run_columns(rows: list[tuple[str, dict[str, Any], str]], limit: int = 7) -> list[str]:
+    """The classification columns when the run has them, else the task's own metrics (the
+    student's, not ``teacher/…``), in the order the task reports them, at most ``limit``."""
+    seen: list[str] = []
+    for _, metrics, prefix in rows:
+        for key in metrics:
+            name = key[len(prefix) :] if key.startswith(prefix) else None
+            if name and not name.startswith("teacher/") and name not in seen and isinstance(metrics[key], (int, float)):
+                seen.append(name)
+    if any(c in seen for c in _CLASSIFICATION_COLUMNS) or not seen:
+        return list(_CLASSIFICATION_COLUMNS)
+    return seen[:limit]
 
 
 def _message(error: ProtegeError) -> str:
