@@ -81,6 +81,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--everything-images", type=int, default=20, help="test images for the everything mode")
     ap.add_argument("--train-only", action="store_true", help="train the rows' runs, skip costs and everything mode")
+    ap.add_argument(
+        "--reuse-only", action="store_true", help="tabulate the finished runs only (up to --seeds per row); train none"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output-dir", default="runs/seg-bench")
     ap.add_argument("--json", default=None)
@@ -127,6 +130,15 @@ def run_cfg(args: argparse.Namespace, row: str, seed: int) -> tuple[dict[str, An
         "schedule": {"name": "cosine"},
     }
     return cfg, spec["mode"]
+
+
+def finished(cfg_dict: dict[str, Any]) -> bool:
+    """Whether the run of ``cfg_dict`` completed with test metrics."""
+    done = Path(cfg_dict["output_dir"]) / cfg_dict["name"] / "summary.json"
+    if not done.is_file():
+        return False
+    summary = json.loads(done.read_text())
+    return summary.get("status") == "completed" and "test" in summary
 
 
 def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -268,7 +280,11 @@ def main() -> None:
         summaries = []
         for seed in range(args.seeds):
             cfg, mode = run_cfg(args, row, seed)
+            if args.reuse_only and not finished(cfg):
+                continue
             summaries.append(train(cfg, mode))
+        if not summaries:
+            continue
         best, best_std = mean_std(summaries, "best")
         last, last_std = mean_std(summaries, "last")
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
