@@ -11,7 +11,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +67,46 @@ def quiet() -> Iterator[None]:
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
-    """Write ``model`` (in ``eval()``, on the CPU) to ``path`` with a dynamic batch axis.
+    """Write ``model`` (in ``eval()``, on the CPU) to ``path`` with a dynamic batch axis: one input
+    tensor :data:`INPUT`, one output :data:`OUTPUT` (see :func:`export_graph`)."""
+    if len(example) < 2:  # a batch of 1 would be specialized: the batch axis must stay dynamic
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    batch = {0: "batch"}
+    return export_graph(model, (example,), path, [INPUT], [OUTPUT], {INPUT: batch, OUTPUT: batch})
+
+
+def export_graph(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic: Mapping[str, Mapping[int, str]],
+    opset: int | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` (in ``eval()``, on the CPU) called on ``args`` to ``path``, its inputs and
+    outputs named ``inputs`` and ``outputs``; ``dynamic`` names the axes that vary (``{tensor name:
+    {axis: dimension name}}``; axes sharing a dimension name vary together). The example sizes of
+    dynamic axes must be at least 2 (the dynamo exporter specializes sizes 0 and 1).
 
     The dynamo exporter (``torch.onnx.export(..., dynamo=True)``, onnxscript's optimizer folds
-    BatchNorms into convolutions) first; where it fails, the TorchScript-based one. Returns
-    ``{"exporter", "opset", "dynamo_error"?}``. Both failing is a :class:`ProtegeError` naming the
-    operator and the module path that could not be converted (see :func:`diagnose`).
+    BatchNorms into convolutions) first; where it fails, the TorchScript-based one. ``opset``: the
+    TorchScript exporter's opset (default :data:`TORCHSCRIPT_OPSET`); the dynamo exporter writes
+    ``max(opset, DYNAMO_OPSET)``. Returns ``{"exporter", "opset", "dynamo_error"?}``. Both failing
+    is a :class:`ProtegeError` naming the operator and the module path that could not be converted
+    (see :func:`diagnose`).
     """
     require("onnx", "onnxscript")
     import onnx
 
     model = model.eval().cpu()
-    # one self-contained file, unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it)
+    # one self-contained file, unless the weights pass protobuf's 2 GB limit (then <file>.data beside it)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
-    if len(example) < 2:  # a batch of 1 would be specialized: the batch axis must stay dynamic
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    dims = {name: torch.export.Dim(name) for axes in dynamic.values() for name in axes.values()}
+    dynamic_shapes = tuple(
+        {axis: dims[dim] for axis, dim in dynamic[name].items()} if name in dynamic else None
+        for name in inputs
+    )
     errors: dict[str, BaseException] = {}
     for exporter in ("dynamo", "torchscript"):
         path.unlink(missing_ok=True)
@@ -90,35 +115,36 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, An
                 if exporter == "dynamo":
                     torch.onnx.export(
                         model,
-                        (example,),
+                        args,
                         str(path),
                         dynamo=True,
                         verbose=False,
-                        opset_version=DYNAMO_OPSET,
-                        input_names=[INPUT],
-                        output_names=[OUTPUT],
-                        dynamic_shapes=({0: torch.export.Dim("batch")},),
+                        opset_version=max(opset or DYNAMO_OPSET, DYNAMO_OPSET),
+                        input_names=list(inputs),
+                        output_names=list(outputs),
+                        dynamic_shapes=dynamic_shapes,
                         optimize=True,
                         external_data=external,
                     )
                 else:
                     torch.onnx.export(
                         model,
-                        (example,),
+                        args,
                         str(path),
                         dynamo=False,
-                        opset_version=TORCHSCRIPT_OPSET,
-                        input_names=[INPUT],
-                        output_names=[OUTPUT],
-                        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                        opset_version=opset or TORCHSCRIPT_OPSET,
+                        input_names=list(inputs),
+                        output_names=list(outputs),
+                        dynamic_axes={name: dict(axes) for name, axes in dynamic.items()},
                         do_constant_folding=True,
                     )
             proto = onnx.load(str(path))
             onnx.checker.check_model(str(path))
-            if [i.name for i in proto.graph.input] != [INPUT] or len(proto.graph.output) != 1:
+            names = [i.name for i in proto.graph.input]
+            if names != list(inputs) or len(proto.graph.output) != len(outputs):
                 raise ValueError(
-                    f"the ONNX graph has inputs {[i.name for i in proto.graph.input]} and "
-                    f"{len(proto.graph.output)} outputs; one input tensor and one logits output were expected"
+                    f"the ONNX graph has inputs {names} and {len(proto.graph.output)} outputs; "
+                    f"inputs {list(inputs)} and {len(outputs)} outputs were expected"
                 )
         except Exception as e:  # any exporter failure: try the next, then explain both
             errors[exporter] = e
@@ -128,7 +154,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, An
             info["dynamo_error"] = _summary(errors["dynamo"])
         return info
     path.unlink(missing_ok=True)
-    raise ProtegeError(diagnose(model, example, errors))
+    raise ProtegeError(diagnose(model, args, errors))
 
 
 def opset_of(proto: Any) -> int:
@@ -164,7 +190,7 @@ def _ops_named(errors: dict[str, BaseException]) -> list[str]:
     return list(dict.fromkeys(op for op in ops))
 
 
-def diagnose(model: nn.Module, example: torch.Tensor, errors: dict[str, BaseException]) -> str:
+def diagnose(model: nn.Module, args: tuple[torch.Tensor, ...], errors: dict[str, BaseException]) -> str:
     """The message for a model neither exporter converts: the operator(s) named in their errors and
     the module path(s) that call them (from ``torch.export``'s ``nn_module_stack``), and what to do."""
     ops = _ops_named(errors)
@@ -172,7 +198,7 @@ def diagnose(model: nn.Module, example: torch.Tensor, errors: dict[str, BaseExce
     if ops:
         try:
             with quiet():
-                program = torch.export.export(model, (example,))
+                program = torch.export.export(model, args)
             for node in program.graph.nodes:
                 if node.op != "call_function":
                     continue

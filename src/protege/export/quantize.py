@@ -41,7 +41,17 @@ ACTIVATION_TYPE = "QUInt8"
 WEIGHT_TYPE = "QInt8"
 
 
-def _reader(batches: Iterable[torch.Tensor]) -> Any:
+#: a calibration batch: the model's one input (named :data:`INPUT`), or ``{input name: tensor}``
+#: for a model with several (floating tensors are fed as float32, integer ones keep their type)
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _feed(x: torch.Tensor) -> np.ndarray:
+    array = np.ascontiguousarray(x.detach().cpu().numpy())
+    return array.astype(np.float32) if x.is_floating_point() else array
+
+
+def _reader(batches: Iterable[Batch]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -50,7 +60,11 @@ def _reader(batches: Iterable[torch.Tensor]) -> Any:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self._it, None)
-            return None if x is None else {INPUT: x.detach().cpu().numpy().astype(np.float32)}
+            if x is None:
+                return None
+            if isinstance(x, torch.Tensor):
+                return {INPUT: x.detach().cpu().numpy().astype(np.float32)}
+            return {name: _feed(value) for name, value in x.items()}
 
     return Reader()
 
@@ -89,14 +103,15 @@ def module_inputs(fp32: Path) -> dict[str, list[str]]:
 def quantize_int8(
     fp32: Path,
     out: Path,
-    calibration: Iterable[torch.Tensor],
+    calibration: Iterable[Batch],
     ranges: Mapping[str, tuple[float, float]] | None = None,
     exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the int8 model of the fp32 ONNX model ``fp32`` to ``out``, calibrated on the batches of
-    ``calibration``; ``ranges`` (``{module path: (min, max)}``, a quantization-aware run's) fix the
-    input ranges of the modules they name; the modules matching ``exclude`` (shell patterns of module
-    paths, a quantization-aware run's ``quantize.exclude``) stay float. Returns what was done (for
+    ``calibration`` (tensors for a model with one input, ``{input name: tensor}`` for several);
+    ``ranges`` (``{module path: (min, max)}``, a quantization-aware run's) fix the input ranges of
+    the modules they name; the modules matching ``exclude`` (shell patterns of module paths, a
+    quantization-aware run's ``quantize.exclude``) stay float. Returns what was done (for
     ``export.json``)."""
     require("onnx", "onnxruntime")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -390,7 +390,10 @@ class PromptableSegmenter(nn.Module):
                 "points have N = 0 points per prompt and there are no boxes: nothing to segment"
             )
         flags = [t.any() for t in (bad_points, bad_boxes) if t is not None and t.numel()]
-        if flags and bool(torch.stack(flags).any()):  # the only device sync of the check
+        # the value check is skipped while a graph is traced for export (torch.export / ONNX): a
+        # data-dependent branch cannot be traced, and a graph is not where a user's mistake surfaces
+        tracing = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if flags and not tracing and bool(torch.stack(flags).any()):  # the only device sync of the check
             self._report(points, labels, bad_points, boxes, bad_boxes)
         return b, p, n or 0
 
