@@ -133,6 +133,13 @@ SPECIAL: dict[str, Callable[[], Case]] = {
     "affinity_mimic": lambda: Case(
         [_randn(N, 12, seed=1), _randn(N, 12, seed=2)], [_randn(N, 16, seed=3), _randn(N, 16, seed=4)]
     ),
+    # promptable segmentation: (N, P, h, w) mask logits, (N, P) predicted IoU, (N, P, H, W) masks
+    "sam_gt": lambda: Case(
+        [_randn(N, 2, 4, 4, seed=1, scale=3.0), _randn(N, 2, seed=2).sigmoid()],
+        [_randn(N, 2, 4, 4, seed=3, scale=3.0), _randn(N, 2, seed=4).sigmoid()],
+        _randn(N, 2, 8, 8, seed=5) > 0,
+    ),
+    "mask_kd": lambda: Case(_near(_randn(N, 2, 4, 4, seed=2, scale=3.0), 1, 1.0), _randn(N, 2, 4, 4, seed=2, scale=3.0)),
     # MiniLM: query, key and value projections per model, every relation
     "minilm": lambda: Case(
         [_randn(B, L, 8, seed=i) for i in range(3)],

@@ -93,7 +93,7 @@ def sam_gt(
     return focal_weight * focal + dice_weight * dice + iou_weight * iou
 
 
-@register_loss("mask_kd", paper=TINYSAM_PAPER, reads="logits")
+@register_loss("mask_kd", paper=TINYSAM_PAPER, reads="masks")
 def mask_kd(student: Tensor, teacher: Tensor, T: float = 1.0, dice_weight: float = 1.0) -> Tensor:
     r"""Distillation of mask logits: each pixel's foreground probability and each mask's overlap.
 
