@@ -12,7 +12,7 @@ import yaml
 import protege as pg
 from cli_helpers import run_cli
 from protege.config import load_config
-from protege.data.segmentation import SegmentationImages, instance_masks, interior_point
+from protege.data.segmentation import SegmentationImages, error_points, instance_masks, interior_point
 from protege.errors import ProtegeError
 from protege.models.sam import build_sam, sam_student
 from protege.tasks import build_task
@@ -24,7 +24,6 @@ from protege.tasks.segmentation import (
     PromptedImages,
     PromptSettings,
     SegmentationEvaluator,
-    error_points,
     mask_iou,
 )
 

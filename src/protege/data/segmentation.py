@@ -52,6 +52,7 @@ __all__ = [
     "SegmentationImages",
     "collate_segmentation",
     "error_point",
+    "error_points",
     "instance_masks",
     "interior_point",
     "letterbox",
@@ -807,3 +808,23 @@ def point_grid(n_per_side: int, size: int) -> np.ndarray:
     xs = np.tile(one_side[None, :], (n_per_side, 1))
     ys = np.tile(one_side[:, None], (1, n_per_side))
     return (np.stack([xs, ys], axis=-1).reshape(-1, 2) * size).astype(np.float32)
+
+
+def error_points(pred: torch.Tensor, ref: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One point per mask drawn uniformly from where ``pred`` and ``ref`` disagree.
+
+    ``pred``, ``ref``: boolean ``(M, H, W)``. Returns ``(xy (M, 2), label (M,), found (M,))``: pixel
+    centres ``(col + 0.5, row + 0.5)``, label 1 where ``ref`` is foreground there (a missed part) and 0
+    where it is not (a false positive), ``found`` False for masks that agree everywhere (their point is
+    meaningless). Batched form of :func:`error_point` (TinySAM's hard-prompt sampling draws one per prompt).
+    """
+    wrong = (pred != ref).flatten(1)
+    found = wrong.any(1)
+    weights = wrong.float()
+    weights[~found] = 1.0  # any pixel: the draw is discarded
+    flat = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    w = ref.shape[-1]
+    rows, cols = flat // w, flat % w
+    xy = torch.stack([cols.float() + 0.5, rows.float() + 0.5], dim=1)
+    label = ref.flatten(1).gather(1, flat[:, None]).squeeze(1).long()
+    return xy, label, found

@@ -434,6 +434,38 @@ def _listing(keys: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def key_diff(
+    state_dict: Mapping[str, Any], expected: Mapping[str, Any]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, mismatched)``: keys of ``expected`` absent from ``state_dict``, keys of
+    ``state_dict`` the model lacks, and keys in both whose shapes differ."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    return missing, unexpected, mismatched
+
+
+def diff_lines(
+    state_dict: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> list[str]:
+    """The indented lines of a load error listing shape mismatches, missing and unexpected keys."""
+    lines = []
+    if mismatched:
+        shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
+        lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(shapes)}")
+    if missing:
+        lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  not in the model ({len(unexpected)}): {_listing(unexpected)}")
+    return lines
+
+
 def load_weights(
     model: nn.Module,
     weights: str | os.PathLike[str],
@@ -483,27 +515,14 @@ def load_weights(
     for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = value
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
+    missing, unexpected, mismatched = key_diff(state_dict, expected)
     if missing or unexpected or mismatched:
         what = f"model {model_name!r}" if model_name else f"the {type(model).__name__}"
         built = ", ".join(
             f"{k}={v}" for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None
         )
         lines = [f"weights {path} do not fit {what}" + (f" ({built})" if built else "") + ":"]
-        if mismatched:
-            shapes = [
-                f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                for k in mismatched
-            ]
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(shapes)}")
-        if missing:
-            lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  not in the model ({len(unexpected)}): {_listing(unexpected)}")
+        lines += diff_lines(state_dict, expected, missing, unexpected, mismatched)
         lines.append(
             "  " + _hint(model, raw, state_dict, expected, mismatched, missing, unexpected, in_chans)
         )

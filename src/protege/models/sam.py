@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import ProtegeError, unknown
-from . import _listing, _read_state_dict, _strip_prefixes
+from . import _read_state_dict, _strip_prefixes, diff_lines, key_diff
 
 __all__ = [
     "SAM_PIXEL_MEAN",
@@ -701,16 +701,7 @@ def _mismatch_message(
             options = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in differ.items())
             return f"{head} {options}"
     lines = [f"checkpoint {path} does not fit this {chosen} SAM:"]
-    if mismatched:
-        shapes = [
-            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(model.state_dict()[k].shape)}"
-            for k in mismatched
-        ]
-        lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(shapes)}")
-    if missing:
-        lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  not in the model ({len(unexpected)}): {_listing(unexpected)}")
+    lines += diff_lines(state_dict, model.state_dict(), missing, unexpected, mismatched)
     return "\n".join(lines)
 
 
@@ -718,12 +709,7 @@ def _load_checkpoint(model: PromptableSegmenter, path: Path) -> None:
     if not path.exists():
         raise ProtegeError(f"SAM checkpoint not found: {path}")
     state_dict = _strip_prefixes(_read_state_dict(path))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
+    missing, unexpected, mismatched = key_diff(state_dict, model.state_dict())
     if missing or unexpected or mismatched:
         raise ProtegeError(_mismatch_message(path, model, state_dict, missing, unexpected, mismatched))
     model.load_state_dict(state_dict, strict=True)

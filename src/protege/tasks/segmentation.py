@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.segmentation import error_points
 from ..data.splits import DataSplits
 from ..errors import ProtegeError, closest
 from .base import Evaluator, Outputs, Task
@@ -298,29 +299,6 @@ def _is_protege_weights(weights: str) -> bool:
 
     path = Path(weights)
     return path.is_dir() or path.suffix == ".safetensors"
-
-
-# -- prompts the models disagree on (TinySAM's hard-prompt sampling) -----------------------------
-
-
-def error_points(pred: torch.Tensor, ref: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One point per mask drawn uniformly from where ``pred`` and ``ref`` disagree.
-
-    ``pred``, ``ref``: boolean ``(M, H, W)``. Returns ``(xy (M, 2), label (M,), found (M,))``: pixel
-    centres ``(col + 0.5, row + 0.5)``, label 1 where ``ref`` is foreground there (a missed part) and 0
-    where it is not (a false positive), ``found`` False for masks that agree everywhere (their point is
-    meaningless). Batched form of :func:`protege.data.segmentation.error_point`.
-    """
-    wrong = (pred != ref).flatten(1)
-    found = wrong.any(1)
-    weights = wrong.float()
-    weights[~found] = 1.0  # any pixel: the draw is discarded
-    flat = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    w = ref.shape[-1]
-    rows, cols = flat // w, flat % w
-    xy = torch.stack([cols.float() + 0.5, rows.float() + 0.5], dim=1)
-    label = ref.flatten(1).gather(1, flat[:, None]).squeeze(1).long()
-    return xy, label, found
 
 
 # -- the task -----------------------------------------------------------------------------------
