@@ -58,9 +58,9 @@ def _prompts(p: int, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]
 def test_fp32_graphs_match_pytorch(exported):
     model, out, paths = exported
     assert sorted(p.name for p in out.iterdir()) == [
-        "README", "decoder.onnx", "decoder_multimask.onnx", "encoder.onnx", "sam_onnx.json"
+        "README", "decoder.onnx", "decoder_box.onnx", "decoder_multimask.onnx", "encoder.onnx", "sam_onnx.json"
     ]  # fmt: skip
-    assert set(paths) == {"encoder", "decoder", "decoder_multimask", "info"}
+    assert set(paths) == {"encoder", "decoder", "decoder_multimask", "decoder_box", "info"}
     info = json.loads(paths["info"].read_text())
     assert info["img_size"] == 64 and info["embedding"] == [32, 8, 8]
     assert all(f["max_rel_diff"] <= 1e-4 for f in info["files"].values())
@@ -83,6 +83,16 @@ def test_fp32_graphs_match_pytorch(exported):
             assert res["iou"].shape == ref["iou"].shape == (2, p, m)
             assert (res["masks"] - ref["masks"]).abs().max() < 1e-4, (p, n, multimask)
             assert (res["iou"] - ref["iou"]).abs().max() < 1e-4
+    for p in (1, 6):  # boxes: the box decoder was traced with 3
+        g = torch.Generator().manual_seed(p)
+        corner = torch.rand(2, p, 2, generator=g) * 40
+        boxes = torch.cat([corner, corner + 4 + torch.rand(2, p, 2, generator=g) * 20], -1)
+        with torch.no_grad():
+            ref_box = model.decode(want[:2], boxes=boxes)
+        res = onnx_model.decode(got[:2], boxes=boxes)
+        assert res["masks"].shape == ref_box["masks"].shape == (2, p, 1, 32, 32)
+        assert (res["masks"] - ref_box["masks"]).abs().max() < 1e-4, p
+        assert (res["iou"] - ref_box["iou"]).abs().max() < 1e-4
     assert torch.equal(onnx_model.upscale(ref["masks"]), model.upscale(ref["masks"]))
     both = onnx_model(images[:1], points[:1], labels[:1])
     assert set(both) == {"masks", "iou", "embedding"}
@@ -103,8 +113,8 @@ def test_int8_runs_and_mostly_agrees_with_fp32(exported, int8):
     with the same shapes, and that their mask logits keep the fp32 sign on most pixels (a loose
     bound, as int8 error on an untrained model says little about a trained one)."""
     model, out, fp32_paths = exported
-    assert set(int8) == {"encoder", "decoder", "decoder_multimask", "info"}
-    for key in ("encoder", "decoder", "decoder_multimask"):
+    assert set(int8) == {"encoder", "decoder", "decoder_multimask", "decoder_box", "info"}
+    for key in ("encoder", "decoder", "decoder_multimask", "decoder_box"):
         summary = graph_summary(int8[key])
         assert summary["quantize_linear"] > 0 and summary["weighted_ops_int8"] > 0, key
         assert _weight_bytes(int8[key]) < 0.5 * _weight_bytes(fp32_paths[key]), key
@@ -121,6 +131,10 @@ def test_int8_runs_and_mostly_agrees_with_fp32(exported, int8):
         assert got.shape == ref.shape and torch.isfinite(got).all()
         agree = ((got > 0) == (ref > 0)).float().mean().item()
         assert agree >= 0.9, agree
+    boxes = torch.tensor([[[4.0, 4, 40, 40], [10, 20, 60, 50]]]).expand(2, 2, 4)
+    ref, got = fp32.decode(e32, boxes=boxes)["masks"], q.decode(e8, boxes=boxes)["masks"]
+    assert got.shape == ref.shape == (2, 2, 1, 32, 32)
+    assert ((got > 0) == (ref > 0)).float().mean().item() >= 0.9
 
 
 def _weight_bytes(path) -> int:
@@ -140,8 +154,10 @@ def test_errors(exported, tmp_path):
     points, labels = _prompts(2, 1)
     with pytest.raises(ProtegeError, match="decoder_multimask.onnx"):
         single.decode(emb, points[:1], labels[:1], multimask=True)
-    with pytest.raises(ProtegeError, match="not boxes"):
+    with pytest.raises(ProtegeError, match="decoder_box.onnx"):
         single.decode(emb, boxes=torch.tensor([[[0.0, 0, 10, 10]]]))
+    with pytest.raises(ProtegeError, match="not both"):
+        OnnxSam(out).decode(emb, points[:1], labels[:1], boxes=torch.tensor([[[0.0, 0, 10, 10]]]))
     with pytest.raises(ProtegeError, match="holds the fp32 model"):
         quantize_sam_int8(paths, _image(0)[None], out)
     with pytest.raises(ProtegeError, match="calibration images"):
@@ -172,3 +188,64 @@ def test_a_failed_export_leaves_nothing(monkeypatch, tmp_path):
 class _FakeSession:
     def run(self, _names, feed):
         return [np.zeros((len(feed["images"]), 32, 8, 8), dtype=np.float32)]
+
+
+def _cli(monkeypatch, *args: str) -> int:
+    import sys
+
+    from protege import cli
+
+    monkeypatch.setattr(sys, "argv", ["protege", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return int(e.value.code or 0)
+
+
+def test_protege_export_of_a_segmentation_run_to_int8(tmp_path, monkeypatch, capsys):
+    """`protege export RUN --format int8` on a promptable-segmentation run: encoder + decoder graphs
+    (points, multimask, boxes) quantized, evaluated with the run's own prompts and evaluator beside
+    the PyTorch student (whose figures are the run's test figures), timed side by side."""
+    import protege as pg
+    from protege.config import load_config
+
+    size = 64
+    cfg = {
+        "name": "seg", "output_dir": str(tmp_path / "runs"), "task": "promptable_segmentation", "seed": 0,
+        "epochs": 1, "cpu": True, "progress": False,
+        "data": {"source": "composites", "batch_size": 4, "options": {
+            "size": size, "train": 8, "val": 4, "test": 4, "max_objects": 2, "kinds": ["shapes"],
+            "prompts": {"point_prompts": 2, "box_prompts": 1}}},
+        "teacher": {"model": "sam", "kwargs": {"variant": "tiny", "img_size": size}},
+        "student": {"model": "sam_student", "kwargs": {"encoder": "cnn"}},
+        "terms": [{"loss": "sam_gt"}, {"loss": "mask_kd"}],
+        "optim": {"name": "adamw", "lr": 0.001},
+    }  # fmt: skip
+    summary = pg.run(load_config(None, **cfg), mode="distill", report=False)
+    run = tmp_path / "runs" / "seg"
+    assert _cli(monkeypatch, "export", str(run), "--format", "int8", "--calibration", "6", "--bench") == 0
+    shown = capsys.readouterr().out
+    assert "1 point" in shown and "IoU with fp32" in shown and "decoder" in shown
+    out = run / "export-int8"
+    info = json.loads((out / "export.json").read_text())
+    assert {"encoder.onnx", "decoder.onnx", "decoder_multimask.onnx", "decoder_box.onnx"} <= set(
+        info["files"]
+    )
+    for name in ("encoder", "decoder", "decoder_multimask", "decoder_box"):
+        assert graph_summary(out / f"{name}.onnx")["weighted_ops_int8"] > 0, name
+    assert info["quantization"]["calibration"]["samples"] == 6
+    ev = info["evaluation"]
+    assert ev["split"] == "test" and set(ev) >= {"fp32", "onnx_fp32", "int8"}
+    test = summary["test"]["best"]
+    for kind in ("1pt", "3pt", "box"):  # the PyTorch row is the run's own test measurement
+        assert ev["fp32"][f"miou_{kind}"] == pytest.approx(test[f"miou_{kind}"], abs=1e-6)
+        assert ev["fp32"][f"fp32_miou_{kind}"] == pytest.approx(1.0)
+        assert ev["onnx_fp32"][f"fp32_miou_{kind}"] > 0.98, kind  # fp32 ONNX: the same masks
+        assert 0.0 <= ev["int8"][f"fp32_miou_{kind}"] <= 1.0
+        assert 0.0 <= ev["int8"][f"teacher_miou_{kind}"] <= 1.0
+    assert set(info["latency"]["rows"]) == {"teacher", "student", "student fp32", "student int8"}
+    card = (out / "README.md").read_text()
+    assert "Mask mIoU" in card and "OnnxSam" in card and "decoder_box.onnx" in card
+    # a segmentation run refuses the classification-only calibration input, before writing anything
+    with pytest.raises(ProtegeError, match="calibrates on its run's training images"):
+        pg.export(run, format="int8", out=tmp_path / "x", calibration_data=[torch.rand(2, 3, size, size)])
+    assert not (tmp_path / "x").exists()

@@ -309,9 +309,19 @@ def export(
         checkpoint=checkpoint,  # type: ignore[arg-type]
         qad_ranges=qad_ranges,
     )
+    segmenter = info.get("source", {}).get("task") == "promptable_segmentation"
+    if segmenter:  # mask mIoU per prompt kind, and IoU with the fp32 student's and the teacher's masks
+        cols = {"1 point": "miou_1pt", "3 points": "miou_3pt", "box": "miou_box"}
+        cols |= {"IoU with fp32": "fp32_miou", "IoU with teacher": "teacher_miou"}
+    else:
+        cols = {
+            "accuracy": "acc",
+            "agreement with fp32": "agreement_fp32",
+            "agreement with teacher": "agreement_teacher",
+        }
     table = Table(title=f"{run_dir} → {info['path']} ({format})")
     table.add_column("")
-    for col in ("accuracy", "agreement with fp32", "agreement with teacher"):
+    for col in cols:
         table.add_column(col, justify="right")
     ev = info.get("evaluation", {})
     for key, label in (
@@ -323,13 +333,7 @@ def export(
     ):
         m = ev.get(key)
         if m:
-            table.add_row(
-                label,
-                *(
-                    f"{100 * m[k]:.2f}%" if k in m else "—"
-                    for k in ("acc", "agreement_fp32", "agreement_teacher")
-                ),
-            )
+            table.add_row(label, *(f"{100 * m[k]:.2f}%" if k in m else "—" for k in cols.values()))
     if ev:
         out.print(table)
     if "parity" in info:
@@ -339,7 +343,16 @@ def export(
             f"top-1 agreement {100 * p['top1_agreement']:.2f}%",
             soft_wrap=True,
         )
-    if "latency" in info:
+    if "latency" in info and segmenter:
+        lat = info["latency"]
+        out.print(
+            f"latency ({lat['machine']}; {lat['threads']} thread(s), {lat['prompts']} prompts per decode):"
+        )
+        for name, r in lat["rows"].items():
+            out.print(
+                f"  {name}: encoder {r['encoder_ms']:.2f} ms/image, decoder {r['decoder_ms_per_prompt']:.3f} ms/prompt"
+            )
+    elif "latency" in info:
         _print_latency(info["latency"]["rows"], info["latency"]["machine"])
     files = ", ".join(f"{k} {v['bytes'] / 1e6:.3f} MB" for k, v in info["files"].items())
     out.print(f"wrote {info['path']}: {files} (+ export.json, README.md)", soft_wrap=True)
@@ -646,7 +659,12 @@ def _run_columns(rows: list[tuple[str, dict[str, Any], str]], limit: int = 7) ->
     for _, metrics, prefix in rows:
         for key in metrics:
             name = key[len(prefix) :] if key.startswith(prefix) else None
-            if name and not name.startswith("teacher/") and name not in seen and isinstance(metrics[key], (int, float)):
+            if (
+                name
+                and not name.startswith("teacher/")
+                and name not in seen
+                and isinstance(metrics[key], (int, float))
+            ):
                 seen.append(name)
     if any(c in seen for c in _CLASSIFICATION_COLUMNS) or not seen:
         return list(_CLASSIFICATION_COLUMNS)

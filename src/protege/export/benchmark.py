@@ -15,7 +15,8 @@ from ..files import atomic_write_text
 from ..metrics.cost import count_params
 from . import latency
 from ._deps import require
-from .exporter import example_inputs, machine, open_run
+from .exporter import example_inputs, open_run
+from .latency import machine
 from .onnx_io import to_onnx
 
 

@@ -14,6 +14,17 @@ def _pct(value: float | None) -> str:
 def _how_to_load(info: dict[str, Any]) -> str:
     fmt = info["format"]
     files = info.get("files", {})
+    if "encoder.onnx" in files:
+        return (
+            "```python\nfrom protege.export.sam_onnx import OnnxSam\n"
+            'model = OnnxSam("<this directory>")  # encode(images) once, decode(embedding, points, labels | boxes=)\n'
+            'masks = model.upscale(model.decode(model.encode(images), points, labels)["masks"]) > 0\n```\n'
+            "Or with onnxruntime alone: `encoder.onnx` maps `images` (B, 3, S, S) in [0, 1] to `embeddings`; "
+            "`decoder.onnx` maps one image's `embeddings` with `point_coords` (1, P, N, 2) pixels and "
+            "`point_labels` (1, P, N) (1 foreground, 0 background, -1 padding) to low-resolution mask "
+            "logits `masks` and predicted `iou`; `decoder_multimask.onnx` gives SAM's three masks per "
+            "prompt; `decoder_box.onnx` takes `boxes` (1, P, 4) instead of points.\n"
+        )
     if fmt == "native":
         native = info.get("native", {})
         if native.get("kind") == "timm":
@@ -67,6 +78,9 @@ def model_card(info: dict[str, Any]) -> str:
     lines.append("")
     for name, f in info.get("files", {}).items():
         lines.append(f"- `{name}`: {f['bytes'] / 1e6:.3f} MB")
+    if src.get("task") == "promptable_segmentation":
+        lines += _segmenter_sections(info)
+        return "\n".join(lines) + "\n"
     if model:
         lines.append(
             f"- parameters: {model.get('params', 0):,}; FLOPs per sample: {model.get('flops', 0) / 1e6:.2f} M; "
@@ -143,6 +157,68 @@ def model_card(info: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"```\n{info.get('command', '')}\n```")
     return "\n".join(lines) + "\n"
+
+
+def _segmenter_sections(info: dict[str, Any]) -> list[str]:
+    """Cost, loading, measurements and the command of an exported promptable segmenter."""
+    lines = []
+    if info.get("model"):
+        lines.append(f"- parameters: {info['model'].get('params', 0):,}")
+    for key, f in (info.get("onnx") or {}).get("files", {}).items():
+        lines.append(
+            f"- `{key}`: {f.get('exporter')} exporter, opset {f.get('opset')}; largest difference to "
+            f"PyTorch right after the export {f.get('max_rel_diff', float('nan')):.2g} (relative)"
+        )
+    q = info.get("quantization")
+    if q:
+        cal = q.get("calibration", {})
+        lines.append(
+            f"- int8 W8A8 (onnxruntime, QDQ: int8 per-channel weights, uint8 per-tensor activations, "
+            f"MinMax) calibrated on {cal.get('samples')} {cal.get('split')} images; decoders on those "
+            "images' embeddings with a grid of point and box prompts"
+        )
+        for key, f in q.get("files", {}).items():
+            if isinstance(f, dict) and "graph" in f:
+                g = f["graph"]
+                lines.append(
+                    f"  - `{key}`: {g['weighted_ops_int8']}/{g['weighted_ops']} Conv/Gemm/MatMul read int8 weights"
+                )
+    lines += ["", "## Load it", "", _how_to_load(info), "## Measured", ""]
+    ev = info.get("evaluation")
+    if ev:
+        lines.append(
+            f"Mask mIoU on the {ev['split']} split ({ev.get('samples')} images, the run's fixed prompts), "
+            "against the ground truth, the fp32 PyTorch student's masks and the teacher's masks:"
+        )
+        lines.append("")
+        lines.append("| model | 1 point | 3 points | box | IoU with fp32 student | IoU with teacher |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for key, label in (
+            ("fp32", "student fp32 (PyTorch)"),
+            ("onnx_fp32", "student fp32 (onnxruntime)"),
+            ("int8", "student int8 (onnxruntime)"),
+        ):
+            m = ev.get(key)
+            if m:
+                lines.append(
+                    f"| {label} | {_pct(m.get('miou_1pt'))} | {_pct(m.get('miou_3pt'))} | {_pct(m.get('miou_box'))} "
+                    f"| {_pct(m.get('fp32_miou'))} | {_pct(m.get('teacher_miou'))} |"
+                )
+        lines.append("")
+    if "latency" in info:
+        lat = info["latency"]
+        lines.append(
+            f"Latency ({lat.get('machine', '')}; {lat['threads']} thread(s), median of {lat['rounds']} "
+            f"interleaved rounds; decoder: {lat['prompts']} single-point prompts on one image):"
+        )
+        lines.append("")
+        lines.append("| model | encoder ms / image | decoder ms / prompt |")
+        lines.append("|---|---:|---:|")
+        for name, r in lat["rows"].items():
+            lines.append(f"| {name} | {r['encoder_ms']:.2f} | {r['decoder_ms_per_prompt']:.3f} |")
+        lines.append("")
+    lines += ["## Reproduce", "", f"```\n{info.get('command', '')}\n```"]
+    return lines
 
 
 def _term(t: dict[str, Any]) -> str:

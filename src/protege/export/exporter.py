@@ -5,7 +5,6 @@ or int8 ONNX, checked against PyTorch on real inputs and described by ``export.j
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import tempfile
 import time
@@ -135,7 +134,8 @@ def export(
         if isinstance(source, nn.Module)
         else open_run(Path(source), checkpoint, format, qad_ranges)
     )
-    if format != "native" and not isinstance(src.task, ClassificationTask):
+    segmenter = src.task.name == "promptable_segmentation"
+    if format != "native" and not isinstance(src.task, ClassificationTask) and not segmenter:
         raise ProtegeError(
             f"--format {format} covers classification students; task {src.task.name!r} exports with "
             "--format native (its own library's format)"
@@ -149,10 +149,14 @@ def export(
         "source": _describe(src),
     }
     # the calibration samples first: a run that may not calibrate fails before any work
-    calibrating = _calibration(src, calibration, calibration_data) if format == "int8" else None
+    calibrating = (
+        _calibration(src, calibration, calibration_data) if format == "int8" and not segmenter else None
+    )
     with staged_dir(out) as tmp:
         if format == "native":
             _native(src, tmp, info)
+        elif segmenter:
+            info |= _segmenter(src, format, tmp, calibration, calibration_data, bench)
         else:
             with tempfile.TemporaryDirectory(prefix="protege-export-") as scratch:
                 fp32 = (tmp if format == "onnx" else Path(scratch)) / "model.onnx"
@@ -262,7 +266,11 @@ def _from_model(
         raise ProtegeError(
             "exporting a model needs its inputs: pass data= (a DataSplits) or example= (an input batch)"
         )
-    task = build_task(getattr(data, "task", "classification"), data) if data is not None else ClassificationTask()
+    task = (
+        build_task(getattr(data, "task", "classification"), data)
+        if data is not None
+        else ClassificationTask()
+    )
     teachers = [teacher.eval()] if teacher is not None else []
     return _Source(
         model=model.eval(),
@@ -296,6 +304,8 @@ def _describe(src: _Source) -> dict[str, Any]:
         test = (summary.get("test") or {}).get(src.checkpoint.split(" ")[0] if src.checkpoint else "best")
         if isinstance(test, dict) and "acc" in test:
             d["run_test_acc"] = test["acc"]  # what the run measured (fake-quantized in PyTorch for QAD)
+        elif isinstance(test, dict) and "miou" in test:
+            d["run_test_miou"] = test["miou"]
     elif src.spec:
         d["student"] = {"model": src.spec.get("model"), "kwargs": src.spec.get("kwargs")}
     if src.data is not None:
@@ -504,6 +514,32 @@ def _check_int8(src: _Source, fp32: Path, int8: Path, info: dict[str, Any]) -> N
     }
 
 
+def _segmenter(
+    src: _Source,
+    format: str,
+    tmp: Path,
+    calibration: int,
+    calibration_data: Dataset[Any] | Iterable[torch.Tensor] | None,
+    bench: bool,
+) -> dict[str, Any]:
+    """A promptable segmenter: an encoder graph and decoder graphs (:mod:`.segmenter`)."""
+    from .segmenter import export_segmenter
+
+    if calibration_data is not None:
+        raise ProtegeError(
+            "a promptable segmenter calibrates on its run's training images; leave calibration_data out"
+        )
+    if format == "int8" and src.cfg is not None and src.cfg.data.strategy != "original":
+        raise ProtegeError(
+            f"{src.run_dir} trained without access to its training data (data.strategy: {src.cfg.data.strategy}); "
+            "int8 calibration on that split would use data the run never had"
+        )
+    train = src.data.train if src.data is not None else None
+    return export_segmenter(
+        src.model, src.task, format, tmp, _eval_set(src), train, calibration, src.teachers, bench
+    )
+
+
 def _native(src: _Source, tmp: Path, info: dict[str, Any]) -> None:
     if src.task.native_format is None:
         raise ProtegeError(f"task {src.task.name!r} declares no native format; export it with --format onnx")
@@ -574,21 +610,4 @@ def _bench(src: _Source, onnx_files: dict[str, Path]) -> dict[str, Any]:
         who, precision = labels[key]
         candidates.append(latency.Candidate(f"{who} {precision}", "onnxruntime", precision, onnx=path))
     rows = latency.measure(candidates, example_inputs(src))
-    return {"machine": machine(), "rows": rows}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return (
-        f"{cpu}, {latency.all_threads()} CPUs available; torch {torch.__version__}, "
-        f"onnxruntime {onnxruntime.__version__}"
-    )
+    return {"machine": latency.machine(), "rows": rows}

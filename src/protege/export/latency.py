@@ -13,6 +13,7 @@ per model: median, 10th and 90th percentile over the rounds (the spread) and the
 from __future__ import annotations
 
 import os
+import platform
 import random
 import statistics
 import time
@@ -160,3 +161,21 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{r['ms']:.3f} | {r['ms_p10']:.3f}–{r['ms_p90']:.3f} | {eager} | {teacher} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    """The CPU, the CPUs this process may use and the runtime versions (for a latency table)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return (
+        f"{cpu}, {all_threads()} CPUs available; torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}"
+    )

@@ -11,6 +11,10 @@ encoder runs once per image, the prompt encoder + mask decoder once per batch of
   (1, P, M, 4h, 4w) low-resolution mask logits and ``iou`` (1, P, M); dynamic P and N. Two files
   because the model's ``decode`` picks its masks by ``multimask`` in Python: one graph holding both
   choices runs the decoder twice (onnxruntime does not merge the copies).
+- ``decoder_box.onnx``: ``embeddings`` (1, C, h, w), ``boxes`` (1, P, 4) float pixel
+  (x0, y0, x1, y1), x1/y1 exclusive -> ``masks`` (1, P, 1, 4h, 4w), ``iou`` (1, P, 1); dynamic P.
+  A box prompt is two corner tokens and no padding token, so it is a graph of its own rather than
+  points with SAM's labels 2/3 (which would need the caller to drop the padding point).
 - ``sam_onnx.json``: image size, embedding shape, the exporter and opset of each file, and the
   largest difference to PyTorch measured right after the export on prompts of another shape
   than the traced example (so a graph whose dynamic axes were baked in fails here, not later).
@@ -49,7 +53,14 @@ from .quantize import quantize_int8
 __all__ = ["FILES", "OnnxSam", "export_sam_onnx", "quantize_sam_int8"]
 
 #: the graphs of an exported model: key -> file name
-FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "decoder_multimask": "decoder_multimask.onnx"}
+FILES = {
+    "encoder": "encoder.onnx",
+    "decoder": "decoder.onnx",
+    "decoder_multimask": "decoder_multimask.onnx",
+    "decoder_box": "decoder_box.onnx",
+}
+#: the decoder graphs, in the order they are written
+DECODERS = ("decoder", "decoder_multimask", "decoder_box")
 INFO = "sam_onnx.json"
 DECODER_INPUTS = ("embeddings", "point_coords", "point_labels")
 DECODER_OUTPUTS = ("masks", "iou")
@@ -73,6 +84,16 @@ class _Decoder(nn.Module):
 
     def forward(self, embeddings: Tensor, points: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         out = self.model.decode(embeddings, points, labels, multimask=self.multimask)
+        return out["masks"], out["iou"]
+
+
+class _BoxDecoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model.decode(embeddings, boxes=boxes)
         return out["masks"], out["iou"]
 
 
@@ -108,6 +129,13 @@ def _points(count: int, per_prompt: int, size: int, generator: torch.Generator) 
     return coords, labels
 
 
+def _boxes(count: int, size: int, generator: torch.Generator) -> Tensor:
+    """``(1, count, 4)`` boxes inside an ``size`` image, each at least 1 pixel wide and high."""
+    corner = torch.rand(1, count, 2, generator=generator) * (size / 2)
+    extent = 1 + torch.rand(1, count, 2, generator=generator) * (size / 2 - 1)
+    return torch.cat([corner, corner + extent], -1)
+
+
 def _gap(got: np.ndarray, want: Tensor) -> float:
     """max |got - want| relative to max(1, max |want|)."""
     want_np = want.detach().cpu().float().numpy()
@@ -117,12 +145,17 @@ def _gap(got: np.ndarray, want: Tensor) -> float:
 
 
 def export_sam_onnx(
-    model: nn.Module, out_dir: str | Path, opset: int = 17, multimask: bool | None = None
+    model: nn.Module,
+    out_dir: str | Path,
+    opset: int = 17,
+    multimask: bool | None = None,
+    boxes: bool = True,
 ) -> dict[str, Path]:
     """Write ``model`` (a promptable segmenter: ``img_size``, ``encode``, ``decode``) to ONNX in
     ``out_dir``: ``encoder.onnx``, ``decoder.onnx`` (``multimask=False``) and/or
-    ``decoder_multimask.onnx`` (``multimask=True``; ``multimask=None`` writes both), and
-    ``sam_onnx.json``. Returns ``{"encoder", "decoder"?, "decoder_multimask"?, "info"}`` paths.
+    ``decoder_multimask.onnx`` (``multimask=True``; ``multimask=None`` writes both),
+    ``decoder_box.onnx`` (with ``boxes``) and ``sam_onnx.json``. Returns ``{"encoder",
+    "decoder"?, "decoder_multimask"?, "decoder_box"?, "info"}`` paths.
 
     Each graph goes through :func:`protege.export.onnx_io.export_graph` (the dynamo exporter, whose
     opset is at least 18, then the TorchScript one at ``opset``), then is run by onnxruntime on
@@ -134,9 +167,8 @@ def export_sam_onnx(
     require()
     out_dir = Path(out_dir)
     size = int(model.img_size)
-    wanted = {"decoder": False, "decoder_multimask": True}
-    if multimask is not None:
-        wanted = {k: v for k, v in wanted.items() if v == multimask}
+    wanted = [k for k, mm in (("decoder", False), ("decoder_multimask", True)) if multimask in (None, mm)]
+    wanted += ["decoder_box"] if boxes else []
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     training = model.training
     generator = torch.Generator().manual_seed(0)
@@ -158,41 +190,10 @@ def export_sam_onnx(
                 got = session(path, threads=1).run(None, {"images": images.numpy()})[0]
             info["files"]["encoder"] = {**exported, "max_rel_diff": _check("encoder", got, embeddings)}
             emb = embeddings[:1]
-            traced = _points(3, 2, size, generator)
-            other = _points(5, 1, size, generator)
-            axes = {1: "prompts"}
-            for key, mm in wanted.items():
-                path = tmp / FILES[key]
-                prompts = {
-                    "point_coords": {1: "prompts", 2: "points"},
-                    "point_labels": {1: "prompts", 2: "points"},
-                }
-                exported = export_graph(
-                    _Decoder(model, mm), (emb, *traced), path, DECODER_INPUTS, DECODER_OUTPUTS,
-                    {**prompts, "masks": axes, "iou": axes}, opset,
-                )  # fmt: skip
-                with torch.no_grad():
-                    want = model.decode(emb, *other, multimask=mm)
-                feed = {
-                    "embeddings": emb.numpy(),
-                    "point_coords": other[0].numpy(),
-                    "point_labels": other[1].numpy(),
-                }
-                with quiet():
-                    try:
-                        masks, iou = session(path, threads=1).run(None, feed)
-                    except Exception as e:  # e.g. a graph with the example's shapes baked in
-                        why = (
-                            f"; the dynamo exporter said: {exported['dynamo_error']}"
-                            if "dynamo_error" in exported
-                            else ""
-                        )
-                        raise ProtegeError(
-                            f"the exported {FILES[key]} ({exported['exporter']} exporter{why}) fails on 5 prompts "
-                            f"of 1 point after tracing 3 of 2 ({type(e).__name__}: {str(e)[:300]})"
-                        ) from None
-                gap = max(_check(key, masks, want["masks"]), _check(key, iou, want["iou"]))
-                info["files"][key] = {**exported, "max_rel_diff": gap}
+            for key in wanted:
+                info["files"][key] = _export_decoder(
+                    model, key, emb, size, generator, tmp / FILES[key], opset
+                )
             names = [FILES[k] for k in ("encoder", *wanted)]
             paths = _publish(tmp, out_dir, names)
         atomic_write_text(out_dir / INFO, json.dumps(info, indent=2))
@@ -200,6 +201,45 @@ def export_sam_onnx(
         model.to(device).train(training)
     out = {key: paths[FILES[key]] for key in ("encoder", *wanted)}
     return {**out, "info": out_dir / INFO}
+
+
+def _export_decoder(
+    model: nn.Module, key: str, emb: Tensor, size: int, generator: torch.Generator, path: Path, opset: int
+) -> dict[str, Any]:
+    """Export decoder graph ``key`` traced on one prompt shape, run it on another and compare."""
+    if key == "decoder_box":
+        module: nn.Module = _BoxDecoder(model)
+        names: tuple[str, ...] = ("embeddings", "boxes")
+        axes = {"boxes": {1: "prompts"}}
+        traced: tuple[Tensor, ...] = (_boxes(3, size, generator),)
+        other: tuple[Tensor, ...] = (_boxes(5, size, generator),)
+        shapes = "5 boxes after tracing 3"
+    else:
+        module = _Decoder(model, key == "decoder_multimask")
+        names = DECODER_INPUTS
+        axes = {"point_coords": {1: "prompts", 2: "points"}, "point_labels": {1: "prompts", 2: "points"}}
+        traced, other = _points(3, 2, size, generator), _points(5, 1, size, generator)
+        shapes = "5 prompts of 1 point after tracing 3 of 2"
+    out_axes = {"masks": {1: "prompts"}, "iou": {1: "prompts"}}
+    exported = export_graph(module, (emb, *traced), path, names, DECODER_OUTPUTS, {**axes, **out_axes}, opset)
+    with torch.no_grad():
+        want = module(emb, *other)
+    feed = {name: value.numpy() for name, value in zip(names, (emb, *other), strict=True)}
+    with quiet():
+        try:
+            masks, iou = session(path, threads=1).run(None, feed)
+        except Exception as e:  # e.g. a graph with the example's shapes baked in
+            why = (
+                f"; the dynamo exporter said: {exported['dynamo_error']}"
+                if "dynamo_error" in exported
+                else ""
+            )
+            raise ProtegeError(
+                f"the exported {FILES[key]} ({exported['exporter']} exporter{why}) fails on {shapes} "
+                f"({type(e).__name__}: {str(e)[:300]})"
+            ) from None
+    gap = max(_check(key, masks, want[0]), _check(key, iou, want[1]))
+    return {**exported, "max_rel_diff": gap}
 
 
 def _check(what: str, got: np.ndarray, want: Tensor) -> float:
@@ -242,8 +282,8 @@ def quantize_sam_int8(
     ``onnx_paths``: :func:`export_sam_onnx`'s result or its directory. ``calibration_images``:
     (B, 3, S, S) tensors in [0, 1] (a few dozen typical images). The encoder is calibrated on them;
     with ``decoder`` the decoders are quantized too, calibrated on the fp32 encoder's embeddings of
-    those images with a ``points_per_side``² grid of single foreground points and the same points
-    paired with a background point; without, they are copied as they are. Writes
+    those images with the prompts of :func:`_calibration_prompts` (a ``points_per_side``² grid);
+    without, they are copied as they are. Writes
     ``sam_onnx.json`` with what each quantization did. Returns the paths like
     :func:`export_sam_onnx`.
     """
@@ -260,20 +300,15 @@ def quantize_sam_int8(
         info["files"]["encoder"] = quantize_int8(
             fp32["encoder"], tmp / FILES["encoder"], ({"images": b} for b in batches)
         )
-        decoders = [k for k in ("decoder", "decoder_multimask") if k in fp32]
+        decoders = [k for k in DECODERS if k in fp32]
         if decoder and decoders:
             embeddings = [source.encode(b) for b in batches]
-            grid = (torch.arange(points_per_side) + 0.5) * size / points_per_side
-            points = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(1, -1, 1, 2)
-            single = (points, torch.ones(points.shape[:3], dtype=torch.long))
-            background = torch.full_like(points, size / 2)  # the image centre
-            paired = (torch.cat([points, background], 2), torch.tensor([1, 0]).expand(1, points.shape[1], 2))
             for key in decoders:
                 feeds = [
-                    {"embeddings": e[i : i + 1], "point_coords": coords, "point_labels": labels}
+                    {"embeddings": e[i : i + 1], **prompt}
                     for e in embeddings
                     for i in range(len(e))
-                    for coords, labels in (single, paired)
+                    for prompt in _calibration_prompts(key, size, points_per_side)
                 ]
                 info["files"][key] = quantize_int8(fp32[key], tmp / FILES[key], feeds)
         else:
@@ -284,6 +319,27 @@ def quantize_sam_int8(
         paths = _publish(tmp, out_dir, [FILES[k] for k in keys])
     atomic_write_text(out_dir / INFO, json.dumps(info, indent=2, default=str))
     return {**{k: paths[FILES[k]] for k in keys}, "info": out_dir / INFO}
+
+
+def _calibration_prompts(key: str, size: int, per_side: int) -> list[dict[str, Tensor]]:
+    """The prompts a decoder graph is calibrated with on each image: a ``per_side``² grid of single
+    foreground points and the same points paired with a background point at the image centre; for
+    the box graph, boxes of a quarter and of half the image's side centred on that grid."""
+    grid = (torch.arange(per_side) + 0.5) * size / per_side
+    points = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(1, -1, 1, 2)
+    if key == "decoder_box":
+        boxes = []
+        for half in (size / 8, size / 4):
+            centre = points[:, :, 0]
+            boxes.append({"boxes": torch.cat([centre - half, centre + half], -1).clamp(0, size)})
+        return boxes
+    single = {"point_coords": points, "point_labels": torch.ones(points.shape[:3], dtype=torch.long)}
+    background = torch.full_like(points, size / 2)
+    paired = {
+        "point_coords": torch.cat([points, background], 2),
+        "point_labels": torch.tensor([1, 0]).expand(1, points.shape[1], 2),
+    }
+    return [single, paired]
 
 
 def _paths(onnx_paths: Mapping[str, str | Path] | str | Path) -> dict[str, Path]:
@@ -306,8 +362,9 @@ def _paths(onnx_paths: Mapping[str, str | Path] | str | Path) -> dict[str, Path]
 class OnnxSam:
     """An exported segmenter run by onnxruntime on the CPU, with the model's interface: ``img_size``,
     ``encode(images)``, ``decode(embeddings, points, labels, multimask=...)``, ``upscale(masks)``
-    and ``__call__`` (encode + decode). Point prompts only (the decoder graphs take no boxes).
-    ``upscale`` is bilinear interpolation to (S, S), as SAM's."""
+    and ``__call__`` (encode + decode). Point prompts, or box prompts where the export has
+    ``decoder_box.onnx`` (not both in one prompt). ``upscale`` is bilinear interpolation to (S, S),
+    as SAM's."""
 
     def __init__(self, paths: Mapping[str, str | Path] | str | Path, threads: int | None = None) -> None:
         files = _paths(paths)
@@ -318,6 +375,9 @@ class OnnxSam:
                 for key, mm in (("decoder", False), ("decoder_multimask", True))
                 if key in files
             }
+            self.box_decoder = (
+                session(files["decoder_box"], threads=threads, spin=False) if "decoder_box" in files else None
+            )
         shape = self.encoder.get_inputs()[0].shape
         self.img_size = int(shape[-1])
         self.paths = files
@@ -335,24 +395,39 @@ class OnnxSam:
         boxes: Tensor | None = None,
         multimask: bool = False,
     ) -> dict[str, Tensor]:
-        """``{"masks": (B, P, M, 4h, 4w) logits, "iou": (B, P, M)}`` for point prompts (B, P, N, 2)."""
-        if boxes is not None or points is None or labels is None:
-            raise ProtegeError(
-                "an exported segmenter's decoder takes point prompts (points and labels), not boxes"
-            )
+        """``{"masks": (B, P, M, 4h, 4w) logits, "iou": (B, P, M)}`` for point prompts (B, P, N, 2)
+        or box prompts (B, P, 4) (``M = 1``)."""
+        if boxes is not None:
+            if points is not None or labels is not None:
+                raise ProtegeError(
+                    "an exported segmenter takes points or boxes in one decode, not both: decode them apart"
+                )
+            if self.box_decoder is None:
+                raise ProtegeError(
+                    f"this export has no {FILES['decoder_box']} and so takes point prompts, not boxes; "
+                    "export it with boxes=True"
+                )
+            return self._run(self.box_decoder, embeddings, {"boxes": boxes.float()})
+        if points is None or labels is None:
+            raise ProtegeError("decode needs point prompts (points and labels) or boxes")
         if multimask not in self.decoders:
             name = FILES["decoder_multimask" if multimask else "decoder"]
             raise ProtegeError(
                 f"this export has no {name} (multimask={multimask}); export it with that decoder"
             )
-        sess = self.decoders[multimask]
+        return self._run(
+            self.decoders[multimask],
+            embeddings,
+            {"point_coords": points.float(), "point_labels": labels.long()},
+        )
+
+    @staticmethod
+    def _run(sess: Any, embeddings: Tensor, prompts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One graph run per image: the graphs take one image's embedding (SAM's export does too)."""
         masks, ious = [], []
         for b in range(len(embeddings)):
-            feed = {
-                "embeddings": embeddings[b : b + 1].detach().cpu().numpy().astype(np.float32),
-                "point_coords": points[b : b + 1].detach().cpu().numpy().astype(np.float32),
-                "point_labels": labels[b : b + 1].detach().cpu().numpy().astype(np.int64),
-            }
+            feed = {"embeddings": embeddings[b : b + 1].detach().cpu().numpy().astype(np.float32)}
+            feed |= {k: v[b : b + 1].detach().cpu().numpy() for k, v in prompts.items()}
             m, iou = sess.run(None, feed)
             masks.append(torch.from_numpy(m))
             ious.append(torch.from_numpy(iou))

@@ -365,9 +365,10 @@ class SegmentationTask(Task):
         out: Outputs = {
             "logits": torch.cat([p["masks"][:, :, 0] for p in parts], dim=1),
             "iou": torch.cat([p["iou"][:, :, 0] for p in parts], dim=1),
-            "tokens": torch.cat([p["tokens"] for p in parts], dim=1),
             "embedding": embedding,
         }
+        if all("tokens" in p for p in parts):  # an exported model's graphs return masks and IoU only
+            out["tokens"] = torch.cat([p["tokens"] for p in parts], dim=1)
         if "mode" in inputs:
             out["mode"] = torch.as_tensor(inputs["mode"])
         return out
