@@ -242,7 +242,9 @@ def test_protege_export_of_a_segmentation_run_to_int8(tmp_path, monkeypatch, cap
         assert ev["onnx_fp32"][f"fp32_miou_{kind}"] > 0.98, kind  # fp32 ONNX: the same masks
         assert 0.0 <= ev["int8"][f"fp32_miou_{kind}"] <= 1.0
         assert 0.0 <= ev["int8"][f"teacher_miou_{kind}"] <= 1.0
-    assert set(info["latency"]["rows"]) == {"teacher", "student", "student fp32", "student int8"}
+    assert set(info["latency"]["rows"]) == {
+        "teacher (PyTorch)", "student fp32 (PyTorch)", "student fp32 (onnxruntime)", "student int8 (onnxruntime)"
+    }  # fmt: skip
     card = (out / "README.md").read_text()
     assert "Mask mIoU" in card and "OnnxSam" in card and "decoder_box.onnx" in card
     # a segmentation run refuses the classification-only calibration input, before writing anything

@@ -30,6 +30,8 @@ from .sam_onnx import OnnxSam, export_sam_onnx, quantize_sam_int8
 
 __all__ = ["calibration_images", "evaluate_segmenters", "export_segmenter", "time_segmenters"]
 
+#: how the exported models are named in tables
+LABELS = {"onnx_fp32": "fp32 (onnxruntime)", "int8": "int8 (onnxruntime)"}
 #: images a batch of the evaluation holds
 EVAL_BATCH = 16
 
@@ -71,11 +73,9 @@ def export_segmenter(
                 **evaluate_segmenters({"fp32": model, **exported}, dataset, task, teachers),
             }
         if bench:
-            named: dict[str, Any] = {"teacher": teachers[0]} if teachers else {}
-            named |= {
-                "student": model,
-                **{f"student {k.removeprefix('onnx_')}": m for k, m in exported.items()},
-            }
+            named: dict[str, Any] = {"teacher (PyTorch)": teachers[0]} if teachers else {}
+            named["student fp32 (PyTorch)"] = model
+            named |= {f"student {LABELS[k]}": m for k, m in exported.items()}
             info["latency"] = time_segmenters(named) | {"machine": machine()}
     return info
 
