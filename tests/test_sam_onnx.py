@@ -201,16 +201,16 @@ def _cli(monkeypatch, *args: str) -> int:
     return int(e.value.code or 0)
 
 
-def test_protege_export_of_a_segmentation_run_to_int8(tmp_path, monkeypatch, capsys):
-    """`protege export RUN --format int8` on a promptable-segmentation run: encoder + decoder graphs
-    (points, multimask, boxes) quantized, evaluated with the run's own prompts and evaluator beside
-    the PyTorch student (whose figures are the run's test figures), timed side by side."""
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+    """A finished one-epoch promptable-segmentation run (tiny SAM teacher, CNN student)."""
     import protege as pg
     from protege.config import load_config
 
     size = 64
+    root = tmp_path_factory.mktemp("segrun")
     cfg = {
-        "name": "seg", "output_dir": str(tmp_path / "runs"), "task": "promptable_segmentation", "seed": 0,
+        "name": "seg", "output_dir": str(root / "runs"), "task": "promptable_segmentation", "seed": 0,
         "epochs": 1, "cpu": True, "progress": False,
         "data": {"source": "composites", "batch_size": 4, "options": {
             "size": size, "train": 8, "val": 4, "test": 4, "max_objects": 2, "kinds": ["shapes"],
@@ -221,7 +221,17 @@ def test_protege_export_of_a_segmentation_run_to_int8(tmp_path, monkeypatch, cap
         "optim": {"name": "adamw", "lr": 0.001},
     }  # fmt: skip
     summary = pg.run(load_config(None, **cfg), mode="distill", report=False)
-    run = tmp_path / "runs" / "seg"
+    return root / "runs" / "seg", summary
+
+
+def test_protege_export_of_a_segmentation_run_to_int8(seg_run, tmp_path, monkeypatch, capsys):
+    """`protege export RUN --format int8` on a promptable-segmentation run: encoder + decoder graphs
+    (points, multimask, boxes) quantized, evaluated with the run's own prompts and evaluator beside
+    the PyTorch student (whose figures are the run's test figures), timed side by side."""
+    import protege as pg
+
+    size = 64
+    run, summary = seg_run
     assert _cli(monkeypatch, "export", str(run), "--format", "int8", "--calibration", "6", "--bench") == 0
     shown = capsys.readouterr().out
     assert "1 point" in shown and "IoU with fp32" in shown and "decoder" in shown
@@ -251,3 +261,38 @@ def test_protege_export_of_a_segmentation_run_to_int8(tmp_path, monkeypatch, cap
     with pytest.raises(ProtegeError, match="calibrates on its run's training images"):
         pg.export(run, format="int8", out=tmp_path / "x", calibration_data=[torch.rand(2, 3, size, size)])
     assert not (tmp_path / "x").exists()
+
+
+def test_protege_segment_everything_cli(seg_run, tmp_path, monkeypatch, capsys):
+    """`protege segment-everything IMAGE --run RUN` writes the label map, the per-mask record and the
+    overlay for a real image file of any size; a refused output directory is refused before work."""
+    from PIL import Image
+
+    run, _ = seg_run
+    picture = (_image(3).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(picture).resize((96, 48)).save(path)  # not square, not the model's size
+    args = ["segment-everything", str(path), "--run", str(run), "--points-per-side", "4"]
+    assert _cli(monkeypatch, *args) == 0
+    shown = capsys.readouterr().out
+    out = tmp_path / "photo-masks"
+    assert "masks (hierarchical" in shown and str(out) in shown.replace("\n", "")
+    record = json.loads((out / "masks.json").read_text())
+    assert record["mode"] == "hierarchical" and record["valid_size"] == [32, 64]  # 96x48 letterboxed to 64
+    labels = np.asarray(Image.open(out / "masks.png"))
+    assert labels.shape == (32, 64) and int(labels.max()) <= len(record["masks"])
+    assert np.asarray(Image.open(out / "overlay.png")).shape == (32, 64, 3)
+    # the teacher, dense, multimask, into the same directory: refused without --overwrite, then done
+    again = [*args, "--model", "teacher", "--mode", "dense", "--multimask"]
+    assert _cli(monkeypatch, *again) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert _cli(monkeypatch, *again, "--overwrite") == 0
+    record = json.loads((out / "masks.json").read_text())
+    assert record["mode"] == "dense" and record["prompts"] == 16
+    assert (
+        _cli(
+            monkeypatch, "segment-everything", str(path), "--run", str(tmp_path), "--out", str(tmp_path / "o")
+        )
+        == 2
+    )
+    assert "no config.yaml" in capsys.readouterr().err.replace("\n", " ")

@@ -451,6 +451,52 @@ def compare(
     out.print(f"comparison: {compare_runs(run_dirs, out=out_file)}")
 
 
+@app.command("segment-everything")
+def segment_everything_cmd(
+    image: Annotated[Path, typer.Argument(help="an image file (RGB, grey or RGBA; any size: letterboxed)")],
+    run_dir: Annotated[Path, typer.Option("--run", help="a finished promptable_segmentation run")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="directory to write (default: <image stem>-masks beside it)")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="hierarchical (TinySAM) or dense (SAM's point grid)")
+    ] = "hierarchical",
+    points_per_side: Annotated[int, typer.Option(help="points per side of the dense grid")] = 16,
+    which: Annotated[str, typer.Option("--model", help="student or teacher")] = "student",
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    multimask: Annotated[
+        bool,
+        typer.Option(
+            help="three masks per point, SAM's way: for models whose multimask outputs were trained "
+            "(official SAM weights, or a run with prompts.multimask); else one mask per point"
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a non-empty output directory")
+    ] = False,
+) -> None:
+    """Segment everything in IMAGE with a run's student (or teacher): writes masks.png (the instance
+    label map), masks.json (score, stability, box, area per mask) and overlay.png."""
+    from .segment import load_segmenter, segment_file
+
+    target = out_dir if out_dir is not None else image.with_name(f"{image.stem}-masks")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:  # before loading anything
+        raise ProtegeError(f"{target} is not empty; choose another --out or pass --overwrite")
+    model = load_segmenter(run_dir, which, checkpoint)
+    info = segment_file(
+        model,
+        image,
+        target,
+        mode=mode,
+        points_per_side=points_per_side,
+        multimask=multimask,
+        overwrite=overwrite,
+    )
+    out.print(
+        f"{info['masks']} masks ({mode}, {info['prompts']} prompts decoded, {info['seconds']:.2f} s) → {target}"
+    )
+
+
 @analyze_app.command("gradvar")
 def gradvar(
     config: ConfigArg,

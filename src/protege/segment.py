@@ -46,7 +46,15 @@ from torchvision.ops import batched_nms
 from .errors import ProtegeError
 from .files import fsync_dir, replace_dir, staged_dir, write_durable
 
-__all__ = ["EverythingResult", "load_image", "match_masks", "save_everything", "segment_everything"]
+__all__ = [
+    "EverythingResult",
+    "load_image",
+    "match_masks",
+    "save_everything",
+    "segment_everything",
+    "segment_file",
+    "load_segmenter",
+]
 
 MODES = ("hierarchical", "dense")
 #: mask logits above this are foreground (SAM's ``mask_threshold``)
@@ -129,10 +137,13 @@ def segment_everything(
     high_conf_iou: float | None = None,
     high_conf_stability: float | None = None,
     valid_size: tuple[int, int] | None = None,
+    multimask: bool = True,
 ) -> EverythingResult:
     """All the objects of ``image`` (3, S, S) in [0, 1], ``S = model.img_size``.
 
-    Each point prompt gets three masks (multimask); a mask is kept when its predicted IoU is above
+    Each point prompt gets three masks (``multimask``, SAM's way; ``multimask=False``: the one
+    single-mask output, for a model whose multimask outputs were never trained, e.g. a
+    ``promptable_segmentation`` run without ``prompts.multimask``); a mask is kept when its predicted IoU is above
     ``pred_iou_thresh``, its stability score (the IoU of the mask thresholded at logit
     ``+stability_offset`` and at ``-stability_offset``) at least ``stability_thresh``, and its area
     at least ``min_area`` pixels (empty masks never); then box NMS at ``nms_thresh`` keeps the best
@@ -188,7 +199,7 @@ def segment_everything(
                 start = time.perf_counter()
                 coords = chunk.to(device)[None, :, None, :]
                 labels = torch.ones(coords.shape[:3], dtype=torch.long, device=device)
-                out = model.decode(embedding, coords, labels, multimask=True)
+                out = model.decode(embedding, coords, labels, multimask=multimask)
                 logits = model.upscale(out["masks"][0])  # (q, M, S, S)
                 iou = out["iou"][0]
                 _sync(device)
@@ -462,6 +473,70 @@ def _png(image: Any) -> bytes:
 
 #: the PIL modes :func:`load_image` reads (greyscale and RGBA are converted to RGB)
 IMAGE_MODES = ("RGB", "L", "RGBA")
+
+
+def segment_file(
+    model: Any,
+    image_path: str | Path,
+    out_dir: str | Path,
+    mode: str = "hierarchical",
+    points_per_side: int = 16,
+    multimask: bool = True,
+    overwrite: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Segment everything in the image file ``image_path`` and write the result to ``out_dir``.
+
+    :func:`load_image` (letterboxed to ``model.img_size``), :func:`segment_everything` (``mode``,
+    ``points_per_side``, ``multimask`` and any of its other ``options``), :func:`save_everything`.
+    ``out_dir`` is checked before the model runs, so a refused directory costs nothing. Returns
+    ``{"masks", "prompts", "seconds", "times", "files"}``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ProtegeError(f"{out} is a file; give a directory to write the masks into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ProtegeError(f"{out} is not empty; choose another directory or pass overwrite")
+    image, valid = load_image(image_path, int(model.img_size))
+    start = time.perf_counter()
+    result = segment_everything(
+        model,
+        image,
+        mode=mode,
+        points_per_side=points_per_side,
+        multimask=multimask,
+        valid_size=valid,
+        **options,
+    )
+    seconds = time.perf_counter() - start
+    files = save_everything(result, image, out, overwrite=overwrite)
+    return {
+        "masks": len(result),
+        "prompts": result.prompts,
+        "seconds": seconds,
+        "times": result.times,
+        "files": files,
+    }
+
+
+def load_segmenter(run_dir: str | Path, model: str = "student", checkpoint: str = "best") -> nn.Module:
+    """A finished ``promptable_segmentation`` run's student (its ``checkpoint``: best or last) or
+    its first teacher (``model="teacher"``), in eval mode."""
+    from .pipeline import load_run
+
+    if model not in ("student", "teacher"):
+        raise ProtegeError(f"the model to segment with is student or teacher, not {model!r}")
+    if checkpoint not in ("best", "last"):
+        raise ProtegeError(f"the checkpoint is best or last, not {checkpoint!r}")
+    run = load_run(run_dir, checkpoint)  # type: ignore[arg-type]
+    if run.task.name != "promptable_segmentation":
+        raise ProtegeError(
+            f"{run_dir} is a {run.task.name!r} run; segmenting an image needs a promptable_segmentation run"
+        )
+    if model == "teacher":
+        if not run.teachers:
+            raise ProtegeError(f"{run_dir} has no teacher; segment with its student")
+        return run.teachers[0].eval()
+    return run.student.eval()
 
 
 def load_image(path: str | Path, size: int) -> tuple[Tensor, tuple[int, int]]:
