@@ -55,7 +55,9 @@ def test_eval_prompts_are_fixed_and_point_at_each_object(images: SegmentationIma
     k = masks.shape[0]
     assert k >= 1
     mode = a["mode"]
-    assert (mode[:k] == ONE_POINT).all() and (mode[3 : 3 + k] == POINTS).all() and (mode[6 : 6 + k] == BOX).all()
+    assert (
+        (mode[:k] == ONE_POINT).all() and (mode[3 : 3 + k] == POINTS).all() and (mode[6 : 6 + k] == BOX).all()
+    )
     assert (mode[k:3] == PAD).all()
     for o in range(k):
         assert torch.equal(a["masks"][o], masks[o]) and torch.equal(a["masks"][6 + o], masks[o])
@@ -67,14 +69,25 @@ def test_eval_prompts_are_fixed_and_point_at_each_object(images: SegmentationIma
             assert masks[o][int(py), int(px)]
         x0, y0, x1, y1 = a["boxes"][o].tolist()
         rows, cols = torch.nonzero(masks[o], as_tuple=True)
-        assert (x0, y0, x1, y1) == (cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1)
+        assert (x0, y0, x1, y1) == (
+            cols.min().item(),
+            rows.min().item(),
+            cols.max().item() + 1,
+            rows.max().item() + 1,
+        )
 
 
 def test_train_prompts_point_inside_their_target(images: SegmentationImages) -> None:
     torch.manual_seed(0)
-    data = PromptedImages(images, PromptSettings(point_prompts=5, box_prompts=2, max_points=3), train=True, max_objects=3)
+    data = PromptedImages(
+        images, PromptSettings(point_prompts=5, box_prompts=2, max_points=3), train=True, max_objects=3
+    )
     item = data[0]
-    assert item["points"].shape == (5, 3, 2) and item["boxes"].shape == (2, 4) and item["masks"].shape == (7, SIZE, SIZE)
+    assert (
+        item["points"].shape == (5, 3, 2)
+        and item["boxes"].shape == (2, 4)
+        and item["masks"].shape == (7, SIZE, SIZE)
+    )
     for p in range(5):
         used = item["labels"][p] == 1
         assert used[0] and (item["labels"][p][~used] == -1).all()
@@ -106,7 +119,9 @@ def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return teacher, student
 
 
-def test_hard_sampling_adds_a_teacher_labelled_point_where_the_models_disagree(images: SegmentationImages) -> None:
+def test_hard_sampling_adds_a_teacher_labelled_point_where_the_models_disagree(
+    images: SegmentationImages,
+) -> None:
     teacher, student = _models()
     settings = PromptSettings(point_prompts=3, box_prompts=1, sampler="hard", rounds=1)
     data = PromptedImages(images, settings, train=True, max_objects=3)
@@ -118,9 +133,23 @@ def test_hard_sampling_adds_a_teacher_labelled_point_where_the_models_disagree(i
     out = task.refine_batch(batch, student, [teacher])
     assert student.training  # restored
     with torch.no_grad():
-        t = teacher.upscale(teacher.decode(teacher.encode(batch["image"]), batch["points"], batch["labels"])["masks"][:, :, 0]) > 0
+        t = (
+            teacher.upscale(
+                teacher.decode(teacher.encode(batch["image"]), batch["points"], batch["labels"])["masks"][
+                    :, :, 0
+                ]
+            )
+            > 0
+        )
         student.eval()
-        s = student.upscale(student.decode(student.encode(batch["image"]), batch["points"], batch["labels"])["masks"][:, :, 0]) > 0
+        s = (
+            student.upscale(
+                student.decode(student.encode(batch["image"]), batch["points"], batch["labels"])["masks"][
+                    :, :, 0
+                ]
+            )
+            > 0
+        )
     added = 0
     for b in range(2):
         for p in range(3):
@@ -155,7 +184,11 @@ def test_evaluator_perfect_and_padded_prompts() -> None:
     wrong[0, 2] = -10.0  # the teacher misses the box object
     ev.update({"logits": logits, "iou": torch.ones(1, 4), "mode": mode}, target, {"logits": wrong})
     m = ev.compute()
-    assert m["miou_1pt"] == pytest.approx(1.0) and m["miou_3pt"] == pytest.approx(1.0) and m["miou_box"] == pytest.approx(1.0)
+    assert (
+        m["miou_1pt"] == pytest.approx(1.0)
+        and m["miou_3pt"] == pytest.approx(1.0)
+        and m["miou_box"] == pytest.approx(1.0)
+    )
     assert m["miou"] == pytest.approx(1.0) and m["iou_mae"] == pytest.approx(0.0)
     assert m["tmiou_box"] == pytest.approx(0.0) and m["teacher/miou_box"] == pytest.approx(0.0)
     assert m["tmiou_1pt"] == pytest.approx(1.0)
@@ -252,9 +285,28 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys) -> None:
     cfg = _config(tmp_path, terms=[{"loss": "mask_kd"}], student={"model": "sam_studnet"})
     path.write_text(yaml.safe_dump(cfg))
     code, err = run_cli(monkeypatch, capsys, "distill", str(path))
-    assert code == 2 and "builds models sam, sam_student, not 'sam_studnet'" in err and "did you mean 'sam_student'" in err
+    assert (
+        code == 2
+        and "builds models sam, sam_student, not 'sam_studnet'" in err
+        and "did you mean 'sam_student'" in err
+    )
 
     cfg = _config(tmp_path, terms=[{"loss": "mask_kd"}], cache={"path": str(tmp_path / "cache")})
     path.write_text(yaml.safe_dump(cfg))
     code, err = run_cli(monkeypatch, capsys, "cache", str(path))
     assert code == 2 and "cannot serve promptable_segmentation" in err
+
+    # hard prompts need one student and a live teacher: a cohort or a run without teacher terms is refused
+    cfg = _config(tmp_path, terms=[{"loss": "mask_kd"}])  # sampler: hard
+    del cfg["student"]
+    cfg["students"] = [{"name": n, "model": "sam_student", "kwargs": {"encoder": "cnn"}} for n in ("a", "b")]
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(monkeypatch, capsys, "distill", str(path))
+    assert code == 2 and "hard-prompt sampling" in err and "several students" in err.replace("\n", " ")
+    assert not (tmp_path / "runs" / "seg").exists()
+    cfg = _config(tmp_path, terms=[{"loss": "sam_gt"}])
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(monkeypatch, capsys, "distill", str(path))
+    assert code == 2 and "no term reads the teacher" in err.replace("\n", " ")
+    code, err = run_cli(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and "'train' mode" in err.replace("\n", " ")

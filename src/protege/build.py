@@ -23,7 +23,7 @@ from .engine.checkpoint import read_pointers
 from .engine.loop import console
 from .errors import ProtegeError
 from .models import build_model
-from .tasks import build_task
+from .tasks import Task, build_task
 
 Mode = Literal["train", "distill"]
 
@@ -109,6 +109,30 @@ def build_terms(cfg: RunConfig, mode: Mode = "distill", stage: bool = False) -> 
     return terms
 
 
+def _check_refinement(
+    task: Task, cfg: RunConfig, mode: Mode, teachers: dict[str, nn.Module], terms: list[Term]
+) -> None:
+    """A task that rewrites training batches from the live student and teachers (``refine_batch``)
+    can only do so in a one-student run whose teachers run live: refuse the others, naming why."""
+    what = task.refines_batches()
+    if what is None:
+        return
+    why = None
+    if cfg.students:
+        why = "this run trains several students (a cohort)"
+    elif mode != "distill":
+        why = f"this run is in {mode!r} mode, where no teacher runs"
+    elif not teachers:
+        why = "its teachers do not run live (none configured, or a teacher-output cache)"
+    elif not any(t.uses_teacher for t in terms):
+        why = "no term reads the teacher, so the teacher does not run during training"
+    if why is not None:
+        raise ProtegeError(
+            f"{what} rewrites each training batch from the student's and the teacher's live predictions, "
+            f"but {why}. Use one 'student', a live 'teacher' and a distillation term, or drop that option"
+        )
+
+
 def build_distiller(
     cfg: RunConfig,
     data: DataSplits,
@@ -141,6 +165,7 @@ def build_distiller(
     weights = [s.weight for s in cfg.all_teachers()] or None
     terms = build_terms(cfg, mode, stage)
     task = build_task(cfg.task, data)
+    _check_refinement(task, cfg, mode, teachers, terms)
     if cfg.students:
         mutual = cfg.mutual or MutualConfig(weight=0.0)
         return Cohort(

@@ -30,4 +30,14 @@ def build_task(name: str, data: Any = None) -> Task:
     return task
 
 
-__all__ = ["ClassificationTask", "EmbeddingTask", "Evaluator", "LMTask", "Outputs", "SegmentationTask", "Task", "VisionLanguageTask", "build_task"]
+__all__ = [
+    "ClassificationTask",
+    "EmbeddingTask",
+    "Evaluator",
+    "LMTask",
+    "Outputs",
+    "SegmentationTask",
+    "Task",
+    "VisionLanguageTask",
+    "build_task",
+]

@@ -74,6 +74,11 @@ class Task:
         batch when the teachers run live; the batch as it is by default."""
         return batch
 
+    def refines_batches(self) -> str | None:
+        """What :meth:`refine_batch` does in this run, when it does something (then a run must give
+        it one student and live teachers, or it would be silently skipped); ``None`` by default."""
+        return None
+
     def evaluator(self, with_teacher: bool) -> Evaluator:
         raise NotImplementedError
 

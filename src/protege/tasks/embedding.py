@@ -89,7 +89,9 @@ KNN = 10
 class TextItems(Dataset):
     """Texts (with, for evaluation, each text's fold and probe labels) as batch dicts."""
 
-    def __init__(self, texts: Sequence[str], folds: Sequence[int] | None = None, labels: np.ndarray | None = None):
+    def __init__(
+        self, texts: Sequence[str], folds: Sequence[int] | None = None, labels: np.ndarray | None = None
+    ):
         self.texts = list(texts)
         self.folds = None if folds is None else [int(f) for f in folds]
         self.labels = labels
@@ -160,7 +162,9 @@ def load_embedding_data(
     if bad:
         near = closest(bad[0], EMBED_OPTIONS)
         hint = f" did you mean {near[0]!r}?" if near else ""
-        raise ProtegeError(f"unknown embedding data option {bad[0]!r}.{hint} Options: {', '.join(EMBED_OPTIONS)}")
+        raise ProtegeError(
+            f"unknown embedding data option {bad[0]!r}.{hint} Options: {', '.join(EMBED_OPTIONS)}"
+        )
     if source not in EMBED_SOURCES:
         near = closest(source, EMBED_SOURCES)
         hint = f" did you mean {near[0]!r}?" if near else ""
@@ -174,7 +178,9 @@ def load_embedding_data(
     for key in ("unit", "text_field", "label_fields", "min_chars"):
         if key in options:
             value = options[key]
-            read_kw[key] = list(value) if key == "label_fields" else value if key == "min_chars" else str(value)
+            read_kw[key] = (
+                list(value) if key == "label_fields" else value if key == "min_chars" else str(value)
+            )
 
     entries: list[str] = []
     if source == "corpora":
@@ -233,7 +239,9 @@ def load_embedding_data(
     score: list[Any] = []
     for name in probe_corpora:
         if name not in BUILTIN_CORPORA:
-            raise ProtegeError(f"probes name built-in labelled corpora ({', '.join(BUILTIN_CORPORA)}), not {name!r}")
+            raise ProtegeError(
+                f"probes name built-in labelled corpora ({', '.join(BUILTIN_CORPORA)}), not {name!r}"
+            )
         fit += [r for r in builtin_corpus(name, "train", seed=seed) if r.labels]
         score += [r for r in builtin_corpus(name, "test", seed=seed) if r.labels]
     probes = sorted({p for r in fit + score for p in r.labels})
@@ -319,9 +327,7 @@ def build_embedding_model(
     else:
         near = closest(name, EMBED_MODELS)
         hint = f" did you mean {near[0]!r}?" if near else ""
-        raise ProtegeError(
-            f"task embedding builds models {', '.join(EMBED_MODELS)}, not {name!r}.{hint}"
-        )
+        raise ProtegeError(f"task embedding builds models {', '.join(EMBED_MODELS)}, not {name!r}.{hint}")
     if weights is not None:
         load_weights(model, weights)
     return model
@@ -354,7 +360,9 @@ def _call(fn: Any, teacher: nn.Module, kwargs: Mapping[str, Any], what: str) -> 
 _STATIC_MEMO: dict[str, Any] = {}
 
 
-def _static(teacher: nn.Module, kwargs: Mapping[str, Any], reference: Mapping[str, Any], skip_init: bool) -> nn.Module:
+def _static(
+    teacher: nn.Module, kwargs: Mapping[str, Any], reference: Mapping[str, Any], skip_init: bool
+) -> nn.Module:
     """A static student from ``teacher``. The model2vec-style initialisation (every vocabulary token
     through the teacher) is done once per process and settings (a run builds its student again for
     the report); with ``skip_init`` (weights follow) the vectors are left for the weights to fill."""
@@ -446,7 +454,9 @@ class EmbeddingTask(Task):
         data = self.data
         if data is None or data.tokenizer is None:
             return None
-        enc = data.tokenizer(texts, padding=True, truncation=True, max_length=data.max_length, return_tensors="pt")
+        enc = data.tokenizer(
+            texts, padding=True, truncation=True, max_length=data.max_length, return_tensors="pt"
+        )
         mask = enc["attention_mask"]
         return torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, IGNORE_INDEX))
 
@@ -548,7 +558,12 @@ def _report_truncation(teacher: nn.Module, splits: EmbeddingDataSplits) -> None:
     import sys
 
     texts = splits.train.texts  # type: ignore[attr-defined]
-    lengths = [len(ids) for ids in teacher.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in teacher.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)[
+            "input_ids"
+        ]
+    ]
     over = sum(n > splits.max_length for n in lengths)
     splits.options["truncated_train_texts"] = int(over)
     if over:
@@ -605,7 +620,9 @@ def knn_overlap(student: torch.Tensor, teacher: torch.Tensor, k: int = KNN) -> f
     return hits / (n * k)
 
 
-def pair_spearman(student: torch.Tensor, teacher: torch.Tensor, pairs: int = SPEARMAN_PAIRS, seed: int = 0) -> float:
+def pair_spearman(
+    student: torch.Tensor, teacher: torch.Tensor, pairs: int = SPEARMAN_PAIRS, seed: int = 0
+) -> float:
     """Spearman's rho between the student's and the teacher's cosine similarity of ``pairs`` random
     pairs of distinct rows (drawn with ``seed``; all pairs when there are fewer)."""
     from scipy.stats import spearmanr
@@ -653,7 +670,9 @@ class EmbeddingEvaluator(Evaluator):
         emb = student["embedding"].detach().float().cpu()
         self.s.append(emb)
         n = emb.shape[0]
-        self.folds.append(student["fold"].cpu().long() if "fold" in student else torch.zeros(n, dtype=torch.long))
+        self.folds.append(
+            student["fold"].cpu().long() if "fold" in student else torch.zeros(n, dtype=torch.long)
+        )
         if "labels" in student:
             self.labels.append(student["labels"].cpu().long().reshape(n, -1))
         if teacher is not None:

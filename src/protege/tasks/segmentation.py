@@ -96,7 +96,9 @@ class PromptSettings:
         if given is None:
             return cls()
         if not isinstance(given, Mapping):
-            raise ProtegeError(f"data.options.prompts must be a mapping of {', '.join(PROMPT_DEFAULTS)}, got {given!r}")
+            raise ProtegeError(
+                f"data.options.prompts must be a mapping of {', '.join(PROMPT_DEFAULTS)}, got {given!r}"
+            )
         bad = sorted(set(given) - set(PROMPT_DEFAULTS))
         if bad:
             near = closest(bad[0], PROMPT_DEFAULTS)
@@ -106,7 +108,9 @@ class PromptSettings:
             )
         values = {**PROMPT_DEFAULTS, **dict(given)}
         if values["sampler"] not in SAMPLERS:
-            raise ProtegeError(f"prompts.sampler must be one of {', '.join(SAMPLERS)}, not {values['sampler']!r}")
+            raise ProtegeError(
+                f"prompts.sampler must be one of {', '.join(SAMPLERS)}, not {values['sampler']!r}"
+            )
         for key in ("point_prompts", "box_prompts", "rounds"):
             if not isinstance(values[key], int) or values[key] < 0:
                 raise ProtegeError(f"prompts.{key} must be an integer ≥ 0, got {values[key]!r}")
@@ -114,7 +118,9 @@ class PromptSettings:
             if not isinstance(values[key], int) or values[key] < 1:
                 raise ProtegeError(f"prompts.{key} must be an integer ≥ 1, got {values[key]!r}")
         if values["point_prompts"] + values["box_prompts"] == 0:
-            raise ProtegeError("prompts: point_prompts + box_prompts is 0, an empty prompt list; ask for at least one")
+            raise ProtegeError(
+                "prompts: point_prompts + box_prompts is 0, an empty prompt list; ask for at least one"
+            )
         if not 0 <= float(values["box_noise"]) <= 1:
             raise ProtegeError(f"prompts.box_noise must be in [0, 1], got {values['box_noise']!r}")
         values["box_noise"] = float(values["box_noise"])
@@ -161,7 +167,9 @@ class PromptedImages(Dataset):
             out = self._eval_prompts(masks, size, gen)
         return {"image": image, **out, "index": int(item.get("index", i))}
 
-    def _train_prompts(self, masks: torch.Tensor, size: int, gen: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _train_prompts(
+        self, masks: torch.Tensor, size: int, gen: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         from ..data.segmentation import mask_box, random_points
 
         s = self.settings
@@ -177,18 +185,24 @@ class PromptedImages(Dataset):
         for p in range(s.point_prompts):
             o = int(gen.integers(k))
             count = 1 if s.sampler == "hard" else int(gen.integers(1, s.max_points + 1))
-            points[p, :count] = torch.as_tensor(random_points(masks[o].numpy(), count, gen), dtype=torch.float32)
+            points[p, :count] = torch.as_tensor(
+                random_points(masks[o].numpy(), count, gen), dtype=torch.float32
+            )
             labels[p, :count] = 1
             target[p] = masks[o]
             mode[p] = ONE_POINT if count == 1 else POINTS
         for b in range(s.box_prompts):
             o = int(gen.integers(k))
-            boxes[b] = torch.as_tensor(mask_box(masks[o].numpy(), gen, noise=s.box_noise), dtype=torch.float32)
+            boxes[b] = torch.as_tensor(
+                mask_box(masks[o].numpy(), gen, noise=s.box_noise), dtype=torch.float32
+            )
             target[s.point_prompts + b] = masks[o]
             mode[s.point_prompts + b] = BOX
         return {"points": points, "labels": labels, "boxes": boxes, "masks": target, "mode": mode}
 
-    def _eval_prompts(self, masks: torch.Tensor, size: int, gen: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _eval_prompts(
+        self, masks: torch.Tensor, size: int, gen: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         from ..data.segmentation import interior_point, mask_box, random_points
 
         m = self.max_objects
@@ -213,7 +227,9 @@ class PromptedImages(Dataset):
 
 
 def load_segmentation_data(
-    data: Mapping[str, Any], teachers: Sequence[Mapping[str, Any]] = (), students: Sequence[Mapping[str, Any]] = ()
+    data: Mapping[str, Any],
+    teachers: Sequence[Mapping[str, Any]] = (),
+    students: Sequence[Mapping[str, Any]] = (),
 ) -> Any:
     """The run's splits: images with instance masks (``protege.data.segmentation``) wrapped in
     :class:`PromptedImages` (training: random prompts; val/test: the fixed evaluation prompts)."""
@@ -232,7 +248,9 @@ def load_segmentation_data(
     fields.update(
         train=PromptedImages(splits.train, settings, True, max_objects, seed),
         val=PromptedImages(splits.val, settings, False, max_objects, seed),
-        test=PromptedImages(splits.test, settings, False, max_objects, seed) if splits.test is not None else None,
+        test=PromptedImages(splits.test, settings, False, max_objects, seed)
+        if splits.test is not None
+        else None,
         options={**dict(splits.options or {}), "prompts": dataclasses.asdict(settings)},
     )
     return SegmentationDataSplits(
@@ -290,7 +308,9 @@ def build_segmentation_model(
         return model
     near = closest(name, SAM_MODELS)
     hint = f" did you mean {near[0]!r}?" if near else ""
-    raise ProtegeError(f"task promptable_segmentation builds models {', '.join(SAM_MODELS)}, not {name!r}.{hint}")
+    raise ProtegeError(
+        f"task promptable_segmentation builds models {', '.join(SAM_MODELS)}, not {name!r}.{hint}"
+    )
 
 
 def _is_protege_weights(weights: str) -> bool:
@@ -391,10 +411,18 @@ class SegmentationTask(Task):
             with torch.no_grad():
                 t_emb, s_emb = teacher.encode(batch["image"]), student.encode(batch["image"])
                 for _ in range(rounds):
-                    t_mask = teacher.upscale(teacher.decode(t_emb, points=points, labels=labels)["masks"][:, :, 0]) > 0
-                    s_mask = student.upscale(student.decode(s_emb, points=points, labels=labels)["masks"][:, :, 0]) > 0
+                    t_mask = (
+                        teacher.upscale(teacher.decode(t_emb, points=points, labels=labels)["masks"][:, :, 0])
+                        > 0
+                    )
+                    s_mask = (
+                        student.upscale(student.decode(s_emb, points=points, labels=labels)["masks"][:, :, 0])
+                        > 0
+                    )
                     b, p = t_mask.shape[:2]
-                    xy, lab, found = error_points(s_mask.flatten(0, 1).cpu(), t_mask.flatten(0, 1).cpu(), self._generator)
+                    xy, lab, found = error_points(
+                        s_mask.flatten(0, 1).cpu(), t_mask.flatten(0, 1).cpu(), self._generator
+                    )
                     slot = (labels.flatten(0, 1) == -1).float().argmax(1)  # first free slot of each prompt
                     free = (labels.flatten(0, 1) == -1).any(1)
                     keep = (found & free.cpu()).to(labels.device)
@@ -409,6 +437,13 @@ class SegmentationTask(Task):
         point_modes = mode[:, : points.shape[1]]
         point_modes[(point_modes != PAD) & (used > 1)] = POINTS
         return {**batch, "points": points, "labels": labels, "mode": mode}
+
+    def refines_batches(self) -> str | None:
+        return (
+            "prompts.sampler: hard (TinySAM's online hard-prompt sampling)"
+            if self.settings.sampler == "hard"
+            else None
+        )
 
     def eval_outputs(self) -> tuple[str, ...]:
         return ("logits", "iou", "mode")
@@ -451,7 +486,11 @@ class SegmentationEvaluator(Evaluator):
         target = target.bool().to(pred.device)
         mode = student["mode"].to(pred.device)
         iou = mask_iou(pred, target)
-        t_pred = upsample_logits(teacher["logits"].detach(), size).to(pred.device) > 0 if teacher is not None else None
+        t_pred = (
+            upsample_logits(teacher["logits"].detach(), size).to(pred.device) > 0
+            if teacher is not None
+            else None
+        )
         valid = mode != PAD
         if "iou" in student:
             self.iou_err += float((student["iou"].detach().float().to(pred.device) - iou)[valid].abs().sum())
