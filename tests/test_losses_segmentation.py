@@ -24,7 +24,9 @@ def _focal_by_hand(z: torch.Tensor, y: torch.Tensor, alpha: float = 0.25, gamma:
 
 def _dice_by_hand(p: torch.Tensor, t: torch.Tensor) -> float:
     values = []
-    for pm, tm in zip(p.reshape(-1, p.shape[-2] * p.shape[-1]).tolist(), t.reshape(-1, t.shape[-2] * t.shape[-1]).tolist()):
+    for pm, tm in zip(
+        p.reshape(-1, p.shape[-2] * p.shape[-1]).tolist(), t.reshape(-1, t.shape[-2] * t.shape[-1]).tolist()
+    ):
         inter = sum(a * b for a, b in zip(pm, tm))
         values.append(1 - (2 * inter + 1) / (sum(pm) + sum(tm) + 1))
     return sum(values) / len(values)
@@ -68,9 +70,13 @@ def test_mask_kd_by_hand_and_minimum_at_the_teacher() -> None:
     T = 2.0
     q = torch.sigmoid(t / T)
     p = torch.sigmoid(s / T)
-    bce = sum(
-        -(qq * math.log(pp) + (1 - qq) * math.log(1 - pp)) for pp, qq in zip(p.flatten().tolist(), q.flatten().tolist())
-    ) / p.numel()
+    bce = (
+        sum(
+            -(qq * math.log(pp) + (1 - qq) * math.log(1 - pp))
+            for pp, qq in zip(p.flatten().tolist(), q.flatten().tolist())
+        )
+        / p.numel()
+    )
     expected = T * T * bce + 0.5 * _dice_by_hand(p, q)
     assert mask_kd(s, t, T=T, dice_weight=0.5).item() == pytest.approx(expected, rel=1e-5)
     # the gradient vanishes where the student's logits are the teacher's (BCE part)
@@ -89,3 +95,50 @@ def test_losses_compute_in_float32_under_bf16() -> None:
     t = torch.randn(1, 2, 4, 4).bfloat16()
     assert mask_kd(s, t).dtype == torch.float32
     assert sam_gt([s, torch.rand(1, 2).bfloat16()], target=t > 0).dtype == torch.float32
+
+
+def test_sam_gt_with_several_masks_backpropagates_only_the_best_one() -> None:
+    """SAM's multimask rule: per prompt, the candidate of lowest focal+dice counts; the IoU head's
+    error is over all candidates. Checked against a loop over prompts with the one-mask formula."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 3, 3, 4, 4, generator=g) * 2).requires_grad_()
+    target = torch.rand(2, 3, 4, 4, generator=g) > 0.5
+    iou_pred = torch.rand(2, 3, 3, generator=g)
+    y = target.float()
+    best, chosen, iou_terms = [], [], []
+    for b in range(2):
+        for p in range(3):
+            per = []
+            for m in range(3):
+                z = logits[b, p, m].detach()
+                per.append(
+                    20 * _focal_by_hand(z, y[b, p]) + _dice_by_hand(torch.sigmoid(z)[None], y[b, p][None])
+                )
+                pred = z > 0
+                ref = target[b, p]
+                actual = float((pred & ref).sum()) / max(float((pred | ref).sum()), 1.0)
+                iou_terms.append((float(iou_pred[b, p, m]) - actual) ** 2)
+            best.append(min(per))
+            chosen.append(per.index(min(per)))
+    want = sum(best) / len(best) + sum(iou_terms) / len(iou_terms)
+    got = sam_gt([logits, iou_pred], target=target)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.backward()
+    grads = logits.grad.flatten(-2).abs().sum(-1)  # (B, P, M)
+    for k, m in enumerate(chosen):
+        b, p = divmod(k, 3)
+        assert grads[b, p, m] > 0 and all(grads[b, p, o] == 0 for o in range(3) if o != m)
+    # one candidate per prompt: the same as the (B, P, h, w) form
+    one = sam_gt([logits.detach()[:, :, :1], iou_pred[:, :, :1]], target=target)
+    assert one.item() == pytest.approx(
+        sam_gt([logits.detach()[:, :, 0], iou_pred[:, :, 0]], target=target).item(), rel=1e-6
+    )
+
+
+def test_mask_kd_on_several_masks_pairs_candidate_with_candidate() -> None:
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 3, 3, 4, 4, generator=g), torch.randn(2, 3, 3, 8, 8, generator=g)
+    want = mask_kd(s.flatten(1, 2), t.flatten(1, 2), T=2.0)  # masks as prompts: the same numbers
+    assert mask_kd(s, t, T=2.0).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="agree on B and P"):
+        mask_kd(s, t[:, :, :2])

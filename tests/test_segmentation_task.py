@@ -310,3 +310,40 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys) -> None:
     assert code == 2 and "no term reads the teacher" in err.replace("\n", " ")
     code, err = run_cli(monkeypatch, capsys, "train", str(path))
     assert code == 2 and "'train' mode" in err.replace("\n", " ")
+
+
+def test_multimask_outputs_are_trained_by_their_own_terms(tmp_path) -> None:
+    """prompts.multimask: the task also returns SAM's three masks per prompt; SAM's min-over-masks
+    loss and the teacher's multimask logits train the three mask tokens, the single-mask term the
+    first, all from one decoder pass; the evaluation still reads the single-mask output."""
+    cfg = _config(tmp_path, terms=[
+        {"loss": "sam_gt"},
+        {"loss": "sam_gt", "name": "multimask", "student": ["multi_logits", "multi_iou"]},
+        {"loss": "mask_kd", "name": "multimask_kd", "student": "multi_logits", "teacher": "multi_logits"},
+    ])  # fmt: skip
+    cfg["data"]["options"]["prompts"] = {"point_prompts": 2, "box_prompts": 1, "multimask": True}
+    loaded = load_config(None, **cfg)
+    data = pg.build.load_run_data(loaded)
+    distiller = pg.build.build_distiller(loaded, data)
+    batch = torch.utils.data.default_collate([data.train[i] for i in range(2)])
+    distiller.train()
+    outputs, losses = distiller(batch)
+    assert outputs["multi_logits"].shape[:3] == (2, 3, 3) and outputs["multi_iou"].shape == (2, 3, 3)
+    assert set(losses) == {"sam_gt:logits,iou", "multimask", "multimask_kd"}
+    heads = distiller.student.mask_decoder.output_hypernetworks_mlps  # one per mask token
+
+    def head_grads() -> list[float]:
+        out = [sum(float(p.grad.abs().sum()) for p in h.parameters() if p.grad is not None) for h in heads]
+        distiller.student.zero_grad(set_to_none=True)
+        return out
+
+    losses["multimask"].backward(retain_graph=True)
+    g = head_grads()
+    assert g[0] == 0 and sum(g[1:]) > 0  # SAM's three masks only (the best of each prompt)
+    losses["sam_gt:logits,iou"].backward()
+    g = head_grads()
+    assert g[0] > 0 and all(v == 0 for v in g[1:])  # the single-mask output only
+    summary = pg.run(loaded, mode="distill", report=False)
+    assert summary["status"] == "completed" and 0.0 <= summary["test"]["last"]["miou_1pt"] <= 1.0
+    with pytest.raises(ProtegeError, match="multimask is true or false"):
+        PromptSettings.parse({"multimask": "yes"})

@@ -393,7 +393,7 @@ class OnnxSam:
         points: Tensor | None = None,
         labels: Tensor | None = None,
         boxes: Tensor | None = None,
-        multimask: bool = False,
+        multimask: bool | str = False,
     ) -> dict[str, Tensor]:
         """``{"masks": (B, P, M, 4h, 4w) logits, "iou": (B, P, M)}`` for point prompts (B, P, N, 2)
         or box prompts (B, P, 4) (``M = 1``)."""
@@ -401,6 +401,10 @@ class OnnxSam:
             if points is not None or labels is not None:
                 raise ProtegeError(
                     "an exported segmenter takes points or boxes in one decode, not both: decode them apart"
+                )
+            if multimask:
+                raise ProtegeError(
+                    "an exported box decoder gives SAM's single mask per box: decode boxes with multimask=False"
                 )
             if self.box_decoder is None:
                 raise ProtegeError(
@@ -410,6 +414,10 @@ class OnnxSam:
             return self._run(self.box_decoder, embeddings, {"boxes": boxes.float()})
         if points is None or labels is None:
             raise ProtegeError("decode needs point prompts (points and labels) or boxes")
+        if multimask not in (False, True):
+            raise ProtegeError(
+                f"an exported segmenter decodes with multimask False or True, not {multimask!r}: decode twice"
+            )
         if multimask not in self.decoders:
             name = FILES["decoder_multimask" if multimask else "decoder"]
             raise ProtegeError(

@@ -10,6 +10,8 @@ export and the quantization changed) and against the teacher.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -105,6 +107,10 @@ def evaluate_segmenters(
     with ``teachers``, ``teacher_miou_*`` (mask IoU with the first teacher's masks)."""
     if "fp32" not in models:
         raise ProtegeError("evaluate_segmenters needs the PyTorch model under 'fp32' as the reference")
+    settings = getattr(task, "settings", None)
+    if getattr(settings, "multimask", False):  # the metrics read the single-mask output only
+        task = copy.copy(task)
+        task.settings = dataclasses.replace(settings, multimask=False)  # type: ignore[attr-defined, arg-type]
     vs_fp32 = {name: task.evaluator(with_teacher=True) for name in models}
     vs_teacher = {name: task.evaluator(with_teacher=True) for name in models} if teachers else {}
     modes = {m: m.training for m in [*models.values(), *teachers] if isinstance(m, nn.Module)}

@@ -35,11 +35,24 @@ def _dice(prob: Tensor, target: Tensor) -> Tensor:
 
 
 def _check(logits: Tensor, other: Tensor, name: str, what: str) -> None:
-    if logits.dim() != 4 or other.dim() != 4 or logits.shape[:2] != other.shape[:2]:
+    """Mask logits ``(B, P, h, w)``, or ``(B, P, M, h, w)`` (M candidate masks per prompt), against
+    ``other`` of ``(B, P, H, W)`` (one per prompt) or, with candidates, ``(B, P, M, H, W)``."""
+    ok = logits.dim() in (4, 5) and other.dim() in (4, logits.dim()) and logits.shape[:2] == other.shape[:2]
+    if ok and other.dim() == 5:
+        ok = logits.shape[2] == other.shape[2]
+    if not ok:
         raise ValueError(
-            f"{name}: mask logits (B, P, h, w) {tuple(logits.shape)} and {what} (B, P, H, W) "
-            f"{tuple(other.shape)} must agree on B and P"
+            f"{name}: mask logits (B, P, h, w) or (B, P, M, h, w) {tuple(logits.shape)} and {what} "
+            f"{tuple(other.shape)} must agree on B and P (and M)"
         )
+
+
+def _resized(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """:func:`_to_size` for ``(B, P, h, w)`` or ``(B, P, M, h, w)`` logits."""
+    if logits.dim() == 4:
+        return _to_size(logits, size)
+    b, p, m = logits.shape[:3]
+    return _to_size(logits.reshape(b, p * m, *logits.shape[-2:]), size).reshape(b, p, m, *size)
 
 
 @register_loss(
@@ -64,33 +77,40 @@ def sam_gt(
 
     Kirillov et al., "Segment Anything", ICCV 2023 (§3 and appendix A: focal and dice 20 : 1, the IoU
     head trained with the mean squared error between its prediction and the IoU of the predicted mask
-    with the ground truth). With ``z`` the mask logits (resized to the target's size, bilinear),
-    ``p = sigmoid(z)``, ``y`` the binary target and ``u`` the predicted IoU of each of the ``M = B P``
-    prompts:
+    with the ground truth; with several output masks, only the one of lowest loss is backpropagated).
+    With ``z`` a prompt's mask logits (resized to the target's size, bilinear), ``p = sigmoid(z)``,
+    ``y`` its binary target and ``u`` its predicted IoU:
 
-        focal = mean over pixels of -a_t (1 - p_t)^gamma log p_t     (Lin et al. 2017; torchvision's)
-        dice  = mean over masks of 1 - (2 Σ p y + 1) / (Σ p + Σ y + 1)
-        iou   = mean over masks of (u - IoU(z > 0, y))^2              (the IoU is a constant)
-        L = focal_weight * focal + dice_weight * dice + iou_weight * iou
+        focal(z) = mean over pixels of -a_t (1 - p_t)^gamma log p_t    (Lin et al. 2017; torchvision's)
+        dice(z)  = 1 - (2 Σ p y + 1) / (Σ p + Σ y + 1)
+        mask(z)  = focal_weight * focal(z) + dice_weight * dice(z)
+        L = mean over prompts of min over the prompt's M masks of mask(z_m)
+            + iou_weight * mean over prompts and masks of (u_m - IoU(z_m > 0, y))^2   (IoU a constant)
 
-    ``student``: ``[logits (B, P, h, w), iou (B, P)]``; ``target``: ``(B, P, H, W)`` masks (bool or
-    0/1).
+    ``student``: ``[logits (B, P, h, w), iou (B, P)]`` (one mask per prompt, ``M = 1``: the min is
+    that mask) or ``[multi_logits (B, P, M, h, w), multi_iou (B, P, M)]`` (SAM's multimask output);
+    ``target``: ``(B, P, H, W)`` masks (bool or 0/1).
     """
     from torchvision.ops import sigmoid_focal_loss
 
-    logits, iou_pred = student
+    logits, iou_pred = student[0].float(), student[1].float()
     _check(logits, target, "sam_gt", "target masks")
-    z = _to_size(logits, tuple(target.shape[-2:]))
-    y = target.to(z.dtype)
-    focal = sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma, reduction="mean")
-    dice = _dice(torch.sigmoid(z), y).mean()
+    if logits.dim() == 4:
+        logits, iou_pred = logits.unsqueeze(2), iou_pred.reshape(*logits.shape[:2], 1)
+    b, p, m = logits.shape[:3]
+    size = tuple(target.shape[-2:])
+    z = _resized(logits, size)  # (B, P, M, H, W)
+    y = target.to(z.dtype).unsqueeze(2).expand_as(z)
+    focal = sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma, reduction="none").flatten(-2).mean(-1)
+    dice = _dice(torch.sigmoid(z), y)
+    per_mask = focal_weight * focal + dice_weight * dice  # (B, P, M)
     with torch.no_grad():
         pred, ref = z > 0, y > 0.5
         inter = (pred & ref).flatten(-2).sum(-1).float()
         union = (pred | ref).flatten(-2).sum(-1).float()
         actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    iou = F.mse_loss(iou_pred.reshape(actual.shape), actual)
-    return focal_weight * focal + dice_weight * dice + iou_weight * iou
+    iou = F.mse_loss(iou_pred.reshape(b, p, m).float(), actual)
+    return per_mask.min(dim=2).values.mean() + iou_weight * iou
 
 
 @register_loss("mask_kd", paper=TINYSAM_PAPER, reads="masks")
@@ -109,11 +129,16 @@ def mask_kd(student: Tensor, teacher: Tensor, T: float = 1.0, dice_weight: float
     Zero-gradient exactly where ``p = q``; the BCE's minimum is the teacher's entropy, not 0. The
     paper's exact distance is not given in the text we could read; this is the per-pixel form of KD
     with a dice term so small objects count as much as large ones (as SAM's own dice).
-    Shapes: ``(B, P, h, w)`` both (any spatial sizes; the student's is resized).
+    Shapes: ``(B, P, h, w)`` both, or ``(B, P, M, h, w)`` both (SAM's multimask outputs, mask ``m``
+    of the student against mask ``m`` of the teacher); any spatial sizes (the student's is resized).
     """
     _check(student, teacher, "mask_kd", "teacher mask logits")
-    s = _to_size(student, tuple(teacher.shape[-2:]))
-    q = torch.sigmoid(teacher / T)
+    if student.dim() != teacher.dim():
+        raise ValueError(
+            f"mask_kd: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in rank"
+        )
+    s = _resized(student.float(), tuple(teacher.shape[-2:]))
+    q = torch.sigmoid(teacher.float() / T)
     bce = F.binary_cross_entropy_with_logits(s / T, q, reduction="mean")
     dice = _dice(torch.sigmoid(s / T), q).mean()
     return T * T * bce + dice_weight * dice

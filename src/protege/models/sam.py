@@ -149,7 +149,7 @@ class BatchedMaskDecoder(MaskDecoder):
         image_pe: Tensor,
         sparse_prompt_embeddings: Tensor,
         dense_prompt_embeddings: Tensor,
-        multimask_output: bool,
+        multimask_output: bool | str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Masks, IoU predictions and output tokens for ``B * P`` prompts.
 
@@ -159,7 +159,8 @@ class BatchedMaskDecoder(MaskDecoder):
             sparse_prompt_embeddings: ``(B * P, T, C)``, grouped by image.
             dense_prompt_embeddings: ``(B * P, C, h, w)``.
             multimask_output: SAM's convention: ``True`` returns mask tokens 1..3 (``M = 3``),
-                ``False`` mask token 0 (``M = 1``).
+                ``False`` mask token 0 (``M = 1``); ``"all"``: all four, token 0 first (``M = 4``:
+                the decoder computes them all anyway, so training both outputs costs one pass).
 
         Returns:
             ``(masks (B*P, M, 4h, 4w) logits, iou (B*P, M), tokens (B*P, 1 + num_mask_tokens, C))``;
@@ -168,7 +169,9 @@ class BatchedMaskDecoder(MaskDecoder):
         masks, iou, tokens = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
-        keep = slice(1, None) if multimask_output else slice(0, 1)
+        if multimask_output not in (True, False, "all"):
+            raise ValueError(f"multimask_output is True, False or 'all', not {multimask_output!r}")
+        keep = slice(None) if multimask_output == "all" else slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou[:, keep], tokens
 
     def predict_masks(  # type: ignore[override]
@@ -432,7 +435,7 @@ class PromptableSegmenter(nn.Module):
         points: Tensor | None = None,
         labels: Tensor | None = None,
         boxes: Tensor | None = None,
-        multimask: bool = False,
+        multimask: bool | str = False,
     ) -> dict[str, Tensor]:
         """Mask logits for ``P`` prompts on each of ``B`` image embeddings.
 
@@ -442,12 +445,13 @@ class PromptableSegmenter(nn.Module):
             labels: ``(B, P, N)`` integers: 1 foreground, 0 background, -1 padding (ignored point).
             boxes: ``(B, P, 4)`` ``(x0, y0, x1, y1)``, ``x1, y1`` exclusive; with points, prompt ``p``
                 is points ``p`` and box ``p`` together.
-            multimask: three masks per prompt (SAM's ambiguity-aware output) instead of one.
+            multimask: three masks per prompt (SAM's ambiguity-aware output) instead of one;
+                ``"all"``: the single-mask output and the three, in that order (``M = 4``).
 
         Returns:
             ``{"masks": (B, P, M, 4h, 4w) logits (> 0 is foreground), "iou": (B, P, M) predicted IoU,
             "tokens": (B, P, 1 + num_mask_tokens, C) the decoder's output tokens}``, ``M = 3`` with
-            ``multimask`` else 1.
+            ``multimask``, 4 with ``"all"``, else 1.
 
         Raises:
             ProtegeError: no prompt, ``P = 0``, shapes that do not fit, a point or box outside the

@@ -70,6 +70,7 @@ PROMPT_DEFAULTS: dict[str, Any] = {
     "rounds": 2,  # hard sampler: correction rounds, drawn from 1..rounds per batch
     "box_noise": 0.1,  # SAM's box noise: std of each coordinate's shift as a fraction of the box side
     "eval_points": 3,  # points of the evaluation's several-point prompt
+    "multimask": False,  # also output SAM's three ambiguity-aware masks per prompt (multi_logits, multi_iou)
 }
 SAM_MODELS = ("sam", "sam_student")
 #: objects prompted per evaluation image when the data sets no ``max_objects`` (a folder of images)
@@ -90,6 +91,7 @@ class PromptSettings:
     rounds: int = 2
     box_noise: float = 0.1
     eval_points: int = 3
+    multimask: bool = False
 
     @classmethod
     def parse(cls, given: Any) -> PromptSettings:
@@ -124,6 +126,8 @@ class PromptSettings:
         if not 0 <= float(values["box_noise"]) <= 1:
             raise ProtegeError(f"prompts.box_noise must be in [0, 1], got {values['box_noise']!r}")
         values["box_noise"] = float(values["box_noise"])
+        if not isinstance(values["multimask"], bool):
+            raise ProtegeError(f"prompts.multimask is true or false, got {values['multimask']!r}")
         return cls(**values)
 
     @property
@@ -329,7 +333,7 @@ class SegmentationTask(Task):
 
     name = "promptable_segmentation"
     primary_metric = "miou"
-    output_keys = frozenset({"logits", "iou", "tokens", "embedding", "mode"})
+    output_keys = frozenset({"logits", "iou", "tokens", "embedding", "mode", "multi_logits", "multi_iou"})
 
     def __init__(self) -> None:
         self.data: Any = None
@@ -374,12 +378,13 @@ class SegmentationTask(Task):
     def forward(self, model: nn.Module, inputs: Any) -> Outputs:
         embedding = model.encode(inputs["image"])
         parts = []
+        multi = "all" if self.settings.multimask else False  # one decoder pass gives all four masks
         points = inputs.get("points")
         if points is not None and points.shape[1] > 0:
-            parts.append(model.decode(embedding, points=points, labels=inputs["labels"]))
+            parts.append(model.decode(embedding, points=points, labels=inputs["labels"], multimask=multi))
         boxes = inputs.get("boxes")
         if boxes is not None and boxes.shape[1] > 0:
-            parts.append(model.decode(embedding, boxes=boxes))
+            parts.append(model.decode(embedding, boxes=boxes, multimask=multi))
         if not parts:
             raise ProtegeError("a promptable_segmentation batch has no prompts (no points and no boxes)")
         out: Outputs = {
@@ -387,6 +392,9 @@ class SegmentationTask(Task):
             "iou": torch.cat([p["iou"][:, :, 0] for p in parts], dim=1),
             "embedding": embedding,
         }
+        if multi:
+            out["multi_logits"] = torch.cat([p["masks"][:, :, 1:] for p in parts], dim=1)
+            out["multi_iou"] = torch.cat([p["iou"][:, :, 1:] for p in parts], dim=1)
         if all("tokens" in p for p in parts):  # an exported model's graphs return masks and IoU only
             out["tokens"] = torch.cat([p["tokens"] for p in parts], dim=1)
         if "mode" in inputs:
