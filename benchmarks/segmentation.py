@@ -46,7 +46,7 @@ from torch import nn
 import protege as pg
 from protege.config import load_config
 from protege.engine import evaluate, make_loader
-from protege.metrics.cost import count_flops, count_params, measure_latencies
+from protege.metrics.cost import count_flops, count_params
 from protege.pipeline import load_run
 from protege.tasks import build_task
 
@@ -72,7 +72,9 @@ SLUG = {"gt only": "gt", "+ embedding KD": "emb", "+ full-stage KD": "full", "+ 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="runs/seg/sam-tiny-teacher", help="the trained teacher's run directory")
+    ap.add_argument(
+        "--teacher", default="runs/seg/sam-tiny-teacher", help="the trained teacher's run directory"
+    )
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--test-size", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=12)
@@ -80,10 +82,19 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", default="all", help="comma list of row slugs: gt,emb,full,hard")
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--everything-images", type=int, default=20, help="test images for the everything mode")
-    ap.add_argument("--train-only", action="store_true", help="train the rows' runs, skip costs and everything mode")
     ap.add_argument(
-        "--reuse-only", action="store_true", help="tabulate the finished runs only (up to --seeds per row); train none"
+        "--train-only", action="store_true", help="train the rows' runs, skip costs and everything mode"
     )
+    ap.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="tabulate the finished runs only (up to --seeds per row); train none",
+    )
+    ap.add_argument(
+        "--multimask", action="store_true",
+        help="everything mode with SAM's three masks per point (models trained with prompts.multimask)",
+    )  # fmt: skip
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 row")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output-dir", default="runs/seg-bench")
     ap.add_argument("--json", default=None)
@@ -154,7 +165,9 @@ def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
     return summary
 
 
-def mean_std(summaries: list[dict[str, Any]], which: str = "best") -> tuple[dict[str, float], dict[str, float]]:
+def mean_std(
+    summaries: list[dict[str, Any]], which: str = "best"
+) -> tuple[dict[str, float], dict[str, float]]:
     keys = sorted({k for s in summaries for k in (s["test"].get(which) or {})})
     mean, std = {}, {}
     for k in keys:
@@ -186,40 +199,65 @@ class _Decoder(nn.Module):
         return self.model.decode(embeddings, points=points, labels=labels)["masks"]
 
 
-def costs(models: dict[str, nn.Module], prompts: int = 16) -> dict[str, dict[str, Any]]:
-    """Parameters, FLOPs and side-by-side latencies of each model's encoder and decoder."""
+def costs(models: dict[str, Any], prompts: int = 16) -> dict[str, dict[str, Any]]:
+    """Parameters and FLOPs of each PyTorch model's encoder and decoder, and the latency of every
+    model (PyTorch or exported) measured side by side: one interleaved loop over all models, the
+    encoder on one image and the decoder on ``prompts`` single points on the model's own embedding
+    (``protege.export.segmenter.time_segmenters``, one thread)."""
+    from protege.export.segmenter import time_segmenters
+
     any_model = next(iter(models.values()))
     size = int(any_model.img_size)
     image = torch.rand(1, 3, size, size)
     out: dict[str, dict[str, Any]] = {}
-    encoders = {name: _Encoder(m).eval() for name, m in models.items()}
-    decoders = {name: _Decoder(m).eval() for name, m in models.items()}
-    with torch.no_grad():
-        embeddings = {name: m.encode(image) for name, m in models.items()}
     g = torch.Generator().manual_seed(0)
     points = torch.rand(1, prompts, 1, 2, generator=g) * size
     labels = torch.ones(1, prompts, 1, dtype=torch.long)
     for name, m in models.items():
+        if not isinstance(m, nn.Module):  # an exported model: no FLOP counter for onnxruntime graphs
+            out[name] = {}
+            continue
+        with torch.no_grad():
+            embedding = m.encode(image)
         out[name] = {
             "params": count_params(m),
             "encoder_params": count_params(m.image_encoder),
-            "encoder_gflops": count_flops(encoders[name], image) / 1e9,
+            "encoder_gflops": count_flops(_Encoder(m).eval(), image) / 1e9,
             "decoder_mflops_per_prompt": count_flops(
-                decoders[name], {"embeddings": embeddings[name], "points": points, "labels": labels}
+                _Decoder(m).eval(), {"embeddings": embedding, "points": points, "labels": labels}
             )
             / prompts
             / 1e6,
         }
-    enc_lat = measure_latencies(encoders, image, iters=100, max_seconds=15)
-    # one embedding per model: the decoders are timed side by side on their own model's embedding
-    dec_lat = {}
-    for name in models:
-        example = {"embeddings": embeddings[name], "points": points, "labels": labels}
-        dec_lat[name] = measure_latencies({name: decoders[name]}, example, iters=100, max_seconds=5)[name]
-    for name in models:
-        out[name]["encoder_ms"] = enc_lat[name]["ms"]
-        out[name]["decoder_ms_per_prompt"] = dec_lat[name]["ms"] / prompts
+    timing = time_segmenters(models, prompts=prompts, rounds=50)
+    for name, row in timing["rows"].items():
+        out[name]["encoder_ms"] = row["encoder_ms"]
+        out[name]["decoder_ms_per_prompt"] = row["decoder_ms_per_prompt"]
     return out
+
+
+def int8_row(
+    args: argparse.Namespace, run_dir: Path, splits: Any, teacher: nn.Module
+) -> tuple[dict[str, Any], Any]:
+    """The run's student exported to int8 ONNX (``protege export``'s segmenter path: W8A8,
+    calibrated on 64 training images) and evaluated beside the fp32 student on the test prompts."""
+    from protege.export.segmenter import export_segmenter
+
+    loaded = load_run(run_dir, "best", data=splits)
+    out = Path(args.output_dir) / f"{run_dir.name}-int8"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    info = export_segmenter(
+        loaded.student.eval(), loaded.task, "int8", out, ("test", splits.test), splits.train, 64, [teacher]
+    )
+    from protege.export.sam_onnx import OnnxSam
+
+    ev = info["evaluation"]
+    print(f"int8 of {run_dir.name}: fp32 {ev['fp32']} / int8 {ev['int8']}", flush=True)
+    return ev, OnnxSam(out)
 
 
 def everything(args: argparse.Namespace, models: dict[str, nn.Module], splits: Any) -> dict[str, Any]:
@@ -239,15 +277,17 @@ def everything(args: argparse.Namespace, models: dict[str, nn.Module], splits: A
         for i in range(n):
             item = images[i]
             ref = torch.as_tensor(instance_masks(item["instances"].numpy())).bool()
-            dense = segment_everything(model, item["image"], mode="dense")
-            hier = segment_everything(model, item["image"], mode="hierarchical")
+            dense = segment_everything(model, item["image"], mode="dense", multimask=args.multimask)
+            hier = segment_everything(model, item["image"], mode="hierarchical", multimask=args.multimask)
             for label, res in (("dense", dense), ("hierarchical", hier)):
                 m = match_masks(res.masks, ref)
                 acc.setdefault(f"{label}/miou", []).append(m["miou"])
                 acc.setdefault(f"{label}/recall", []).append(m["recall"])
                 acc.setdefault(f"{label}/seconds", []).append(res.total_seconds)
                 acc.setdefault(f"{label}/prompts", []).append(float(res.prompts))
-            acc.setdefault("hierarchical_vs_dense/miou", []).append(match_masks(hier.masks, dense.masks)["miou"])
+            acc.setdefault("hierarchical_vs_dense/miou", []).append(
+                match_masks(hier.masks, dense.masks)["miou"]
+            )
         out[name] = {k: statistics.mean(v) for k, v in acc.items()}
         d, h = out[name]["dense/seconds"], out[name]["hierarchical/seconds"]
         out[name]["speedup"] = d / h if h else float("nan")
@@ -290,14 +330,36 @@ def main() -> None:
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
         results["rows"][row] = {"metrics": best, "std": best_std, "last": last, "last_std": last_std,
                                 "wall_s": wall, "seeds": len(summaries)}  # fmt: skip
-        print(f"{row}: { {k: round(v, 4) for k, v in best.items()} } (± { {k: round(v, 4) for k, v in best_std.items()} })", flush=True)
+        print(
+            f"{row}: { {k: round(v, 4) for k, v in best.items()} } (± { {k: round(v, 4) for k, v in best_std.items()} })",
+            flush=True,
+        )
         models[row] = load_run(Path(args.output_dir) / f"{SLUG[row]}-s0", "best").student.eval()
     if args.train_only:
         return
+    best_row = max(
+        (r for r in ROWS if r in results["rows"]),
+        key=lambda r: results["rows"][r]["metrics"].get("miou", 0.0),
+    )
+    if not args.no_int8:  # the best row's first seed, quantized (the issue's "int8 of the best")
+        ev, exported = int8_row(args, Path(args.output_dir) / f"{SLUG[best_row]}-s0", splits, teacher)
+        label = f"int8 of {best_row} (s0)"
+        metrics = {k: v for k, v in ev["int8"].items() if k.startswith("miou")}
+        metrics |= {
+            f"t{k[len('teacher_') :]}": v for k, v in ev["int8"].items() if k.startswith("teacher_miou")
+        }
+        results["rows"][label] = {
+            "metrics": metrics,
+            "fp32_s0": ev["fp32"],
+            "int8_vs_fp32": ev["int8"],
+            "seeds": 1,
+        }
+        models[label] = exported
     print("costs: side by side ...", flush=True)
     for name, c in costs(models).items():
         results["rows"].setdefault(name, {})["cost"] = c
-    results["everything"] = everything(args, {k: models[k] for k in models if k in ("teacher", "+ hard prompts", "+ full-stage KD")}, splits)
+    wanted_everything = ("teacher", best_row, "+ full-stage KD")
+    results["everything"] = everything(args, {k: models[k] for k in models if k in wanted_everything}, splits)
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     print_table(results)
     if args.json:
@@ -319,12 +381,16 @@ def print_table(results: dict[str, Any]) -> None:
             return f"{100 * m[key]:.1f}" + (f" ± {100 * sd[key]:.1f}" if sd.get(key) else "")
 
         cells = [row, f("miou_1pt"), f("miou_3pt"), f("miou_box"), f("tmiou_1pt"), f("tmiou_box")]
+
+        def num(key: str, fmt: str, scale: float = 1.0, c: dict[str, Any] = c) -> str:
+            return format(c[key] / scale, fmt) if key in c else "—"
+
         cells += [
-            f"{c['params'] / 1e6:.2f}M" if c else "—",
-            f"{c['encoder_gflops']:.3f}" if c else "—",
-            f"{c['decoder_mflops_per_prompt']:.1f}" if c else "—",
-            f"{c['encoder_ms']:.2f}" if c else "—",
-            f"{c['decoder_ms_per_prompt']:.3f}" if c else "—",
+            num("params", ".2f", 1e6) + ("M" if "params" in c else ""),
+            num("encoder_gflops", ".3f"),
+            num("decoder_mflops_per_prompt", ".1f"),
+            num("encoder_ms", ".2f"),
+            num("decoder_ms_per_prompt", ".3f"),
         ]
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()

@@ -106,15 +106,18 @@ def quantize_int8(
     calibration: Iterable[Batch],
     ranges: Mapping[str, tuple[float, float]] | None = None,
     exclude: Sequence[str] = (),
+    float_op_types: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the int8 model of the fp32 ONNX model ``fp32`` to ``out``, calibrated on the batches of
     ``calibration`` (tensors for a model with one input, ``{input name: tensor}`` for several);
     ``ranges`` (``{module path: (min, max)}``, a quantization-aware run's) fix the input ranges of
     the modules they name; the modules matching ``exclude`` (shell patterns of module paths, a
-    quantization-aware run's ``quantize.exclude``) stay float. Returns what was done (for
-    ``export.json``)."""
+    quantization-aware run's ``quantize.exclude``) stay float; so do all operators of the types
+    ``float_op_types`` (e.g. ``("Concat",)``: a Concat forces one scale on all its inputs, ruinous
+    when they have very different ranges). Returns what was done (for ``export.json``)."""
     require("onnx", "onnxruntime")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     overrides: dict[str, list[dict[str, Any]]] = {}
     unmatched: list[str] = []
@@ -133,6 +136,9 @@ def quantize_int8(
                     {"rmin": np.array(lo, dtype=np.float32), "rmax": np.array(hi, dtype=np.float32)}
                 ]
     extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    op_types = None
+    if float_op_types:  # onnxruntime's own default list (QDQ + QLinear registries) minus those
+        op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(float_op_types))
     if overrides:
         extra["TensorQuantOverrides"] = overrides
     excluded: dict[str, list[str]] = {}
@@ -155,6 +161,7 @@ def quantize_int8(
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options=extra,
                 nodes_to_exclude=[n for nodes in excluded.values() for n in nodes] or None,
+                op_types_to_quantize=op_types,
             )
     except ProtegeError:
         raise
@@ -172,6 +179,8 @@ def quantize_int8(
     }
     if exclude:
         info["excluded"] = {"patterns": list(exclude), "modules": sorted(excluded)}
+    if float_op_types:
+        info["float_op_types"] = list(float_op_types)
     if ranges is not None:
         info["qad_ranges"] = {
             "modules": len(ranges) - len(unmatched),
