@@ -26,7 +26,11 @@ VOCAB = 50
 def tiny_teacher(seed: int = 0) -> transformers.BertModel:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
         max_position_embeddings=32,
     )
     config._attn_implementation = "eager"
@@ -73,7 +77,9 @@ def test_supernet_equals_teacher_at_full_size_and_subnets_extract_exactly() -> N
             out = sub(input_ids=ids, attention_mask=mask)
             mine = net(ids, mask, arch)
             keep = mask.bool()
-            torch.testing.assert_close(mine.last_hidden_state[keep], out.last_hidden_state[keep], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                mine.last_hidden_state[keep], out.last_hidden_state[keep], atol=1e-5, rtol=1e-5
+            )
             assert count_params(sub) == net.params(arch)
 
 
@@ -109,12 +115,16 @@ def test_reordering_keeps_the_function_and_sorts_heads() -> None:
         torch.testing.assert_close(
             other(input_ids=ids, attention_mask=mask).last_hidden_state,
             teacher(input_ids=ids, attention_mask=mask).last_hidden_state,
-            atol=1e-5, rtol=1e-5,
+            atol=1e-5,
+            rtol=1e-5,
         )
     o = state["encoder.layer.0.attention.output.dense.weight"]
     norms = [o[:, j * 8 : (j + 1) * 8].norm() for j in range(4)]
     assert state["encoder.layer.0.intermediate.dense.weight"].shape == (64, 32)
-    w_in, w_out = state["encoder.layer.0.intermediate.dense.weight"], state["encoder.layer.0.output.dense.weight"]
+    w_in, w_out = (
+        state["encoder.layer.0.intermediate.dense.weight"],
+        state["encoder.layer.0.output.dense.weight"],
+    )
     importance = w_in.norm(dim=1) * w_out.norm(dim=0)
     assert torch.all(importance[:-1] >= importance[1:])
     assert len(norms) == 4
@@ -142,7 +152,9 @@ def test_teacher_without_bert_attention_is_an_error() -> None:
 
 
 def test_default_subspaces_scale_with_the_teacher() -> None:
-    config = transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    config = transformers.BertConfig(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    )
     base, small, tiny = default_subspaces(config)
     assert (base.name, small.name, tiny.name) == ("base", "small", "tiny")
     assert base.maxima.hidden == 384 and base.maxima.layers == 6 and base.maxima.intermediate == 1536

@@ -33,17 +33,21 @@ the tests check them against the extracted ``BertModel``.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import ProtegeError
+from ..files import atomic_save_tensors, atomic_write_text
 
 __all__ = [
     "SUPERNET_FILE",
@@ -54,8 +58,11 @@ __all__ = [
     "arch_flops",
     "arch_params",
     "bert_qkv",
+    "check_bert_teacher",
     "default_subspaces",
+    "load_supernet",
     "reorder_by_importance",
+    "save_supernet",
     "slice_bert_state",
 ]
 
@@ -91,7 +98,9 @@ class SubnetArch(NamedTuple):
 def _ints(values: Sequence[Any], what: str) -> tuple[int, ...]:
     out = tuple(sorted({int(v) for v in values}))
     if not out or out[0] < 1:
-        raise ProtegeError(f"sub-space {what} must be a non-empty list of positive integers, got {list(values)}")
+        raise ProtegeError(
+            f"sub-space {what} must be a non-empty list of positive integers, got {list(values)}"
+        )
     return out
 
 
@@ -116,7 +125,9 @@ class SubSpace:
         object.__setattr__(self, "heads", _ints(self.heads, f"{self.name!r} heads"))
         ratios = tuple(sorted({float(r) for r in self.mlp_ratio}))
         if not ratios or ratios[0] <= 0:
-            raise ProtegeError(f"sub-space {self.name!r} mlp_ratio must be positive numbers, got {self.mlp_ratio}")
+            raise ProtegeError(
+                f"sub-space {self.name!r} mlp_ratio must be positive numbers, got {self.mlp_ratio}"
+            )
         object.__setattr__(self, "mlp_ratio", ratios)
         archs = [
             SubnetArch(n, h, a, max(1, round(r * h)))
@@ -173,7 +184,11 @@ class SubSpace:
         limits = {
             "layers": (m.layers, config.num_hidden_layers, "num_hidden_layers"),
             "hidden": (m.hidden, config.hidden_size, "hidden_size"),
-            "intermediate (mlp_ratio x hidden)": (m.intermediate, config.intermediate_size, "intermediate_size"),
+            "intermediate (mlp_ratio x hidden)": (
+                m.intermediate,
+                config.intermediate_size,
+                "intermediate_size",
+            ),
         }
         for what, (need, have, key) in limits.items():
             if need > have:
@@ -183,7 +198,9 @@ class SubSpace:
                 )
         too_many = [a for a in self.heads if a > m.hidden]
         if too_many:
-            raise ProtegeError(f"sub-space {self.name!r}: heads {too_many} exceed the largest hidden size {m.hidden}")
+            raise ProtegeError(
+                f"sub-space {self.name!r}: heads {too_many} exceed the largest hidden size {m.hidden}"
+            )
 
 
 #: default sub-spaces as fractions of the teacher: (layers, hidden, mlp ratio) fractions
@@ -298,7 +315,9 @@ def _check_bert(model: nn.Module, who: str) -> Any:
             "all-MiniLM-L6-v2 (transformers.AutoModel of its directory)"
         )
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise ProtegeError(f"the {who} uses {config.position_embedding_type!r} positions; only absolute ones slice")
+        raise ProtegeError(
+            f"the {who} uses {config.position_embedding_type!r} positions; only absolute ones slice"
+        )
     return config
 
 
@@ -438,7 +457,9 @@ class SuperLM(nn.Module):
             ctx = (probs @ v).transpose(1, 2).reshape(x.shape[0], length, h)
             out = layer.attention.output
             x = self._ln(F.linear(ctx, out.dense.weight[:h, :h], out.dense.bias[:h]) + x, out.LayerNorm, h)
-            inner = self.act(F.linear(x, layer.intermediate.dense.weight[:i, :h], layer.intermediate.dense.bias[:i]))
+            inner = self.act(
+                F.linear(x, layer.intermediate.dense.weight[:i, :h], layer.intermediate.dense.bias[:i])
+            )
             ffn = layer.output
             x = self._ln(F.linear(inner, ffn.dense.weight[:h, :i], ffn.dense.bias[:h]) + x, ffn.LayerNorm, h)
         pooled = None
@@ -482,3 +503,38 @@ def bert_qkv(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tup
         for hook in hooks:
             hook.remove()
     return got["query"], got["key"], got["value"]
+
+
+def check_bert_teacher(model: nn.Module) -> Any:
+    """The config of a BERT-style teacher; a :class:`ProtegeError` for any other model."""
+    return _check_bert(model, "teacher")
+
+
+def save_supernet(
+    net: SuperLM, directory: Path, space: SubSpace, meta: Mapping[str, Any] | None = None
+) -> None:
+    """``supernet.json`` (BERT config of the maxima, sub-space, ``meta``) + ``supernet.safetensors``, atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(net.bert.state_dict(), directory / SUPERNET_FILE)
+    info = {
+        "config": net.config.to_dict(),
+        "pooler": net.has_pooler,
+        "space": space.to_dict(),
+        **(meta or {}),
+    }
+    atomic_write_text(directory / "supernet.json", json.dumps(info, indent=1))
+
+
+def load_supernet(directory: str | Path) -> tuple[SuperLM, SubSpace, dict[str, Any]]:
+    """A supernet :func:`save_supernet` wrote: ``(net, space, info)``."""
+    d = Path(directory)
+    if not (d / "supernet.json").is_file() or not (d / SUPERNET_FILE).is_file():
+        raise ProtegeError(
+            f"{d} holds no supernet (supernet.json + {SUPERNET_FILE}); train one: protege supernet CONFIG"
+        )
+    info = json.loads((d / "supernet.json").read_text())
+    tf = _transformers()
+    net = SuperLM(tf.BertConfig.from_dict(info["config"]), pooler=bool(info["pooler"]))
+    net.bert.load_state_dict(load_file(d / SUPERNET_FILE))
+    s = info["space"]
+    return net.eval(), SubSpace(s["name"], s["layers"], s["hidden"], s["heads"], s["mlp_ratio"]), info
