@@ -75,6 +75,8 @@ def test_sandwich_training_changes_shared_weights_and_writes_the_run(
     assert not torch.allclose(initial[:16, :16], start[:16, :16])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2]
+    # the largest subnet is the (reordered) teacher: before training it reproduces its relations exactly
+    assert rows[0]["loss/largest"] < 1e-5 < rows[0]["loss/smallest"]
     assert summary["subspaces"]["s"]["largest"] == space.largest.id
     assert info["relation_heads"] == 4
 

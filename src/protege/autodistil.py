@@ -178,7 +178,7 @@ def train_supernets(cfg: AutoDistilConfig, resume: bool = False, overwrite: bool
 
         shutil.rmtree(run)
     start = time.perf_counter()
-    teacher, tokenizer = load_teacher(cfg.teacher)
+    teacher, tokenizer = load_teacher(cfg.teacher, reorder=cfg.reorder)
     spaces = _subspaces(cfg, teacher.config)
     for space in spaces:
         space.check_within(teacher.config)
@@ -224,7 +224,7 @@ def _train_one(
     resume: bool,
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + k)
-    net = SuperLM.from_teacher(teacher, space, reorder=cfg.reorder).train()
+    net = SuperLM.from_teacher(teacher, space).train()  # the teacher is already reordered
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     space_dir = cfg.run_dir / "subspaces" / space.name
     ckpt_root = space_dir / "checkpoints"
@@ -302,6 +302,7 @@ def _train_one(
             "relation_heads": cfg.relation_heads,
             "relations": list(cfg.relations),
             "steps": cfg.steps,
+            "reordered_teacher": cfg.reorder,
         },
     )
     mine = [r for r in rows if r["space"] == space.name]

@@ -75,7 +75,6 @@ __all__ = ["CachedLMDataset", "lm_data_part", "write_lm_cache"]
 STORAGE = "lm-topk"
 
 
-
 # ------------------------------------------------------------------------------ fingerprint
 
 

@@ -169,11 +169,12 @@ def supernet_scorer(cfg: Any) -> tuple[SupernetSpace, SupernetScorer, Budget, An
     teachers = {info.get("teacher") for info in infos}
     heads = {int(info.get("relation_heads", 4)) for info in infos}
     relations = {tuple(info.get("relations", ("qq", "kk", "vv"))) for info in infos}
-    if len(teachers) != 1 or len(heads) != 1 or len(relations) != 1:
+    reordered = {bool(info.get("reordered_teacher", False)) for info in infos}
+    if len(teachers) != 1 or len(heads) != 1 or len(relations) != 1 or len(reordered) != 1:
         raise ProtegeError(
             "these supernets were trained with different teachers or relation losses; search them apart"
         )
-    teacher, tokenizer = load_teacher(sc.teacher or str(teachers.pop()))
+    teacher, tokenizer = load_teacher(sc.teacher or str(teachers.pop()), reorder=reordered.pop())
     space = SupernetSpace([(net, s) for net, s, _ in loaded])
     texts = held_out(sc.corpora, sc.eval_texts, cfg.seed)
     batches = TextBatches(texts, tokenizer, sc.max_length, cfg.batch_size).all()

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from ..data.text import builtin_corpus
 from ..errors import ProtegeError
 from ..losses.sequence import minilm
-from ..models.supernet import SubnetArch, SubSpace, SuperLM, bert_qkv, check_bert_teacher
+from ..models.supernet import (
+    SubnetArch,
+    SubSpace,
+    SuperLM,
+    bert_qkv,
+    check_bert_teacher,
+    reorder_by_importance,
+)
 
 __all__ = [
     "TextBatches",
@@ -36,8 +43,14 @@ __all__ = [
 IGNORE = -100
 
 
-def load_teacher(spec: str) -> tuple[nn.Module, Any]:
-    """``(teacher BertModel in eval mode, tokenizer)`` of ``"minilm"`` or a local directory."""
+def load_teacher(spec: str, reorder: bool = False) -> tuple[nn.Module, Any]:
+    """``(teacher BertModel in eval mode, tokenizer)`` of ``"minilm"`` or a local directory.
+
+    ``reorder``: with heads and FFN neurons sorted by importance
+    (:func:`~protege.models.supernet.reorder_by_importance`). The function is the same, but the q/k/v
+    channels move, and the relation heads of ``minilm`` split those channels: a supernet initialised
+    from a reordered teacher must be distilled from (and scored against) the reordered teacher, so that
+    its full-size subnet reproduces the relation targets exactly."""
     import transformers
 
     if spec == "minilm":
@@ -54,6 +67,8 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
             raise ProtegeError(f"teacher {spec!r} is neither 'minilm' nor a local model directory")
     teacher = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
     check_bert_teacher(teacher)
+    if reorder:
+        teacher.load_state_dict(reorder_by_importance(teacher))
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, transformers.AutoTokenizer.from_pretrained(path)
