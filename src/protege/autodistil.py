@@ -369,7 +369,8 @@ def finetune_classifier(
 
     With ``teacher`` (a fine-tuned :class:`TextClassifier`), the loss is
     ``(1 - kd_weight) CE + kd_weight KD_T`` (Hinton et al.'s ``kd``), else plain CE. Returns
-    ``{"accuracy", "train_loss", "seconds", "model"}`` (``model``: the fine-tuned classifier).
+    ``{"accuracy", "teacher_agreement", "train_loss", "steps", "seconds", "model"}`` (``model``: the
+    fine-tuned classifier; ``teacher_agreement``: share of test texts where it predicts the teacher's class).
     """
     torch.manual_seed(seed)
     x_train, y_train = labelled(corpus, probe, "train", seed, max_train)
@@ -399,14 +400,18 @@ def finetune_classifier(
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     model.eval()
-    correct = 0
+    correct = agree = 0
     with torch.no_grad():
         test = TextBatches(x_test, tokenizer, max_length, 64)
         for i in range(0, len(x_test), 64):
             ids, mask, _ = test.batch(x_test[i : i + 64])
-            correct += int((model(ids, mask).argmax(-1) == torch.tensor(y_test[i : i + 64])).sum())
+            pred = model(ids, mask).argmax(-1)
+            correct += int((pred == torch.tensor(y_test[i : i + 64])).sum())
+            if teacher is not None:
+                agree += int((pred == teacher(ids, mask).argmax(-1)).sum())
     return {
         "accuracy": correct / len(x_test),
+        "teacher_agreement": agree / len(x_test) if teacher is not None else None,
         "train_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
         "steps": steps,
         "seconds": round(time.perf_counter() - start, 2),
