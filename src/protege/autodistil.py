@@ -398,7 +398,7 @@ def finetune_classifier(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     correct = agree = 0
     with torch.no_grad():
