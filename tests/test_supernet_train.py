@@ -103,3 +103,20 @@ def test_bad_inputs_are_clear_errors(teacher_dir: Path, tmp_path: Path) -> None:
         train_supernets(config(teacher_dir, tmp_path / "r", steps=1, relation_heads=3))
     with pytest.raises(ProtegeError, match="neither 'minilm' nor"):
         train_supernets(config(teacher_dir, tmp_path / "x", steps=1, teacher=str(tmp_path / "missing")))
+
+
+def test_cli_trains_and_reports_bad_input_with_exit_code_2(
+    teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from cli_helpers import run_cli
+
+    data = config(teacher_dir, tmp_path, steps=1).model_dump(mode="json")
+    path = tmp_path / "ad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, _ = run_cli(monkeypatch, capsys, "supernet", str(path))
+    assert code == 0 and (tmp_path / "t" / "subspaces" / "s" / "supernet" / "supernet.json").is_file()
+    code, err = run_cli(monkeypatch, capsys, "supernet", str(path), "--set", "subspaces=9", "--overwrite")
+    assert code == 2 and "default sub-spaces exist for k = 1 or 3" in err
+    assert (tmp_path / "t" / "summary.json").is_file()  # a bad config never deletes the run it would replace

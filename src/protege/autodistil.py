@@ -170,19 +170,19 @@ def train_supernets(cfg: AutoDistilConfig, resume: bool = False, overwrite: bool
         ProtegeError: an existing run without ``resume``/``overwrite``, a teacher that is not a BERT
             encoder, a sub-space beyond the teacher, relation heads that do not divide a hidden size.
     """
-    run = cfg.run_dir
-    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
-        raise ProtegeError(f"{run} exists: pass --resume to continue it or --overwrite to start again")
-    if overwrite and not resume and run.exists():
-        import shutil
-
-        shutil.rmtree(run)
     start = time.perf_counter()
     teacher, tokenizer = load_teacher(cfg.teacher, reorder=cfg.reorder)
     spaces = _subspaces(cfg, teacher.config)
     for space in spaces:
         space.check_within(teacher.config)
     check_relation_heads(cfg.relation_heads, teacher.config.hidden_size, spaces)
+    run = cfg.run_dir  # checked after the config, so a bad one never deletes a run
+    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
+        raise ProtegeError(f"{run} exists: pass --resume to continue it or --overwrite to start again")
+    if overwrite and not resume and run.exists():
+        import shutil
+
+        shutil.rmtree(run)
     train = TextBatches(
         corpus_texts(cfg.corpora, "train", cfg.seed), tokenizer, cfg.max_length, cfg.batch_size
     )
