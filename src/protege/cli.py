@@ -576,7 +576,7 @@ def search(
         f"({result.summary['candidates_per_minute']:.1f} candidates/min); results in {result.out_dir}",
         soft_wrap=True,
     )
-    if result.distill_summary is not None:
+    if result.distill_summary is not None and result.run_config is not None:
         _print_run(result.distill_summary, result.run_config.run_dir)
 
 
