@@ -810,9 +810,7 @@ def point_grid(n_per_side: int, size: int) -> np.ndarray:
     return (np.stack([xs, ys], axis=-1).reshape(-1, 2) * size).astype(np.float32)
 
 
-def error_points(
-    pred: torch.Tensor, ref: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def error_points(pred: torch.Tensor, ref: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One point per mask drawn uniformly from where ``pred`` and ``ref`` disagree.
 
     ``pred``, ``ref``: boolean ``(M, H, W)``. Returns ``(xy (M, 2), label (M,), found (M,))``: pixel

@@ -75,6 +75,7 @@ __all__ = ["CachedLMDataset", "lm_data_part", "write_lm_cache"]
 STORAGE = "lm-topk"
 
 
+
 # ------------------------------------------------------------------------------ fingerprint
 
 

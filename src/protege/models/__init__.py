@@ -457,9 +457,7 @@ def diff_lines(
     """The indented lines of a load error listing shape mismatches, missing and unexpected keys."""
     lines = []
     if mismatched:
-        shapes = [
-            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched
-        ]
+        shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
         lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(shapes)}")
     if missing:
         lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")

@@ -24,10 +24,7 @@ def is_static_folder(directory: Path) -> bool:
     sentence-transformers ``modules.json`` whose first module is a ``StaticEmbedding``)."""
     config, modules = directory / "config.json", directory / "modules.json"
     try:
-        if (
-            config.is_file()
-            and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "model2vec"
-        ):
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "model2vec":
             return True
         if modules.is_file():
             first = json.loads(modules.read_text(encoding="utf-8"))[0]

@@ -171,9 +171,7 @@ class BatchedMaskDecoder(MaskDecoder):
         )
         if multimask_output not in (True, False, "all"):
             raise ValueError(f"multimask_output is True, False or 'all', not {multimask_output!r}")
-        keep = (
-            slice(None) if multimask_output == "all" else slice(1, None) if multimask_output else slice(0, 1)
-        )
+        keep = slice(None) if multimask_output == "all" else slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou[:, keep], tokens
 
     def predict_masks(  # type: ignore[override]

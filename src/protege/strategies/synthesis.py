@@ -858,3 +858,5 @@ def _sample_generator(
     save_synthetic_set(sset, path, spec, syn.dtype)
     console.print(f"synthetic set {path}: {len(sset)} samples of the generator of {cfg.run_dir}")
     return path
+
+
