@@ -200,17 +200,29 @@ class MaxPool(nn.Module):
         return torch.cat([pooled, x.mean(dim=1)], dim=-1) if self.mean else pooled
 
 
+class HeadNorm(nn.BatchNorm1d):
+    """BatchNorm of the classification head's ``(B, C)`` vectors; a training batch of one cloud (the
+    last, short batch of an epoch) is normalised with the running statistics instead of failing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
 def _classifier(cin: int, width: float, dropout: float, act: str) -> nn.Sequential:
     """The two hidden layers of the papers' classification heads (512, 256 at width 1)."""
     h1, h2 = _ch(512, width), _ch(256, width)
     relu: Callable[[], nn.Module] = (lambda: nn.LeakyReLU(0.2)) if act == "leaky" else nn.ReLU
     return nn.Sequential(
         nn.Linear(cin, h1, bias=False),
-        nn.BatchNorm1d(h1),
+        HeadNorm(h1),
         relu(),
         nn.Dropout(dropout),
         nn.Linear(h1, h2, bias=False),
-        nn.BatchNorm1d(h2),
+        HeadNorm(h2),
         relu(),
         nn.Dropout(dropout),
     )
