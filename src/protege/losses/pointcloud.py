@@ -129,7 +129,7 @@ class PointDistillerEncoders(nn.Module):
         return {"student_encoder": self.student_encoder, "teacher_encoder": self.teacher_encoder}
 
 
-@register_loss("pointdistiller", paper=PAPER, reads="points", state=PointDistillerEncoders)
+@register_loss("pointdistiller", paper=PAPER, reads="point-features", state=PointDistillerEncoders)
 def pointdistiller(
     student: Tensor,
     teacher: Tensor,
