@@ -121,8 +121,8 @@ def as_points(points: Any, in_chans: int, min_points: int, model: str) -> Tensor
         if len(sizes) > 1:
             raise ProtegeError(
                 f"{model}: the clouds of this batch have different numbers of points ({sizes[0]} … "
-                f"{sizes[-1]}); resample each to a fixed N (protege.data.pointcloud.resample) or pad "
-                "them to one N (protege.data.pointcloud.collate_points)"
+                f"{sizes[-1]}) and no padding mask is supported; resample each to a fixed N "
+                "(protege.data.pointcloud.resample)"
             )
         points = torch.stack(list(points))
     if not isinstance(points, Tensor) or points.dim() != 3:
