@@ -200,7 +200,7 @@ def main() -> None:
         "settings": vars(args),
         "rows": {"teacher": {"metrics": teacher_summary["test"]["last"]}},
     }
-    models: dict[str, nn.Module] = {"teacher": load_run(teacher_dir, "last").student}
+    models: dict[str, nn.Module] = {"teacher": load_run(teacher_dir, "best").student}
     for row in rows:
         summaries = []
         for seed in range(args.seeds):
