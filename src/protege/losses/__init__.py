@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (register)
     embedding,
     features,
     logits,
+    pointcloud,
     relations,
     reuse,
     review,

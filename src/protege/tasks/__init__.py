@@ -7,6 +7,7 @@ from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
 from .embedding import EmbeddingTask
 from .lm import LMTask
+from .pointcloud import PointPartsTask
 from .segmentation import SegmentationTask
 from .vision_language import VisionLanguageTask
 
@@ -14,6 +15,7 @@ _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
     "lm": LMTask,
+    "pointcloud_parts": PointPartsTask,
     "promptable_segmentation": SegmentationTask,
     "vision_language": VisionLanguageTask,
 }
@@ -36,6 +38,7 @@ __all__ = [
     "Evaluator",
     "LMTask",
     "Outputs",
+    "PointPartsTask",
     "SegmentationTask",
     "Task",
     "VisionLanguageTask",
