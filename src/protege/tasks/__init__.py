@@ -5,6 +5,7 @@ from typing import Any
 from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
+from .diffusion import GenerationTask
 from .embedding import EmbeddingTask
 from .lm import LMTask
 from .segmentation import SegmentationTask
@@ -13,6 +14,7 @@ from .vision_language import VisionLanguageTask
 _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
+    "generation": GenerationTask,
     "lm": LMTask,
     "promptable_segmentation": SegmentationTask,
     "vision_language": VisionLanguageTask,
@@ -34,6 +36,7 @@ __all__ = [
     "ClassificationTask",
     "EmbeddingTask",
     "Evaluator",
+    "GenerationTask",
     "LMTask",
     "Outputs",
     "SegmentationTask",
