@@ -33,7 +33,7 @@ Fréchet distance between real and generated images in that classifier's feature
 whose features are Inception's; ``neg_fd`` (its negative, the primary metric: higher is better);
 ``precision``/``recall`` (k-NN manifolds, k = 3, Kynkäänniemi et al. 2019) in the same space;
 ``class_consistency`` (the classifier's accuracy on the generated images, per class too:
-``class_consistency/<c>``); with a teacher, ``agreement`` (student and teacher samples from the same noise get the same class) and
+``class_consistency/<c>``); with a teacher, ``class_agreement`` (student and teacher samples from the same noise get the same class) and
 ``teacher/class_consistency``. True FID: :func:`protege.metrics.generation.frechet_inception_distance`
 with an Inception weights file the user gives (``data.options.inception``: then ``fid`` too).
 
@@ -452,6 +452,8 @@ class GenerationTask(Task):
         }
     )
     native_format = "diffusers"
+    #: a diffusion model trained here is also written as a diffusers directory (``runs/<name>/model/``)
+    export_after_run = True
 
     def __init__(self) -> None:
         self.data: GenerationDataSplits | None = None
@@ -513,7 +515,8 @@ class GenerationTask(Task):
         if data is None or data.classifier is None:
             return {}
         clf = data.classifier.to(images.device).eval()
-        logits, features = clf.classify(images.float())
+        images = images.float().clamp(-1, 1)  # as a sample is shown or saved
+        logits, features = clf.classify(images)
         out: Outputs = {"logits": logits, "features": features}
         if real is not None:
             out["real_features"] = clf.classify(real.float())[1]
@@ -521,7 +524,7 @@ class GenerationTask(Task):
             from ..metrics.generation import inception_features
 
             net = data.inception.to(images.device)
-            out["inception"] = inception_features(net, images.float())
+            out["inception"] = inception_features(net, images)
             if real is not None:
                 out["real_inception"] = inception_features(net, real.float())
         return out
@@ -623,22 +626,24 @@ class GenerationEvaluator(Evaluator):
         if not cat:
             return out
         pred, labels = cat["pred"], cat["labels"]
-        out["class_consistency"] = float((pred == labels).float().mean())
-        for c in labels.unique().tolist():
-            sel = labels == c
-            out[f"class_consistency/{int(c)}"] = float((pred[sel] == c).float().mean())
+        fd = None
         if "real_features" in cat and len(labels) > 1:
             fd = frechet_distance_of(cat["real_features"].double(), cat["features"].double())
             out[self.fd_key] = fd
-            out["neg_fd"] = -fd
-            p, r = precision_recall(cat["real_features"], cat["features"], k=self.k)
-            out["precision"], out["recall"] = p, r
+            if len(labels) > self.k:
+                out["precision"], out["recall"] = precision_recall(cat["real_features"], cat["features"], k=self.k)
+        out["class_consistency"] = float((pred == labels).float().mean())
         if "real_inception" in cat and len(labels) > 1:
             out["fid"] = frechet_distance_of(cat["real_inception"].double(), cat["inception"].double())
+        if fd is not None:
+            out["neg_fd"] = -fd
         if "teacher" in cat:
             t = cat["teacher"]
-            out["agreement"] = float((t == pred).float().mean())
+            out["class_agreement"] = float((t == pred).float().mean())
             out["teacher/class_consistency"] = float((t == labels).float().mean())
+        for c in labels.unique().tolist():
+            sel = labels == c
+            out[f"class_consistency/{int(c)}"] = float((pred[sel] == c).float().mean())
         return out
 
 
