@@ -155,3 +155,34 @@ def test_bad_runs_are_refused(runs: Path, capsys, monkeypatch) -> None:  # type:
         _run(bad_type)
     code, err = _cli(capsys, monkeypatch, "sample", str(runs / "nowhere"), "--class", "1")
     assert code == 2 and "is not a protege run directory" in err
+
+
+def test_nan_in_the_fake_score_update_stops_with_the_last_good_checkpoint(runs: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from protege.errors import TrainingFailed
+    from protege.losses.diffusion import FakeScore
+
+    calls = {"n": 0}
+    observe = FakeScore.observe
+
+    def failing(self: FakeScore, outputs, target) -> None:  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        observe(self, outputs, target)
+        if calls["n"] > 6:  # the dry step and the 5 steps of epoch 1 go through
+            self.failure = "fake-score loss nan at update 1 of 1"
+
+    monkeypatch.setattr(FakeScore, "observe", failing)
+    cfg = {
+        "task": "generation",
+        "name": "nan",
+        "epochs": 2,
+        "output_dir": str(runs / "runs"),
+        "data": DATA,
+        "teacher": {**TEACHER, "weights": str(runs / "runs" / "teacher")},
+        "student": {"model": "one_step"},
+        "terms": [{"loss": "dmd", "name": "dmd", "ratio": 1}],
+    }
+    with pytest.raises(TrainingFailed, match="term 'dmd' = nan"):
+        _run(cfg)
+    summary = json.loads((runs / "runs" / "nan" / "summary.json").read_text())
+    assert summary["status"].startswith("failed") and "epoch_0000" in summary["status"]
+    assert summary["checkpoints"]["last"] == "epoch_0000"

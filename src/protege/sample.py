@@ -101,7 +101,7 @@ def grid_png(images: torch.Tensor, nrow: int | None = None, scale: int = 4) -> b
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
     grid = make_grid((images + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
     array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    picture = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)  # grey stays grey
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     buffer = io.BytesIO()

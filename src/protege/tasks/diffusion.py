@@ -631,7 +631,9 @@ class GenerationEvaluator(Evaluator):
             fd = frechet_distance_of(cat["real_features"].double(), cat["features"].double())
             out[self.fd_key] = fd
             if len(labels) > self.k:
-                out["precision"], out["recall"] = precision_recall(cat["real_features"], cat["features"], k=self.k)
+                out["precision"], out["recall"] = precision_recall(
+                    cat["real_features"], cat["features"], k=self.k
+                )
         out["class_consistency"] = float((pred == labels).float().mean())
         if "real_inception" in cat and len(labels) > 1:
             out["fid"] = frechet_distance_of(cat["real_inception"].double(), cat["inception"].double())
