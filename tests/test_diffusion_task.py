@@ -108,3 +108,31 @@ def test_sample_grid_png(tmp_path) -> None:
     with Image.open(io.BytesIO(path.read_bytes())) as img:  # 3 columns, 2 rows, 1-px padding, 4x scale
         assert img.size == ((3 * 5 + 1) * 4, (2 * 5 + 1) * 4)
         assert img.getpixel((6, 6)) == round(0.75 * 255)  # a pixel of the first image: (0.5 + 1) / 2
+
+
+def test_ode_pairs_feed_the_regression_term() -> None:
+    from protege.core.distiller import Distiller, Term
+    from protege.models.diffusion import OneStepGenerator, ScoreModel, tiny_unet
+    from protege.tasks import build_task
+    from protege.tasks.diffusion import ConditionedImages, make_ode_pairs
+
+    torch.manual_seed(0)
+    teacher = ScoreModel(
+        tiny_unet(8, 3, channels=(8, 16)), {"num_train_timesteps": 20}, "DDIMScheduler", steps=2
+    )
+    pairs = make_ode_pairs(teacher, 3, 6, seed=1)
+    assert pairs["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(pairs["images"], teacher.sample(pairs["noise"], pairs["labels"], 2))
+    data = ConditionedImages(torch.zeros(4, 1, 8, 8), torch.tensor([2, 0, 1, 2]), train=True, pairs=pairs)
+    item = data[0]
+    row = [i for i in range(6) if torch.equal(pairs["noise"][i], item["pair_noise"])]
+    assert row and int(pairs["labels"][row[0]]) == 2  # a pair of the item's own class
+    gen = OneStepGenerator(tiny_unet(8, 3, channels=(8, 16)), teacher.scheduler)
+    d = Distiller(gen, None, [Term("dmd_regression", name="regression")], task=build_task("generation"))
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    out, losses = d.train()(batch)
+    torch.testing.assert_close(
+        losses["regression"], ((out["pair_images"] - batch["pair_images"]) ** 2).mean()
+    )
+    with pytest.raises(ProtegeError, match="no pair of class 3"):
+        ConditionedImages(torch.zeros(1, 1, 8, 8), torch.tensor([3]), train=True, pairs=pairs)
