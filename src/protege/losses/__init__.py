@@ -6,6 +6,7 @@ so any ``protege.losses.*`` import sees the full registry (the registry itself i
 
 from . import (  # noqa: F401  (register)
     contrastive,
+    diffusion,
     diswot,
     embedding,
     features,

@@ -5,6 +5,7 @@ from typing import Any
 from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
+from .diffusion import GenerationTask
 from .embedding import EmbeddingTask
 from .lm import LMTask
 from .pointcloud import PointPartsTask
@@ -14,6 +15,7 @@ from .vision_language import VisionLanguageTask
 _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
+    "generation": GenerationTask,
     "lm": LMTask,
     "pointcloud_parts": PointPartsTask,
     "promptable_segmentation": SegmentationTask,
@@ -36,6 +38,7 @@ __all__ = [
     "ClassificationTask",
     "EmbeddingTask",
     "Evaluator",
+    "GenerationTask",
     "LMTask",
     "Outputs",
     "PointPartsTask",
