@@ -219,6 +219,13 @@ class FakeScore(nn.Module):
                 "dmd queries the teacher model at the generator's noised samples: it needs a live teacher "
                 "(not a teacher-output cache)"
             )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # each process would step its own fake score
+                raise ValueError(
+                    "dmd's fake score takes its own optimizer steps inside the training step, in one "
+                    "process; a multi-process run would train a different fake score on every process. "
+                    "Run DMD on one device (one process)"
+                )
         real = context.teachers[context.teacher_index]
         for needed in ("denoise", "add_noise", "training_pair", "num_train_timesteps"):
             if not hasattr(real, needed):
