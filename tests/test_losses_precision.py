@@ -121,6 +121,12 @@ SPECIAL: dict[str, Callable[[], Case]] = {
         torch.arange(N) % CLASSES,
     ),
     # vision-language: the student embeds into the teacher's space (clip_cls: C class embeddings)
+    # PointDistiller: per-point features (B, N, C) of the same points; a few neighbours and points
+    "pointdistiller": lambda: Case(
+        _near(_randn(2, 24, 6, seed=2) + 0.5, 1, 0.3),
+        _randn(2, 24, 6, seed=2) + 0.5,
+        params={"k": 4, "num_points": 8},
+    ),
     "clip_cls": lambda: Case(_randn(N, 12, seed=1), _randn(CLASSES, 12, seed=2), torch.arange(N) % CLASSES),
     "feat_mse": lambda: Case(_near(_randn(N, 12, seed=2), 1, 0.3), _randn(N, 12, seed=2)),
     # sentence embeddings: the student's vector of each text against the teacher's
@@ -139,7 +145,9 @@ SPECIAL: dict[str, Callable[[], Case]] = {
         [_randn(N, 2, 4, 4, seed=3, scale=3.0), _randn(N, 2, seed=4).sigmoid()],
         _randn(N, 2, 8, 8, seed=5) > 0,
     ),
-    "mask_kd": lambda: Case(_near(_randn(N, 2, 4, 4, seed=2, scale=3.0), 1, 1.0), _randn(N, 2, 4, 4, seed=2, scale=3.0)),
+    "mask_kd": lambda: Case(
+        _near(_randn(N, 2, 4, 4, seed=2, scale=3.0), 1, 1.0), _randn(N, 2, 4, 4, seed=2, scale=3.0)
+    ),
     # MiniLM: query, key and value projections per model, every relation
     "minilm": lambda: Case(
         [_randn(B, L, 8, seed=i) for i in range(3)],

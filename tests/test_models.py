@@ -145,7 +145,8 @@ def test_timm_and_torchvision() -> None:
 
 def test_list_models() -> None:
     zoo = list_models(external=False)
-    assert set(zoo) == set(ZOO) | {"nb201", "resnet_depth"}  # the search spaces' builders
+    # the search spaces' builders and the point-cloud backbones
+    assert set(zoo) == set(ZOO) | {"nb201", "resnet_depth", "pointnet", "dgcnn", "pointnet2"}
     assert list_models("wrn_*_2", external=False) == ["wrn_16_2", "wrn_40_2"]
     everything = list_models("resnet")
     assert everything[: len(list_models("resnet", external=False))] == list_models("resnet", external=False)

@@ -124,7 +124,7 @@ def _check_refinement(
         why = f"this run is in {mode!r} mode, where no teacher runs"
     elif not teachers:
         why = "its teachers do not run live (none configured, or a teacher-output cache)"
-    elif not any(t.uses_teacher for t in terms):
+    elif not any(t.reads_teacher_outputs for t in terms):
         why = "no term reads the teacher, so the teacher does not run during training"
     if why is not None:
         raise ProtegeError(

@@ -497,6 +497,27 @@ def segment_everything_cmd(
     )
 
 
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="a finished generation run")],
+    label: Annotated[str, typer.Option("--class", help="the class to draw: its index or its name")],
+    n: Annotated[int, typer.Option("--n", help="how many images")] = 16,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="PNG to write (default RUN/samples/<model>-class<c>.png)")
+    ] = None,
+    which: Annotated[
+        str, typer.Option("--model", help="student (one step) or teacher (N steps)")
+    ] = "student",
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    seed: Annotated[int, typer.Option(help="seed of the noise")] = 0,
+) -> None:
+    """Draw N images of one class with a generation run's student (or teacher) as a PNG grid."""
+    from .sample import sample_grid
+
+    path = sample_grid(run_dir, label, n, out_file, which, checkpoint, seed)  # type: ignore[arg-type]
+    out.print(f"{n} samples of class {label} ({which}) → {path}")
+
+
 @analyze_app.command("gradvar")
 def gradvar(
     config: ConfigArg,

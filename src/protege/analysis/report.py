@@ -723,6 +723,12 @@ _WHAT_TASK = {
         "tmiou_box": "mask IoU with the teacher's mask, box prompts",
         "iou_mae": "mean absolute error of the predicted IoU (the IoU head) against the true mask IoU",
     },
+    "pointcloud_parts": {
+        "class_miou": "part mIoU per shape (parts of its category), averaged per category, then over categories",
+        "instance_miou": "part mIoU per shape (parts of its category), averaged over shapes",
+        "acc": "per-point part accuracy",
+        "agreement": "share of points whose predicted part agrees with the teacher's",
+    },
 }
 
 

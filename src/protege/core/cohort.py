@@ -16,6 +16,11 @@ detached peers, the gradients of the joint sum are exactly each student's own).
 Without teachers, a cohort with ``mutual`` is plain DML; with teachers, each student also
 distills from them through its own terms.
 
+When the task partitions the conditions among the students (:meth:`Task.partition
+<protege.tasks.base.Task.partition>`: the generation task's classes, Multi-Student Distillation),
+each student trains only on the batch's samples of its own conditions (:meth:`Task.route
+<protege.tasks.base.Task.route>`), and the cohort predicts through one routed model.
+
 ``cohort(batch)`` returns ``({name: outputs}, {"<name>/<term>": loss})``; :func:`protege.fit`
 trains it like a Distiller (one optimizer over all students and their trainable extras) and
 evaluates every student, logging ``val/<name>/<metric>``.
@@ -124,7 +129,10 @@ class Cohort(nn.Module):
             for t in teachers.values():
                 fold_batchnorm(t, keep=teacher_taps)
         object.__setattr__(self, "_teacher_taps", [Taps(t, teacher_taps) for t in teachers.values()])
-        self._needs_teacher = any(t.uses_teacher for d in self.members.values() for t in d.terms)
+        self._needs_teacher = any(t.reads_teacher_outputs for d in self.members.values() for t in d.terms)
+        #: the conditions each student covers (the task's :meth:`~protege.tasks.base.Task.partition`),
+        #: or None: every student trains on every batch
+        self.parts = self.task.partition(list(named))
         #: teacher forward passes run so far (one per training batch, however many students)
         self.teacher_forwards = 0
 
@@ -146,10 +154,6 @@ class Cohort(nn.Module):
     @property
     def students(self) -> dict[str, nn.Module]:
         return {name: d.student for name, d in self.members.items()}
-
-    def inference_models(self) -> dict[str, nn.Module]:
-        """Each student's predictor, by name (see :meth:`Distiller.inference_model`)."""
-        return {name: d.inference_model() for name, d in self.members.items()}
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Cohort:
         super()._apply(fn, recurse)
@@ -176,11 +180,20 @@ class Cohort(nn.Module):
         """Build every student's shape-dependent adapters and states (see :meth:`Distiller.prepare`)."""
         if not self.needs_prepare:
             return
+        if self.parts is not None:  # each student sees its own conditions' samples (and builds from them)
+            for name, d in self.members.items():
+                part = self.task.route(batch, self.parts[name])
+                d.prepare(
+                    batch if part is None else part,
+                    num_samples=num_samples,
+                    teachers=list(self._teachers.values()),
+                )
+            return
         inputs, target = self.task.split(batch)
         meta = dict(self.task.meta(batch))
         meta["teacher_outputs"] = self._run_teachers(inputs, count=False)
         for d in self.members.values():
-            d.prepare((inputs, target, meta), num_samples=num_samples)
+            d.prepare((inputs, target, meta), num_samples=num_samples, teachers=list(self._teachers.values()))
 
     # -- the step --------------------------------------------------------------------------------
     def _run_teachers(self, inputs: Any, count: bool = True) -> list[Outputs]:
@@ -192,6 +205,8 @@ class Cohort(nn.Module):
         return outs
 
     def forward(self, batch: Any) -> tuple[dict[str, Outputs], dict[str, torch.Tensor]]:
+        if self.parts is not None:
+            return self._routed(batch)
         inputs, _ = self.task.split(batch)
         teacher_outs = self._run_teachers(inputs) if self._needs_teacher else None
         outputs: dict[str, Outputs] = {}
@@ -208,6 +223,36 @@ class Cohort(nn.Module):
                 value = sum(kd_loss(own, peer, T=self.mutual_T) for peer in peers) / len(peers)
                 losses[f"{name}/dml"] = self.mutual * value
         return outputs, losses
+
+    def _routed(self, batch: Any) -> tuple[dict[str, Outputs], dict[str, torch.Tensor]]:
+        """Multi-student distillation: each student trains on the batch's samples of its own
+        conditions (its teachers run on those); a student none of whose conditions is in the batch
+        adds zero losses this step."""
+        assert self.parts is not None
+        outputs: dict[str, Outputs] = {}
+        losses: dict[str, torch.Tensor] = {}
+        for name, d in self.members.items():
+            part = self.task.route(batch, self.parts[name])
+            if part is None:
+                zero = next(d.student.parameters()).new_zeros(())
+                losses.update({f"{name}/{t.name}": zero for t in d.terms})
+                continue
+            teacher_outs = None
+            if self._needs_teacher:
+                teacher_outs = self._run_teachers(self.task.split(part)[0])
+            out, student_losses = d(part, teacher_outputs=teacher_outs)
+            outputs[name] = out
+            losses.update({f"{name}/{k}": v for k, v in student_losses.items()})
+        return outputs, losses
+
+    def inference_models(self) -> dict[str, nn.Module]:
+        """Each student's predictor, by name (see :meth:`Distiller.inference_model`); with a
+        partition of the conditions, one predictor ``{"": routed}`` that sends each condition to
+        its student (the task's :meth:`~protege.tasks.base.Task.routed`)."""
+        models = {name: d.inference_model() for name, d in self.members.items()}
+        if self.parts is None:
+            return models
+        return {"": self.task.routed(models, self.parts)}
 
     def export(self) -> dict[str, nn.Module]:
         """Each student's plain model (see :meth:`Distiller.export`)."""

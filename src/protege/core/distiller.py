@@ -199,8 +199,14 @@ class Term(nn.Module):
         s = [self.student_key] if isinstance(self.student_key, str) else self.student_key
         t = [self.teacher_key] if isinstance(self.teacher_key, str) else self.teacher_key
         return [k for k in s if k not in LOGIT_KEYS], (
-            [k for k in t if k not in LOGIT_KEYS] if self.uses_teacher else []
+            [k for k in t if k not in LOGIT_KEYS] if self.reads_teacher_outputs else []
         )
+
+    @property
+    def reads_teacher_outputs(self) -> bool:
+        """Whether the term reads the teachers' outputs on the batch (a term whose state queries the
+        teacher model itself, DMD, reads none: see :mod:`protege.losses.registry`)."""
+        return self.info.uses_teacher and not self.info.queries_teacher
 
     @property
     def pending_adapter(self) -> bool:
@@ -259,6 +265,9 @@ class Term(nn.Module):
                 )
             if self.adapter is not None:
                 s = self.adapter(s)
+            observe = getattr(self.state, "observe", None)
+            if observe is not None and self.training:  # a state trained on the student's outputs (DMD)
+                observe(student, target)
             kwargs = dict(self.params)
             if self.state is not None:  # in float32, like the loss (its parameters are float32)
                 with autocast_disabled(s):
@@ -275,7 +284,7 @@ class Term(nn.Module):
                         "index: wrap the training set in protege.data.WithIndex (protege.run does this)"
                     )
                 kwargs["index"] = index
-            if not self.info.uses_teacher:
+            if not self.reads_teacher_outputs:
                 return self.factor(progress) * self.info.fn(s, **kwargs)
             if not teachers:
                 raise ProtegeError(f"term {self.name!r} reads a teacher, but the distiller has none")
@@ -317,6 +326,7 @@ def teacher_reduction(
     if (
         reduction is None
         or not info.uses_teacher
+        or info.queries_teacher
         or not isinstance(teacher, str)
         or teacher in LOGIT_KEYS
         or adapter
@@ -498,7 +508,8 @@ class Distiller(nn.Module):
         if needs_teacher and not n_teachers:
             bad = next(t.name for t in self.terms if t.uses_teacher)
             raise ProtegeError(f"term {bad!r} distills from a teacher, but no teacher was given")
-        self._needs_teacher = needs_teacher
+        # a term whose state queries the teacher model itself (DMD) needs no teacher forward on the batch
+        self._needs_teacher = any(t.reads_teacher_outputs for t in self.terms)
         own = self.task.output_keys  # what the task's forward returns itself: not taps
         student_taps = [k for t in self.terms for k in t.taps[0] if k not in own]
         teacher_taps = [k for t in self.terms for k in t.taps[1] if k not in own]
@@ -585,18 +596,22 @@ class Distiller(nn.Module):
         return any(t.pending for t in self.terms)
 
     @torch.no_grad()
-    def prepare(self, batch: Any, num_samples: int | None = None) -> None:
+    def prepare(
+        self, batch: Any, num_samples: int | None = None, teachers: Sequence[nn.Module] | None = None
+    ) -> None:
         """Build the adapters named by kind, and the state modules sized by the tensors, from one
         batch's tensor shapes (no training happens).
 
         Call it before creating the optimizer, so the new parameters are optimized too.
-        ``num_samples`` is the training set's size (CRD's memory bank needs it).
-        The student runs in ``eval()`` here, so its BatchNorm statistics are untouched.
+        ``num_samples`` is the training set's size (CRD's memory bank needs it). ``teachers``: the
+        models a state may query or borrow from (a cohort's shared teachers); default this
+        distiller's. The student runs in ``eval()`` here, so its BatchNorm statistics are untouched.
         """
         if not self.needs_prepare:
             return
         inputs, _ = self.task.split(batch)
-        teacher_outs = self.teacher_outputs(inputs, self.task.meta(batch))
+        needs_outputs = any(t.pending and t.reads_teacher_outputs for t in self.terms)
+        teacher_outs = self.teacher_outputs(inputs, self.task.meta(batch)) if needs_outputs else []
         was_training = self.student.training
         self.student.eval()
         try:
@@ -604,7 +619,8 @@ class Distiller(nn.Module):
             student_out.update(self._student_taps.pop())
         finally:
             self.student.train(was_training)
-        context = BuildContext(num_samples=num_samples, teachers=list(self._teachers.values()))
+        models = list(self._teachers.values()) if teachers is None else list(teachers)
+        context = BuildContext(num_samples=num_samples, teachers=models)
         for term in self.terms:
             if not term.pending:
                 continue
@@ -613,10 +629,11 @@ class Distiller(nn.Module):
                 student_key=term.student_key,
                 teacher_key=term.teacher_key,
                 teacher_index=term.teacher_index or 0,
+                states=[t.state for t in self.terms if t.state is not None],
             )
             s = _read(student_out, term.student_key, "student", term.name)
             t = None
-            if term.uses_teacher:
+            if term.reads_teacher_outputs:
                 index = term.teacher_index or 0
                 t = _read(teacher_outs[index], term.teacher_key, f"teacher {index}", term.name)
             if term.pending_adapter:

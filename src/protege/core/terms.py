@@ -219,3 +219,38 @@ def affinity_mimic(
     return Term(
         "affinity_mimic", weight, student=list(student), teacher=list(teacher), T_s=T_s, T_t=T_t, **kwargs
     )
+
+
+# ------------------------------------------------------------------ one-step diffusion (generation task)
+# See protege.losses.diffusion; the defaults are DMD2's (ImageNet-64) where it has them.
+
+
+def dmd(
+    weight: float = 1.0,
+    ratio: int = 5,
+    lr: float = 1e-4,
+    min_t: float = 0.02,
+    max_t: float = 0.98,
+    name: str = "dmd",
+    **kwargs: Any,
+) -> Term:
+    """DMD's distribution matching: a fake score (a copy of the teacher) trained online, ``ratio``
+    of its updates per generator update, at learning rate ``lr``."""
+    return Term("dmd", weight, name=name, ratio=ratio, lr=lr, min_t=min_t, max_t=max_t, **kwargs)
+
+
+def dmd_gan(
+    weight: float = 3e-3, critic_weight: float = 1e-2, noise: float = 1.0, name: str = "gan", **kwargs: Any
+) -> Term:
+    """DMD2's GAN term: a head on the fake score's mid-block features (list after a ``dmd`` term)."""
+    return Term("dmd_gan", weight, name=name, critic_weight=critic_weight, noise=noise, **kwargs)
+
+
+def dmd_regression(weight: float = 0.25, name: str = "regression", **kwargs: Any) -> Term:
+    """DMD's regression on the teacher's ODE pairs (``data.options.pairs``); pixel MSE."""
+    return Term("dmd_regression", weight, name=name, **kwargs)
+
+
+def denoising(weight: float = 1.0, name: str = "denoising", **kwargs: Any) -> Term:
+    """The diffusion objective: what a teacher (``model: unet``) is trained with."""
+    return Term("denoising", weight, name=name, **kwargs)

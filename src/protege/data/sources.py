@@ -62,6 +62,16 @@ Sources (:func:`list_sources`):
     at ``root``. Labels: the teacher's predictions (option ``labels: target``: the classes the images
     were made for); a stratified ``val_fraction`` is held out with ``seed``; no test split. In memory,
     with the set's own normalisation.
+``shapes3d``
+    Point clouds (``(N, 3)`` items, ``in_chans`` 3, ``input_size`` the points per cloud ``N``)
+    sampled from procedural shapes and pyvista's real meshes (:mod:`protege.data.pointcloud`):
+    options ``num_points``, ``train``/``val``/``test`` sizes, ``families``, ``rotation``,
+    ``partial``, ``noise``; ``seed`` draws every cloud. Classified by the ``classification`` task
+    with the point backbones of :mod:`protege.models.pointcloud`.
+``pointfolder``
+    A ModelNet-style folder of point clouds: ``root/<class>/train|test/*.off`` (``.txt``, ``.ply``,
+    ``.npy`` too; :func:`protege.data.pointcloud.read_points`), resampled to ``num_points``, the
+    first ``channels`` values per point; val carved from train like ``imagefolder``.
 
 Transforms: file-based sources take a recipe name from :mod:`protege.data.transforms` or
 ``"auto"``. The in-memory sources (``mnist5k``, ``digits``, ``fashion-mnist``) take ``"auto"`` or ``"none"``
@@ -932,6 +942,44 @@ def _load_synthetic(**kwargs: Any) -> DataSplits:
     return load_synthetic_source(**kwargs)
 
 
+def _load_shapes3d(*, transforms: str, seed: int, options: dict[str, Any], **_: Any) -> DataSplits:
+    from .pointcloud import load_pointcloud_splits
+
+    if transforms == "augment":
+        raise ProtegeError(
+            "shapes3d clouds are already randomly stretched, rotated, occluded and jittered per item; "
+            "transforms: augment is not supported (use auto or none)"
+        )
+    return load_pointcloud_splits(options, seed)
+
+
+def _load_pointfolder(
+    *, root: Path, val_fraction: float, seed: int, options: dict[str, Any], **_: Any
+) -> DataSplits:
+    """A ModelNet-style folder: ``root/<class>/train|test/*.off`` (or ``.txt``/``.ply``/``.npy``);
+    val is carved from train (stratified, ``val_fraction``)."""
+    from .pointcloud import PointFolder
+
+    num_points, channels = int(options.get("num_points", 1024)), int(options.get("channels", 3))
+    train = PointFolder(root, "train", num_points, channels, seed)
+    test_dirs = any((root / c / "test").is_dir() for c in train.classes)
+    test = PointFolder(root, "test", num_points, channels, seed) if test_dirs else None
+    if test is not None and test.classes != train.classes:
+        raise ProtegeError(f"{root}: the train and test splits name different classes")
+    kept, held = stratified_split(train.labels.numpy(), val_fraction, seed)
+    return DataSplits(
+        train=_Reindexed(train, kept),
+        val=_Reindexed(train, held),
+        test=test,
+        num_classes=len(train.classes),
+        in_chans=channels,
+        input_size=num_points,
+        class_names=train.classes,
+        source="pointfolder",
+        options={"root": str(root), "num_points": num_points, "channels": channels, "seed": seed},
+    )
+
+
 class _Reindexed(Dataset[Any]):
     """Items ``indices`` of ``base``, untransformed."""
 
@@ -975,4 +1023,14 @@ _SOURCES: dict[str, _Source] = {
         options=("image_column", "label_column", "size", "mean", "std", "in_chans"),
     ),
     "synthetic": _Source("synthetic", _load_synthetic, needs_root=True, options=("labels",), bundled=True),
+    "shapes3d": _Source(
+        "shapes3d",
+        _load_shapes3d,
+        needs_root=False,
+        options=("num_points", "train", "val", "test", "families", "rotation", "partial", "noise"),
+        bundled=True,
+    ),
+    "pointfolder": _Source(
+        "pointfolder", _load_pointfolder, needs_root=True, options=("num_points", "channels")
+    ),
 }

@@ -6,10 +6,12 @@ so any ``protege.losses.*`` import sees the full registry (the registry itself i
 
 from . import (  # noqa: F401  (register)
     contrastive,
+    diffusion,
     diswot,
     embedding,
     features,
     logits,
+    pointcloud,
     relations,
     reuse,
     review,

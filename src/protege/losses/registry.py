@@ -33,6 +33,15 @@ is built.
 A term may read several taps (``student=["layer1", "layer2"]``): the loss then receives a list of
 tensors in that order (``reads="feature-list"`` losses such as ReviewKD and FSP).
 
+A loss may **query the teacher model itself** (``queries_teacher=True``, with ``uses_teacher``): its
+state module receives the teachers at ``build`` (:class:`BuildContext`) and calls them at inputs it
+makes from the student's outputs (DMD: the teacher's score at the generator's noised samples). The
+distiller then runs no teacher forward on the batch for it, and a teacher-output cache cannot serve
+it. A state that trains on what the student produced defines ``observe(student_outputs, target)``:
+the term calls it in training, before ``state(progress)`` (DMD's fake score takes its own optimizer
+steps there, on the detached samples). ``BuildContext.states`` lists the states of the distiller's
+terms, so one state may use another's modules (DMD2's GAN head classifies on the fake score's features).
+
 A loss may declare the **outputs it reads by default** (``default_keys=(student, teacher)``, each a
 key or a list of keys; default ``("logits", "logits")``): a term that names no ``student`` or no
 ``teacher`` reads these, so ``pg.term("clip_cls")`` and a config's ``- loss: clip_cls`` read the
@@ -216,6 +225,8 @@ class LossInfo:
     uses_target: bool = False
     uses_index: bool = False
     multi_teacher: bool = False
+    #: the state queries the teacher models itself (see the module docs); no teacher forward on the batch
+    queries_teacher: bool = False
     state: type[nn.Module] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     #: constructor parameters of the state module (e.g. CTKD's ``init_T``), set in a config like params
@@ -244,6 +255,8 @@ class BuildContext:
     teacher_key: str | list[str] | None = None
     #: the teacher the term's state is built against
     teacher_index: int = 0
+    #: the state modules of the distiller's terms, in term order (built ones first)
+    states: list[nn.Module] = field(default_factory=list)
 
 
 _LOSSES: dict[str, LossInfo] = {}
@@ -258,6 +271,7 @@ def register_loss(
     uses_target: bool = False,
     uses_index: bool = False,
     multi_teacher: bool = False,
+    queries_teacher: bool = False,
     state: type[nn.Module] | None = None,
     teacher_reduction: TeacherReduction | None = None,
     default_keys: tuple[str | Sequence[str], str | Sequence[str]] = ("logits", "logits"),
@@ -271,6 +285,10 @@ def register_loss(
     ``params`` must be parameters of the loss. ``default_keys``: the ``(student, teacher)`` outputs
     a term reads when it names none (each a key, or a list of keys for ``reads="feature-list"``).
     """
+    if queries_teacher and (not uses_teacher or state is None):
+        raise ValueError(
+            f"loss {name!r}: queries_teacher needs uses_teacher and a state module that queries it"
+        )
     keys = tuple(k if isinstance(k, str) else tuple(k) for k in default_keys)
     if len(keys) != 2 or not all(k for k in keys):
         raise ValueError(f"loss {name!r}: default_keys must be (student, teacher), got {default_keys!r}")
@@ -305,6 +323,7 @@ def register_loss(
             uses_target=uses_target,
             uses_index=uses_index,
             multi_teacher=multi_teacher,
+            queries_teacher=queries_teacher,
             state=state,
             params=params,
             state_params=state_params,

@@ -5,7 +5,9 @@ Name resolution in :func:`build_model`, first match wins:
 1. the protege zoo (case-insensitive): the CIFAR KD zoo of :mod:`protege.models.cifar`
    (``resnet20``, ``resnet32x4``, ``wrn_40_2``, ``vgg13``, ``mobilenetv2``, ``shufflenetv2``, ...),
    the MNIST-scale networks of :mod:`protege.models.small` (``mlp``, ``lenet5``, ``cnn_m``, ...),
-   the search spaces' families of :mod:`protege.models.nas` (``resnet_depth``, ``nb201``)
+   the search spaces' families of :mod:`protege.models.nas` (``resnet_depth``, ``nb201``),
+   the point-cloud backbones of :mod:`protege.models.pointcloud` (``pointnet``, ``dgcnn``,
+   ``pointnet2``; ``in_chans`` is then the values per point)
    and anything added with :func:`register_model`;
 2. an explicit source prefix: ``timm:NAME``, ``torchvision:NAME`` (or ``protege:NAME``);
 3. a bare name timm knows (``timm.is_model``), built with
@@ -50,7 +52,7 @@ from torch import nn
 
 from ..errors import ProtegeError, unknown
 from ..files import storable
-from . import cifar, nas, small
+from . import cifar, nas, pointcloud, small
 
 __all__ = [
     "MODEL_SPEC",
@@ -62,7 +64,7 @@ __all__ = [
     "save_model",
 ]
 
-_ZOO: dict[str, Callable[..., nn.Module]] = {**cifar.MODELS, **small.MODELS, **nas.MODELS}
+_ZOO: dict[str, Callable[..., nn.Module]] = {**cifar.MODELS, **small.MODELS, **nas.MODELS, **pointcloud.MODELS}
 _ALIASES: dict[str, str] = dict(cifar.ALIASES)
 _PREFIXES = ("protege", "timm", "torchvision")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")

@@ -5,15 +5,19 @@ from typing import Any
 from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
+from .diffusion import GenerationTask
 from .embedding import EmbeddingTask
 from .lm import LMTask
+from .pointcloud import PointPartsTask
 from .segmentation import SegmentationTask
 from .vision_language import VisionLanguageTask
 
 _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
+    "generation": GenerationTask,
     "lm": LMTask,
+    "pointcloud_parts": PointPartsTask,
     "promptable_segmentation": SegmentationTask,
     "vision_language": VisionLanguageTask,
 }
@@ -34,8 +38,10 @@ __all__ = [
     "ClassificationTask",
     "EmbeddingTask",
     "Evaluator",
+    "GenerationTask",
     "LMTask",
     "Outputs",
+    "PointPartsTask",
     "SegmentationTask",
     "Task",
     "VisionLanguageTask",

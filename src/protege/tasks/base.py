@@ -82,6 +82,22 @@ class Task:
     def evaluator(self, with_teacher: bool) -> Evaluator:
         raise NotImplementedError
 
+    # -- several students sharing the conditions (Multi-Student Distillation) ----------------------
+    def partition(self, students: Sequence[str]) -> dict[str, Any] | None:
+        """Which conditions each of a cohort's ``students`` covers, ``{name: part}``, when the task
+        splits its conditions among students (generation: the classes); ``None`` (default): every
+        student trains on every batch."""
+        return None
+
+    def route(self, batch: Any, part: Any) -> Any:
+        """The samples of ``batch`` whose condition is in ``part`` (one of :meth:`partition`'s
+        values), or ``None`` when it has none. Only tasks with a :meth:`partition` route."""
+        raise NotImplementedError(f"task {self.name!r} does not route conditions to students")
+
+    def routed(self, models: Mapping[str, nn.Module], parts: Mapping[str, Any]) -> nn.Module:
+        """One model that sends each condition to the student covering it (inference)."""
+        raise NotImplementedError(f"task {self.name!r} does not route conditions to students")
+
     # -- what a run builds: tasks whose data or models need more than the generic builders ------
     def load_data(
         self,

@@ -1,0 +1,177 @@
+"""One-step diffusion distillation measured: DMD, DMD2's GAN term, and Multi-Student Distillation (MSD).
+
+No pretrained diffusion model ships offline, so the teacher is **trained here**: a class-conditional
+diffusers ``UNet2DModel`` (channels 32/64, ~0.65M parameters, v-prediction, DDPM schedule with 1000
+steps) on Fashion-MNIST **downscaled to 16×16** (``configs/diffusion/fmnist16-teacher.yaml``), sampled
+with DDIM in 20 steps: its quality is the reference row.
+
+Rows (``--seeds`` seeds each; ``configs/diffusion/*.yaml``):
+
+- ``teacher (N steps)``: the teacher's DDIM sampler;
+- ``1 student (DMD)``: one one-step generator initialised from the teacher, distribution matching;
+- ``1 student (DMD + GAN)``: + DMD2's GAN head on the fake score's mid-block features;
+- ``K=2 same-size``, ``K=4 same-size``: MSD, each student on a contiguous share of the classes;
+- ``K=4 smaller``: MSD with students of half the channels (16/32: ~4× fewer parameters each),
+  randomly initialised.
+
+Columns: ``FD-FMNIST`` (Fréchet distance in the feature space of a CNN classifier trained here on
+the same data; not FID), k-NN precision and recall (k = 3) in that space, class consistency (that
+classifier's accuracy on the generated images), parameters (all students together for K > 1, and
+per student), time per image at batch 1 and the speed-up over the teacher's sampler, measured side by
+side in the same process (``summary.json`` of each run). Mean ± std over seeds, on the test split.
+
+    python benchmarks/diffusion.py --json benchmarks/results/diffusion.json
+    python benchmarks/diffusion.py --quick     # the pilot sizes: minutes, not hours
+
+Finished runs are reused and interrupted ones resumed when the command is run again (``--output-dir``,
+default runs/diffusion-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from protege.config import load_config
+from protege.pipeline import run
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "diffusion"
+ROWS = {
+    "dmd": ("1 student (DMD)", "dmd.yaml"),
+    "gan": ("1 student (DMD + GAN)", "dmd-gan.yaml"),
+    "k2": ("K=2 same-size", "msd-k2.yaml"),
+    "k4": ("K=4 same-size", "msd-k4.yaml"),
+    "k4s": ("K=4 smaller", "msd-k4-small.yaml"),
+}
+COLUMNS = ("fd_fmnist", "precision", "recall", "class_consistency")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output-dir", default="runs/diffusion-bench")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of: {', '.join(ROWS)}")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the teacher config's")
+    ap.add_argument("--epochs", type=int, default=None, help="student epochs (default: the configs')")
+    ap.add_argument("--train-size", type=int, default=None, help="training images (default: the configs')")
+    ap.add_argument("--ratio", type=int, default=None, help="fake-score updates per generator update")
+    ap.add_argument("--quick", action="store_true", help="pilot sizes: 4000/1280 images, 4/1 epochs, ratio 2")
+    ap.add_argument("--json", type=Path, default=None, help="write the table's numbers here")
+    return ap.parse_args()
+
+
+def _overrides(args: argparse.Namespace, student: bool) -> list[str]:
+    out = [f"output_dir={args.output_dir}"]
+    size = args.train_size or (1280 if args.quick and student else 4000 if args.quick else None)
+    if size:
+        out.append(f"data.options.train_size={size}")
+    if args.quick:
+        out += ["data.options.val_size=500", "data.options.test_size=500"]
+    epochs = args.epochs if student else args.teacher_epochs
+    epochs = epochs or (1 if args.quick and student else 4 if args.quick else None)
+    if epochs:
+        out.append(f"epochs={epochs}")
+    return out
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "completed" and "test" in summary:
+            return summary
+    return None
+
+
+def _train(path: Path, overrides: list[str], mode: str) -> dict[str, Any]:
+    cfg = load_config(path, overrides)
+    done = _finished(cfg.run_dir)
+    if done is not None:
+        return done
+    resume = (cfg.run_dir / "checkpoints" / "pointers.json").is_file()
+    return run(cfg, mode=mode, resume=resume, overwrite=not resume)  # type: ignore[arg-type]
+
+
+def _cells(summary: dict[str, Any], students: int) -> dict[str, float]:
+    best = summary["test"]["best"]
+    cost = summary.get("student", {})
+    cells = {k: float(best[k]) for k in COLUMNS if k in best}
+    if cost:
+        cells["params"] = float(cost["params"])
+        cells["params_per_student"] = float(cost["params"]) / students
+        cells["ms_per_image"] = float(cost["latency"]["ms"])
+        cells["speedup"] = float(cost.get("speedup", float("nan")))
+    return cells
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def main() -> None:
+    args = parse_args()
+    ratio = args.ratio or (2 if args.quick else None)
+    teacher_summary = _train(CONFIGS / "fmnist16-teacher.yaml", _overrides(args, student=False), "train")
+    teacher_dir = Path(args.output_dir) / "fmnist16-teacher"
+    results: dict[str, dict[str, list[float]]] = {}
+    t_best = teacher_summary["test"]["best"]
+    results["teacher (N steps)"] = {k: [float(t_best[k])] for k in COLUMNS if k in t_best}
+    t_cost = teacher_summary.get("student", {})
+    if t_cost:
+        results["teacher (N steps)"].update(
+            params=[float(t_cost["params"])], ms_per_image=[float(t_cost["latency"]["ms"])], speedup=[1.0]
+        )
+    for slug in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        if slug not in ROWS:
+            raise SystemExit(f"unknown row {slug!r}; rows: {', '.join(ROWS)}")
+        label, config = ROWS[slug]
+        cells: dict[str, list[float]] = {}
+        for seed in range(args.seeds):
+            overrides = _overrides(args, student=True) + [
+                f"seed={seed}",
+                f"name=fmnist16-{slug}-s{seed}",
+                f"teacher.weights={teacher_dir}",
+            ]
+            if ratio:
+                overrides.append(f"terms.0.ratio={ratio}")
+            students = len(load_config(CONFIGS / config, overrides).students) or 1
+            summary = _train(CONFIGS / config, overrides, "distill")
+            for k, v in _cells(summary, students).items():
+                cells.setdefault(k, []).append(v)
+        results[label] = cells
+    keys = [
+        "fd_fmnist",
+        "precision",
+        "recall",
+        "class_consistency",
+        "params",
+        "params_per_student",
+        "ms_per_image",
+        "speedup",
+    ]
+    print(
+        "| row | FD-FMNIST ↓ | precision | recall | class consistency | params | params/student | ms/image | speed-up |"
+    )
+    print("|---|" + "---|" * len(keys))
+    for label, cells in results.items():
+        print(f"| {label} | " + " | ".join(_mean_std(cells[k]) if k in cells else "—" for k in keys) + " |")
+    fd = {label: statistics.mean(c["fd_fmnist"]) for label, c in results.items() if "fd_fmnist" in c}
+    one = fd.get("1 student (DMD)")
+    for label in ("K=2 same-size", "K=4 same-size", "K=4 smaller"):
+        if one is not None and label in fd:
+            verdict = "beats" if fd[label] < one else "does not beat"
+            print(f"{label} {verdict} 1 student (DMD) on FD-FMNIST ({fd[label]:.3g} vs {one:.3g})")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Part segmentation's task and evaluator, and point-cloud runs (classification and parts) end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import protege as pg
+from cli_helpers import run_cli
+from protege.config import load_config
+from protege.errors import ProtegeError
+from protege.tasks import build_task
+from protege.tasks.pointcloud import PartsEvaluator
+
+# train: a multiple of the batch size (RKD needs at least 2 clouds in every batch)
+DATA = {"batch_size": 8, "options": {"num_points": 64, "train": 32, "val": 17, "test": 17}}
+
+
+def _onehot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, classes).float()
+
+
+def test_evaluator_by_hand():
+    # two categories: 0 owns parts {0, 1}, 1 owns parts {2, 3, 4}
+    ev = PartsEvaluator([[0, 1], [2, 3, 4]], with_teacher=True)
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 3, 3]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 2, 3, 3]])
+    logits = _onehot(pred, 5)
+    logits[0, :, 3] = 9.0  # part 3 is not a part of category 0: ignored by the restricted arg-max
+    student = {"logits": logits.reshape(8, 5), "category": torch.tensor([0, 1])}
+    teacher = {"logits": _onehot(target, 5).reshape(8, 5)}
+    ev.update(student, target.reshape(-1), teacher)
+    out = ev.compute()
+    shape0 = (1 / 2 + 2 / 3) / 2  # part 0: 1 of 2; part 1: 2 of 3
+    shape1 = 1.0  # parts 2 and 3 exact, part 4 absent from both: 1
+    assert out["instance_miou"] == pytest.approx((shape0 + shape1) / 2)
+    assert out["class_miou"] == pytest.approx((shape0 + shape1) / 2)
+    assert out["acc"] == pytest.approx(7 / 8)
+    assert out["teacher/class_miou"] == pytest.approx(1.0) and out["agreement"] == pytest.approx(7 / 8)
+
+
+def test_split_and_forward_flatten_points():
+    task = build_task("pointcloud_parts")
+    batch = {
+        "points": torch.randn(2, 16, 3),
+        "parts": torch.randint(0, 4, (2, 16)),
+        "category": torch.tensor([0, 1]),
+    }
+    inputs, target = task.split(batch)
+    assert target.shape == (32,)
+    model = pg.build_model("pointnet", num_classes=4, head="parts", width=0.25).eval()
+    out = task.forward(model, inputs)
+    assert out["logits"].shape == (32, 4) and out["category"].tolist() == [0, 1]
+    with pytest.raises(ProtegeError, match="one label per point"):
+        task.split({**batch, "parts": torch.zeros(2, 15, dtype=torch.long)})
+    with pytest.raises(ProtegeError, match="head: parts"):
+        task.forward(pg.build_model("pointnet", num_classes=4, width=0.25).eval(), inputs)
+
+
+def _cfg(tmp_path, name, task, student, **extra):
+    return {
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "task": task,
+        "seed": 0,
+        "epochs": 1,
+        "cpu": True,
+        "progress": False,
+        "data": {"source": "shapes3d", **DATA},
+        "student": student,
+        "optim": {"name": "adamw", "lr": 0.002},
+        **extra,
+    }
+
+
+def test_classification_and_parts_runs_with_pointdistiller(tmp_path):
+    teacher = {"model": "dgcnn", "kwargs": {"k": 8, "width": 0.25}}
+    s = pg.run(
+        load_config(None, **_cfg(tmp_path, "t", "classification", teacher)), mode="train", report=False
+    )
+    assert s["status"] == "completed" and 0 <= s["test"]["last"]["acc"] <= 1
+    terms = [
+        {"loss": "ce"},
+        {"loss": "kd", "weight": 0.5},
+        {"loss": "pointdistiller", "student": "mlp3", "teacher": "edge2", "k": 8, "num_points": 16},
+        {"loss": "fitnet", "student": "mlp3", "teacher": "edge2", "adapter": "linear"},
+        {"loss": "rkd", "student": "pool", "teacher": "pool"},
+    ]
+    cfg = _cfg(
+        tmp_path,
+        "s",
+        "classification",
+        {"model": "pointnet", "kwargs": {"width": 0.125}},
+        teacher={**teacher, "weights": str(tmp_path / "runs" / "t")},
+        terms=terms,
+    )
+    s = pg.run(load_config(None, **cfg), mode="distill", report=False)
+    assert s["status"] == "completed" and s["test"]["last"]["teacher_acc"] >= 0
+
+    parts = {"model": "pointnet2", "kwargs": {"k": 8, "width": 0.125}}
+    cfg = _cfg(
+        tmp_path,
+        "p",
+        "pointcloud_parts",
+        parts,
+        teacher={"model": "pointnet2", "kwargs": {"k": 8, "width": 0.25}},
+        terms=[
+            {"loss": "ce"},
+            {"loss": "kd"},
+            {"loss": "pointdistiller", "student": "sa1", "teacher": "sa1", "k": 4},
+        ],
+    )
+    s = pg.run(load_config(None, **cfg), mode="distill", report=False)
+    test = s["test"]["last"]
+    assert s["status"] == "completed"
+    assert 0 < test["class_miou"] <= 1 and 0 < test["instance_miou"] <= 1 and "agreement" in test
+
+
+def test_bad_input_exits_2(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bad.yaml"
+    student = {"model": "dgcnn", "kwargs": {"k": 80, "width": 0.125}}  # more neighbours than points
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, "k", "classification", student)))
+    code, err = run_cli(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and "fewer than the 80" in err and "Traceback" not in err
+
+    cfg = _cfg(
+        tmp_path,
+        "tap",
+        "classification",
+        {"model": "pointnet", "kwargs": {"width": 0.125}},
+        teacher={"model": "pointnet", "kwargs": {"width": 0.25}},
+        terms=[{"loss": "pointdistiller", "student": "pool", "teacher": "pool"}],
+    )
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(monkeypatch, capsys, "distill", str(path))
+    assert code == 2 and "per-point features (B, N, C)" in err
+
+    cfg = _cfg(tmp_path, "src", "pointcloud_parts", {"model": "pointnet"})
+    cfg["data"]["source"] = "mnist5k"
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and "reads data.source shapes3d or shapenetpart" in err
