@@ -223,7 +223,7 @@ def main() -> None:
         out: dict[str, Any] = {
             "searched": best.id,
             "flops": best.flops,
-            "hand_picked": hand.id,
+            "hand_arch": hand.id,
             "hand_flops": nets[3][0][0].flops(hand, args.max_length),
         }
         for label, fn in (
@@ -232,7 +232,10 @@ def main() -> None:
             ("hand_picked", lambda s, hand=hand: hand_picked(hand, s)),
         ):
             accs = [
-                cache.get(f"s3:{frac}:{label}:{s}", lambda s=s, fn=fn: fn(s))["accuracy"]
+                cache.get(
+                    f"s3:{frac}:{label}:{out['searched'] if label != 'hand_picked' else out['hand_arch']}:{s}",
+                    lambda s=s, fn=fn: fn(s),
+                )["accuracy"]
                 for s in range(args.seeds)
             ]
             out[label] = {

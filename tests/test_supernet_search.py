@@ -101,3 +101,30 @@ def test_not_a_supernet_is_an_error(tmp_path: Path) -> None:
     bad = cfg(tmp_path, tmp_path / "o")
     with pytest.raises(ProtegeError, match="neither a supernet folder"):
         search(bad)
+
+
+def test_mutation_moves_within_a_subspace_or_to_another() -> None:
+    import random
+
+    from protege.search.supernet import SupernetSpace
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    teacher = transformers.BertModel(config)
+    small = SubSpace("small", layers=(1,), hidden=(16,), heads=(2, 4), mlp_ratio=(1.0, 2.0))
+    space = SupernetSpace([(SuperLM.from_teacher(teacher, s), s) for s in (SPACE, small)])
+    assert space.size == len(SPACE.archs) + len(small.archs)
+    rng = random.Random(0)
+    start = ("s", 2, 32, 4, 64)
+    seen = set()
+    for _ in range(60):
+        child = space.mutate(start, rng)
+        seen.add(child[0])
+        if child[0] == "s":
+            assert sum(a != b for a, b in zip(child[1:], start[1:], strict=True)) == 1
+        else:
+            assert child[1:] in {tuple(a) for a in small.archs}
+        assert space.decode(space.encode(child)) == child
+    assert seen == {"s", "small"}

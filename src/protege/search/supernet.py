@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ProtegeError
 from ..metrics.cost import measure_latency
-from ..models.supernet import SubnetArch, SubSpace, SuperLM, load_supernet
+from ..models.supernet import SubnetArch, SubSpace, SuperLM, arch_params, load_supernet
 from ..tasks.supernet import TextBatches, held_out, inherited_loss, load_teacher, teacher_relations
 from .evolution import Budget, Candidate
 
@@ -71,15 +71,22 @@ class SupernetSpace:
         return (name, *self.nets[name][1].sample(rng))
 
     def mutate(self, arch: Gene, rng: random.Random) -> Gene:
-        """Another subnet of the same sub-space differing in one dimension (layers, hidden, heads or FFN)."""
+        """A neighbour of ``arch``: one dimension changed within its sub-space, or (the sub-space being
+        a gene too) the subnet of another sub-space closest to it in parameters."""
         space = self.nets[arch[0]][1]
         here = SubnetArch(*arch[1:])
-        neighbours = [a for a in space.archs if sum(x != y for x, y in zip(a, here, strict=True)) == 1]
-        if not neighbours:
-            neighbours = [a for a in space.archs if a != here]
-        if not neighbours:
+        moves: list[Gene] = [
+            (arch[0], *a) for a in space.archs if sum(x != y for x, y in zip(a, here, strict=True)) == 1
+        ]
+        size = _size(here)
+        for name, (_, other) in sorted(self.nets.items()):
+            if name != arch[0]:
+                moves.append((name, *min(other.archs, key=lambda a: (abs(_size(a) - size), a))))
+        if not moves:
+            moves = [(arch[0], *a) for a in space.archs if a != here]
+        if not moves:
             raise ProtegeError("this search space has a single architecture: there is nothing to mutate")
-        return (arch[0], *rng.choice(neighbours))
+        return rng.choice(moves)
 
     def build(self, arch: Gene, num_classes: int = 0, in_chans: int = 0) -> nn.Module:
         """The extracted ``transformers.BertModel`` of ``arch`` (``num_classes``/``in_chans`` unused)."""
@@ -104,6 +111,11 @@ class SupernetSpace:
     def model_spec(self, arch: Gene) -> dict[str, Any]:
         net, sub = self.arch(arch)
         return {"model": "bert", "kwargs": {"config": {**net.extract(sub).config.to_diff_dict()}}}
+
+
+def _size(arch: SubnetArch) -> int:
+    """Parameters of the layers (embeddings aside): what ranks subnets by size."""
+    return arch_params(arch, 0, 0, 0, pooler=False)
 
 
 class SupernetScorer:
