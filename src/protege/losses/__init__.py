@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (register)
     diswot,
     embedding,
     features,
+    landmarks,
     logits,
     relations,
     reuse,
