@@ -6,6 +6,7 @@ from ..errors import unknown
 from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
 from .embedding import EmbeddingTask
+from .landmarks import LandmarkTask
 from .lm import LMTask
 from .segmentation import SegmentationTask
 from .vision_language import VisionLanguageTask
@@ -13,6 +14,7 @@ from .vision_language import VisionLanguageTask
 _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
+    "landmarks": LandmarkTask,
     "lm": LMTask,
     "promptable_segmentation": SegmentationTask,
     "vision_language": VisionLanguageTask,
@@ -35,6 +37,7 @@ __all__ = [
     "EmbeddingTask",
     "Evaluator",
     "LMTask",
+    "LandmarkTask",
     "Outputs",
     "SegmentationTask",
     "Task",
