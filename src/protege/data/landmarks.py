@@ -460,6 +460,11 @@ def load_cofw(path: str | Path, size: int, split: str = "train", margin: float =
 # ------------------------------------------------------------------------------- the shape model
 
 
+def _apply(transform: tuple[float, np.ndarray, np.ndarray], shape: np.ndarray) -> np.ndarray:
+    scale, rot, shift = transform
+    return scale * shape @ rot.T + shift
+
+
 def _similarity(shape: np.ndarray, ref: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Scale ``s``, rotation ``R`` and translation ``t`` minimising ``|s R x + t - ref|`` (Umeyama)."""
     mx, mr = shape.mean(0), ref.mean(0)
@@ -497,37 +502,40 @@ class ShapeModel:
         self.variances = variances  # (M,)
         self.align = align
         self.count = count  # shapes it was fitted on
+        #: the frame shapes are aligned to before projection (aligned models; else ``None``)
+        self.frame: np.ndarray | None = None
 
     @classmethod
     def fit(cls, shapes: np.ndarray, align: bool = False, iterations: int = 10) -> ShapeModel:
         x = _check_points(shapes, "shape model")
         if x.ndim != 3 or len(x) < 1:
             raise ProtegeError(f"shape model: fit needs (N, K, 2) shapes, got {x.shape}")
+        frame = None
         if align:
-            x = cls._procrustes(x, iterations)
+            frame = cls._procrustes(x, iterations)
+            x = np.stack([_apply(_similarity(shape, frame), shape) for shape in x])
         n, k = x.shape[:2]
         flat = x.reshape(n, 2 * k)
         mean = flat.mean(0)
         _, sv, vt = np.linalg.svd(flat - mean, full_matrices=False)
         variances = sv**2 / max(n - 1, 1)
-        return cls(mean.reshape(k, 2), vt, variances, align, n)
+        model = cls(mean.reshape(k, 2), vt, variances, align, n)
+        model.frame = frame
+        return model
 
     @staticmethod
     def _procrustes(x: np.ndarray, iterations: int) -> np.ndarray:
+        """The generalised Procrustes mean: centred, unit norm (the frame shapes are aligned to)."""
         ref = x[0] - x[0].mean(0)
         ref = ref / np.linalg.norm(ref)
-        out = x.copy()
         for _ in range(iterations):
-            for i, shape in enumerate(x):
-                s, r, t = _similarity(shape, ref)
-                out[i] = s * shape @ r.T + t
-            new = out.mean(0)
+            new = np.mean([_apply(_similarity(shape, ref), shape) for shape in x], axis=0)
             new = new - new.mean(0)
             new = new / np.linalg.norm(new)
             if np.abs(new - ref).max() < 1e-10:
                 break
             ref = new
-        return out
+        return ref
 
     @property
     def max_modes(self) -> int:
@@ -557,14 +565,14 @@ class ShapeModel:
         p = self.components[:modes]  # (m, 2K)
         out = np.empty_like(x)
         for i, shape in enumerate(x):
-            if self.align:
-                s, r, t = _similarity(shape, self.mean)
+            if self.frame is not None:
+                s, r, t = _similarity(shape, self.frame)
                 aligned = s * shape @ r.T + t
             else:
                 aligned = shape
             d = aligned.reshape(-1) - self.mean.reshape(-1)
             soft = (self.mean.reshape(-1) + p.T @ (p @ d)).reshape(self.mean.shape)
-            out[i] = (soft - t) @ r / s if self.align else soft
+            out[i] = (soft - t) @ r / s if self.frame is not None else soft
         return out[0] if one else out
 
 
