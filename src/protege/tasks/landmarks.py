@@ -92,7 +92,8 @@ class Normalisation:
         if bad:
             raise ProtegeError(f"data.options.nme: unknown key {bad[0]!r}; keys: ocular, pupil, norm")
         base = DEFAULT_NORMS.get(num_points, {})
-        norm = str(given.get("norm", "ocular" if ("ocular" in given or "ocular" in base) else "pupil"))
+        has = {k for k in ("ocular", "pupil") if k in given or k in base}
+        norm = str(given.get("norm", "pupil" if has == {"pupil"} else "ocular"))
         if norm not in NORMS:
             raise ProtegeError(f"data.options.nme.norm is one of {', '.join(NORMS)}, not {norm!r}")
         ocular, pupil = given.get("ocular", base.get("ocular")), given.get("pupil", base.get("pupil"))
