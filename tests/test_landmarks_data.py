@@ -10,8 +10,8 @@ from PIL import Image
 
 from protege.data.landmarks import (
     ShapeModel,
-    _similarity,
     SyntheticFaces,
+    _similarity,
     asm_targets,
     crop_face,
     load_cofw,
