@@ -147,6 +147,8 @@ def test_forward_refuses_point_count_and_nan() -> None:
     task = pg.tasks.build_task("landmarks")
     task.num_points = 68
     model = build_landmark_model("resnet8", None, {}, 5).eval()
+    with torch.no_grad():  # the head starts at zero: every point at the image centre
+        assert torch.equal(model(torch.rand(2, 3, 32, 32)), torch.zeros(2, 5, 2))
     with pytest.raises(ProtegeError, match=r"predicts \(5, 2\) points, the data has \(68, 2\)"):
         task.forward(model, torch.zeros(1, 3, 32, 32))
     bad = torch.zeros(1, 68, 2)
