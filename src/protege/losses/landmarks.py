@@ -43,14 +43,18 @@ def _same(a: Tensor, b: Tensor, name: str, what: str) -> None:
         )
 
 
-@register_loss("l1", paper="mean absolute error (landmark regression)", uses_teacher=False, uses_target=True)
+@register_loss(
+    "l1", paper="mean absolute error (landmark regression)", reads="points", uses_teacher=False, uses_target=True
+)
 def l1(points: Tensor, *, target: Tensor) -> Tensor:
     r"""Mean absolute error against the ground truth: ``L = mean |s - y|`` over all coordinates."""
     _same(points, target, "l1", "target")
     return (points - target.to(points.dtype)).abs().mean()
 
 
-@register_loss("l2", paper="mean squared error (landmark regression)", uses_teacher=False, uses_target=True)
+@register_loss(
+    "l2", paper="mean squared error (landmark regression)", reads="points", uses_teacher=False, uses_target=True
+)
 def l2(points: Tensor, *, target: Tensor) -> Tensor:
     r"""Mean squared error against the ground truth: ``L = mean (s - y)^2`` over all coordinates
     (the reference KD-Loss code's ``MSE``, what its teachers are trained with)."""
@@ -58,7 +62,7 @@ def l2(points: Tensor, *, target: Tensor) -> Tensor:
     return (points - target.to(points.dtype)).pow(2).mean()
 
 
-@register_loss("wing", paper=WING_PAPER, uses_teacher=False, uses_target=True)
+@register_loss("wing", paper=WING_PAPER, reads="points", uses_teacher=False, uses_target=True)
 def wing(points: Tensor, *, target: Tensor, w: float = 10.0, epsilon: float = 2.0) -> Tensor:
     r"""Wing loss: logarithmic for small errors, L1 for large ones.
 
@@ -98,7 +102,7 @@ def assistive_loss(
     return (weight * (t - points).abs()).mean()
 
 
-@register_loss("aloss", paper=KD_PAPER, uses_target=True)
+@register_loss("aloss", paper=KD_PAPER, reads="points", uses_target=True)
 def aloss(
     points: Tensor,
     teacher: Tensor,
@@ -141,7 +145,7 @@ def kd_main(points: Tensor, tolerant: Tensor, target: Tensor) -> Tensor:
     return torch.where(e <= d, 3.0 * e, e.pow(2) + 3.0 * d - d.pow(2)).mean()
 
 
-@register_loss("kd_loss", paper=KD_PAPER, uses_target=True, multi_teacher=True)
+@register_loss("kd_loss", paper=KD_PAPER, reads="points", uses_target=True, multi_teacher=True)
 def kd_loss(
     points: Tensor,
     teachers: Sequence[Tensor],
