@@ -102,6 +102,11 @@ def _case(info: LossInfo) -> Case:
     if info.reads == "feature-list":
         t = [_randn(N, 4, 8, 8, seed=3) + 0.5, _randn(N, 6, 4, 4, seed=4) + 0.5]
         return Case([_near(x, i, 0.3) for i, x in enumerate(t)], t, target, index)
+    if info.reads == "points":  # landmark regression: (N, K, 2) points, the target points too
+        y = _randn(N, 5, 2, seed=2, scale=0.2)
+        t = _near(y, 3, 0.05)
+        teacher = [t, _near(y, 4, 0.05)] if info.multi_teacher else t
+        return Case(_near(y, 1, 0.05), teacher, y, index)
     raise AssertionError(f"loss {info.name!r} reads {info.reads!r}: teach _case to build its inputs")
 
 
