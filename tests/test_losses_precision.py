@@ -57,6 +57,9 @@ class Case:
     target: Tensor | None = None
     index: Tensor | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: what the state is built against (default: a classifier head); states of earlier terms
+    teachers: list[Any] | None = None
+    states: list[Any] = field(default_factory=list)
 
 
 def _randn(*shape: int, seed: int, scale: float = 1.0) -> Tensor:
@@ -102,10 +105,47 @@ def _case(info: LossInfo) -> Case:
     if info.reads == "feature-list":
         t = [_randn(N, 4, 8, 8, seed=3) + 0.5, _randn(N, 6, 4, 4, seed=4) + 0.5]
         return Case([_near(x, i, 0.3) for i, x in enumerate(t)], t, target, index)
+    if info.reads == "points":  # landmark regression: (N, K, 2) points, the target points too
+        y = _randn(N, 5, 2, seed=2, scale=0.2)
+        t = _near(y, 3, 0.05)
+        teacher = [t, _near(y, 4, 0.05)] if info.multi_teacher else t
+        return Case(_near(y, 1, 0.05), teacher, y, index)
     raise AssertionError(f"loss {info.name!r} reads {info.reads!r}: teach _case to build its inputs")
 
 
+def _diffusion_case(gan: bool) -> Case:
+    """DMD's terms: one-step generator images (N, 1, 8, 8) and their class labels; the state (the
+    fake score, and for the GAN term its head on the fake score) is built on a tiny diffusion teacher."""
+    from protege.losses.diffusion import FakeScore
+    from protege.models.diffusion import ScoreModel, tiny_unet
+
+    torch.manual_seed(0)
+    teacher = ScoreModel(
+        tiny_unet(8, 3, channels=(8, 16)),
+        {"num_train_timesteps": 50, "prediction_type": "v_prediction"},
+        steps=2,
+    )
+    images = _randn(N, 1, 8, 8, seed=2, scale=0.5)
+    labels = torch.arange(N) % 3
+    states = []
+    if gan:
+        critic = FakeScore(ratio=1)
+        critic.build(None, None, BuildContext(teachers=[teacher]))
+        states = [critic]
+    return Case(_near(images, 1, 0.1), images, labels, teachers=[teacher], states=states)
+
+
+def _pair_case() -> Case:
+    """A prediction and its regression target of the same shape (the diffusion objective, DMD's ODE pairs)."""
+    x = _randn(N, 1, 8, 8, seed=2)
+    return Case([_near(x, 1, 0.3), x], [x, x])
+
+
 SPECIAL: dict[str, Callable[[], Case]] = {
+    "dmd": lambda: _diffusion_case(gan=False),
+    "dmd_gan": lambda: _diffusion_case(gan=True),
+    "denoising": _pair_case,
+    "dmd_regression": _pair_case,
     # CRD: few negatives (the bank has 64 rows: num_samples in _prepared)
     "crd": lambda: Case(
         _randn(N, 12, seed=1), _randn(N, 16, seed=2), index=torch.arange(N), params={"nce_k": 16}
@@ -252,9 +292,10 @@ def _prepared(name: str, case: Case) -> Term:
         torch.manual_seed(0)
         context = BuildContext(
             num_samples=64,
-            teachers=[_HeadTeacher()],
+            teachers=case.teachers or [_HeadTeacher()],
             student_key=term.student_key,
             teacher_key=term.teacher_key,
+            states=list(case.states),
         )
         term.build_state(s32, first, context)
     return term

@@ -298,6 +298,9 @@ class ModelConfig(BaseModel):
     )
     weight: float = Field(1.0, ge=0, description="this teacher's weight in a multi-teacher ensemble")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model")
+    name: str | None = Field(
+        None, description="a teacher's role name, which terms' teacher_index may use (e.g. tough, tolerant)"
+    )
 
 
 class TermConfig(BaseModel):
@@ -317,7 +320,11 @@ class TermConfig(BaseModel):
     )
     name: str | None = None
     warmup: float = Field(0.0, ge=0)
-    teacher_index: int | None = None
+    teacher_index: int | str | list[int | str] | None = Field(
+        None,
+        description="read only this teacher (an index, or a teacher's name), or these teachers in this order "
+        "(a list; a two-teacher loss such as kd_loss reads [tough, tolerant]); default: every teacher",
+    )
     adapter: str | None = Field(None, description="auto | linear | conv1x1 | conv_bn | conv_bn_relu")
     allow_negative: bool = Field(
         False,
@@ -611,6 +618,32 @@ class RunConfig(TrainConfig):
         stage_names = [st.name for st in self.stages]
         if len(set(stage_names)) != len(stage_names):
             raise ValueError(f"stage names must be distinct, got {stage_names}")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_names(self) -> RunConfig:
+        """Terms' ``teacher_index`` given as teachers' names, resolved to their indices."""
+        names = [t.name for t in self.all_teachers()]
+        given = [n for n in names if n is not None]
+        if len(set(given)) != len(given):
+            raise ValueError(f"teachers need distinct names, got {given}")
+
+        def resolve(value: int | str) -> int:
+            if isinstance(value, int):
+                return value
+            if value not in names:
+                known = ", ".join(repr(n) for n in given) or "none (set name: on each teacher)"
+                raise ValueError(f"teacher_index {value!r} names no teacher; the teachers' names: {known}")
+            return names.index(value)
+
+        for term in [*self.terms, *(t for st in self.stages for t in (st.terms or []))]:
+            index = term.teacher_index
+            if isinstance(index, list):
+                if not index:
+                    raise ValueError("teacher_index: an empty list picks no teacher; remove it to read them all")
+                term.teacher_index = [resolve(i) for i in index]
+            elif isinstance(index, str):
+                term.teacher_index = resolve(index)
         return self
 
     def all_students(self) -> dict[str, ModelConfig]:

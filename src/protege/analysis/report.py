@@ -729,6 +729,19 @@ _WHAT_TASK = {
         "acc": "per-point part accuracy",
         "agreement": "share of points whose predicted part agrees with the teacher's",
     },
+    "landmarks": {
+        "nme": "mean point error over the primary normalising distance (inter-ocular by default)",
+        "nme_io": "mean point error / inter-ocular distance (outer eye corners)",
+        "nme_ip": "mean point error / inter-pupil distance (eye centres)",
+        "fr": "failure rate: images whose NME exceeds 0.1 (primary normalisation)",
+        "fr_io": "failure rate at 0.1, inter-ocular NME",
+        "fr_ip": "failure rate at 0.1, inter-pupil NME",
+        "auc": "area under the cumulative error curve to 0.1 (primary normalisation)",
+        "auc_io": "area under the cumulative error curve to 0.1, inter-ocular NME",
+        "auc_ip": "area under the cumulative error curve to 0.1, inter-pupil NME",
+        "tnme": "the student's NME against the teachers' (averaged) points",
+        "nme_pt": "error of this landmark alone, over the primary normalising distance",
+    },
 }
 
 
@@ -747,6 +760,8 @@ def _is_share(key: str) -> bool:
         base in ("acc", "agreement", "knn10")
         or re.fullmatch(r"t?miou(_\w+)?", base) is not None
         or base.startswith("probe/")
+        or base.startswith("nme_pt/")
+        or re.fullmatch(r"t?nme(_io|_ip)?|fr(_io|_ip)?|auc(_io|_ip)?", base) is not None
         or re.fullmatch(r"top\d+|zs_\w+|fewshot_\w+@\d+|[it]2[ti]_r\d+", base) is not None
     )
 
@@ -772,6 +787,8 @@ def _what(task: str, key: str) -> str:
     elif m := re.fullmatch(r"(teacher/)?probe/(\w+)", base):
         who = "the teacher's" if m[1] else "the student's"
         text = f"logistic-regression probe on {who} frozen embeddings: {m[2]} accuracy (held-out texts)"
+    elif m := re.fullmatch(r"nme_pt/(\d+)", base):
+        text = own.get("nme_pt", "") and f"{own['nme_pt']} (point {int(m[1])})"
     else:
         text = own.get(base) or _WHAT.get(base, "")
     return f"{text} ({lang})" if text and lang else text

@@ -77,9 +77,10 @@ class Term(nn.Module):
         name: key of the term in the losses dict; default ``loss`` or ``loss:student_key``.
         warmup: epochs over which the weight ramps linearly from 0 to ``weight``
             (DKD's warm-up, usable by any term).
-        teacher_index: read only this teacher; default: every teacher, combined by the
-            teacher weights (a weighted sum of per-teacher losses, or the loss's own multi-teacher
-            form when it has one).
+        teacher_index: read only this teacher; a list: these teachers in this order (a two-teacher
+            loss such as ``kd_loss`` reads ``[tough, tolerant]``); default: every teacher, combined by
+            the teacher weights (a weighted sum of per-teacher losses, or the loss's own
+            multi-teacher form when it has one).
         adapter: trainable module applied to the student tensor first (a projector when shapes
             differ), or the name of one to build from the two tensors' shapes (``"auto"``,
             ``"linear"``, ``"conv1x1"``, ``"conv_bn"``, ``"conv_bn_relu"``; see
@@ -98,7 +99,7 @@ class Term(nn.Module):
         teacher: str | Sequence[str] | None = None,
         name: str | None = None,
         warmup: float = 0.0,
-        teacher_index: int | None = None,
+        teacher_index: int | Sequence[int] | None = None,
         adapter: nn.Module | str | None = None,
         **params: Any,
     ) -> None:
@@ -114,7 +115,11 @@ class Term(nn.Module):
         if warmup < 0:
             raise ProtegeError(f"term {self.name!r}: warmup must be ≥ 0 epochs, got {warmup}")
         self.warmup = float(warmup)
-        self.teacher_index = teacher_index
+        self.teacher_index: int | list[int] | None = (
+            teacher_index if teacher_index is None or isinstance(teacher_index, int) else list(teacher_index)
+        )
+        if isinstance(self.teacher_index, list) and not self.teacher_index:
+            raise ProtegeError(f"term {self.name!r}: teacher_index is an empty list; remove it to read every teacher")
         self.adapter_kind = adapter if isinstance(adapter, str) else None
         self.adapter = adapter if isinstance(adapter, nn.Module) else None
         if (self.adapter_kind or self.adapter is not None) and not isinstance(self.student_key, str):
@@ -192,6 +197,12 @@ class Term(nn.Module):
     @property
     def uses_teacher(self) -> bool:
         return self.info.uses_teacher
+
+    @property
+    def picked(self) -> list[int]:
+        """The teachers ``teacher_index`` names, in order (empty when it names none: all of them)."""
+        index = self.teacher_index
+        return [] if index is None else [index] if isinstance(index, int) else list(index)
 
     @property
     def taps(self) -> tuple[list[str], list[str]]:
@@ -288,7 +299,7 @@ class Term(nn.Module):
                 return self.factor(progress) * self.info.fn(s, **kwargs)
             if not teachers:
                 raise ProtegeError(f"term {self.name!r} reads a teacher, but the distiller has none")
-            picked = range(len(teachers)) if self.teacher_index is None else [self.teacher_index]
+            picked = range(len(teachers)) if self.teacher_index is None else self.picked
             ts = [self.read_teacher(teachers[i], f"teacher {i}", s) for i in picked]
             ws = [teacher_weights[i] for i in picked]
             total = sum(ws)
@@ -491,7 +502,7 @@ class Distiller(nn.Module):
         if n_teachers and sum(self.teacher_weights) <= 0:
             raise ProtegeError("teacher_weights sum to zero")
         for t in self.terms:
-            if t.teacher_index is not None and n_teachers and not 0 <= t.teacher_index < n_teachers:
+            if n_teachers and any(not 0 <= i < n_teachers for i in t.picked):
                 raise ProtegeError(
                     f"term {t.name!r}: teacher_index is {t.teacher_index}, but there are {n_teachers} "
                     f"teacher(s): use 0 to {n_teachers - 1}, or remove it to combine them all"
@@ -628,13 +639,13 @@ class Distiller(nn.Module):
                 context,
                 student_key=term.student_key,
                 teacher_key=term.teacher_key,
-                teacher_index=term.teacher_index or 0,
+                teacher_index=(term.picked or [0])[0],
                 states=[t.state for t in self.terms if t.state is not None],
             )
             s = _read(student_out, term.student_key, "student", term.name)
             t = None
             if term.reads_teacher_outputs:
-                index = term.teacher_index or 0
+                index = (term.picked or [0])[0]
                 t = _read(teacher_outs[index], term.teacher_key, f"teacher {index}", term.name)
             if term.pending_adapter:
                 term.build_adapter(s, t)

@@ -184,7 +184,7 @@ def evaluate(
                         t_logits = teacher_cache[i].to(s_out["logits"].device)
                     else:
                         t_logits = gather(
-                            ensemble_logits([task.forward(t, inputs) for t in teachers], weights)
+                            task.combine_teachers([task.forward(t, inputs) for t in teachers], weights)
                         )
                         if filling:
                             kept = t_logits.detach().float().cpu()
@@ -196,7 +196,7 @@ def evaluate(
                                 teacher_cache.append(kept)  # type: ignore[union-attr]
                     t_out = {"logits": t_logits}
                 elif cached and task.meta(batch).get("teacher_outputs"):
-                    t_out = {"logits": gather(ensemble_logits(task.meta(batch)["teacher_outputs"], weights))}
+                    t_out = {"logits": gather(task.combine_teachers(task.meta(batch)["teacher_outputs"], weights))}
                 evaluator.update(s_out, gather(target) if target is not None else None, t_out)
     finally:
         student.train(was_training)

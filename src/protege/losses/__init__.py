@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (register)
     diswot,
     embedding,
     features,
+    landmarks,
     logits,
     pointcloud,
     relations,

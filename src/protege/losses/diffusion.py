@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import BuildContext, register_loss
+from .registry import BuildContext, autocast_disabled, register_loss
 
 DMD_PAPER = "Yin et al., One-step Diffusion with Distribution Matching Distillation, CVPR 2024"
 DMD2_PAPER = "Yin et al., Improved Distribution Matching Distillation for Fast Image Synthesis, NeurIPS 2024"
@@ -212,6 +212,7 @@ class FakeScore(nn.Module):
         object.__setattr__(self, "heads", [])  # GAN heads trained in the same step (GANHead.build)
         #: why the last update was skipped (a non-finite loss), else None
         self.failure: str | None = None
+        self.key = "images"
 
     def build(self, student: Any, teacher: Any, context: BuildContext) -> None:
         if not context.teachers:
@@ -234,6 +235,8 @@ class FakeScore(nn.Module):
                     "(protege.models.diffusion.ScoreModel: a diffusers UNet and its scheduler)"
                 )
         object.__setattr__(self, "real", real)
+        #: the student output holding the generated images (the term's student key)
+        self.key = context.student_key if isinstance(context.student_key, str) else "images"
         self.fake = copy.deepcopy(real).requires_grad_(False).train()
         self.optim = PrivateAdam(
             list(self.fake.parameters()), self.lr, self.betas, weight_decay=self.weight_decay
@@ -245,10 +248,17 @@ class FakeScore(nn.Module):
 
     def observe(self, outputs: Mapping[str, Tensor], target: Tensor | None) -> None:
         """``ratio`` fake-score updates on the generator's detached samples (and, with GAN heads,
-        their classification of noised real vs generated images)."""
+        their classification of noised real vs generated images).
+
+        In float32 whatever the run's autocast, as the scores of :meth:`scores`: DMD's gradient is
+        the difference of two nearly equal clean-image estimates, which bf16's 8-bit mantissa
+        would mostly round away (measured: 1.9 % error on the loss of a tiny teacher)."""
         assert self.fake is not None and self.optim is not None
-        images = outputs["images"].detach().float()
-        real_images = outputs.get("real_images")
+        images = outputs[self.key].detach().float()
+        with autocast_disabled(images):
+            self._updates(images, outputs.get("real_images"), target)
+
+    def _updates(self, images: Tensor, real_images: Tensor | None, target: Tensor | None) -> None:
         self.failure = None
         for k in range(self.ratio):
             with trainable(self.fake, *self.heads):
@@ -281,7 +291,8 @@ class FakeScore(nn.Module):
         was = self.fake.training
         self.fake.eval()
         try:
-            return self.real.denoise(x_t, t, labels).float(), self.fake.denoise(x_t, t, labels).float()
+            with autocast_disabled(x_t):  # see observe: the difference of two close predictions
+                return self.real.denoise(x_t, t, labels).float(), self.fake.denoise(x_t, t, labels).float()
         finally:
             self.fake.train(was)
 
@@ -354,9 +365,6 @@ class GANHead(nn.Module):
         ).requires_grad_(False)
         self.optim = PrivateAdam(list(self.net.parameters()), self.lr or critic.lr, critic.betas)
         object.__setattr__(self, "critic", critic)
-        object.__setattr__(self, "_features", [])
-        object.__setattr__(self, "_capture", [False])
-        mid.register_forward_hook(lambda m, i, o: self._features.append(o) if self._capture[0] else None)
         critic.heads.append(self)
         self.pending = False
 
@@ -375,15 +383,13 @@ class GANHead(nn.Module):
             else torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         )
         x_t = fake.add_noise(images.float(), torch.randn_like(images.float()), t)
-        self._features.clear()
-        self._capture[0] = True
+        features: list[Tensor] = []  # the mid block's output, caught by a hook that lives for this call
+        handle = fake.unet.mid_block.register_forward_hook(lambda m, i, o: features.append(o))
         try:
             fake.predict(x_t, t, labels)
         finally:
-            self._capture[0] = False
-        features = self._features.pop()
-        self._features.clear()
-        return self.net(features.float()).squeeze(-1)
+            handle.remove()
+        return self.net(features[-1].float()).squeeze(-1)
 
     def critic_loss(self, images: Tensor, real: Tensor | None, labels: Tensor | None) -> Tensor:
         """``critic_weight`` × the logistic loss of real vs generated (detached) images."""

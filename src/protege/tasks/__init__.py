@@ -7,6 +7,7 @@ from .base import Evaluator, Outputs, Task
 from .classification import ClassificationTask
 from .diffusion import GenerationTask
 from .embedding import EmbeddingTask
+from .landmarks import LandmarkTask
 from .lm import LMTask
 from .pointcloud import PointPartsTask
 from .segmentation import SegmentationTask
@@ -16,6 +17,7 @@ _TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
     "generation": GenerationTask,
+    "landmarks": LandmarkTask,
     "lm": LMTask,
     "pointcloud_parts": PointPartsTask,
     "promptable_segmentation": SegmentationTask,
@@ -40,6 +42,7 @@ __all__ = [
     "Evaluator",
     "GenerationTask",
     "LMTask",
+    "LandmarkTask",
     "Outputs",
     "PointPartsTask",
     "SegmentationTask",

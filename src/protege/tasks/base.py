@@ -98,6 +98,16 @@ class Task:
         """One model that sends each condition to the student covering it (inference)."""
         raise NotImplementedError(f"task {self.name!r} does not route conditions to students")
 
+    def combine_teachers(self, outputs: Sequence[Outputs], weights: Sequence[float]) -> torch.Tensor:
+        """The teachers' ``"logits"`` combined into the one reference the evaluator compares the
+        student with: by default the logits of the weighted mixture of their predictive
+        distributions (one teacher: its logits). Regression tasks average their predictions."""
+        if len(outputs) == 1:
+            return outputs[0]["logits"]
+        total = sum(weights)
+        probs = sum(w / total * o["logits"].float().softmax(-1) for w, o in zip(weights, outputs))
+        return probs.clamp_min(1e-12).log()  # type: ignore[union-attr]
+
     # -- what a run builds: tasks whose data or models need more than the generic builders ------
     def load_data(
         self,
