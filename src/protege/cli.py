@@ -597,8 +597,42 @@ def search(
         f"({result.summary['candidates_per_minute']:.1f} candidates/min); results in {result.out_dir}",
         soft_wrap=True,
     )
-    if result.distill_summary is not None:
+    if result.distill_summary is not None and result.run_config is not None:
         _print_run(result.distill_summary, result.run_config.run_dir)
+
+
+@app.command()
+def supernet(
+    config: Annotated[Path, typer.Argument(help="supernet YAML (see configs/autodistil/)")],
+    overrides: SetOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """AutoDistil: train one weight-sharing SuperLM per sub-space with the MiniLM relation loss (sandwich rule)."""
+    from .autodistil import load_autodistil_config, train_supernets
+
+    cfg = load_autodistil_config(config, overrides or [])
+    summary = train_supernets(cfg, resume=resume, overwrite=overwrite)
+    table = Table(title=f"{summary['name']} — held-out relation loss (start → end)")
+    for col in ("sub-space", "archs", "largest", "smallest", "loss largest", "loss smallest", "seconds"):
+        table.add_column(col, justify="left" if col in ("sub-space", "largest", "smallest") else "right")
+    for name, r in summary["subspaces"].items():
+        first, final = r["first"] or {}, r["final"] or {}
+
+        def span(key: str, first: dict = first, final: dict = final) -> str:
+            return f"{first.get(key, float('nan')):.4f} → {final.get(key, float('nan')):.4f}"
+
+        table.add_row(
+            name,
+            str(r["archs"]),
+            r["largest"],
+            r["smallest"],
+            span("loss/largest"),
+            span("loss/smallest"),
+            f"{r['seconds']:.1f}",
+        )
+    out.print(table)
+    out.print(f"supernets in {cfg.run_dir / 'subspaces'}; search them: protege search (space kind: supernet)")
 
 
 @app.command()

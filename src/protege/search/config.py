@@ -89,8 +89,31 @@ class MultiplierSpaceConfig(BaseModel):
         return MultiplierSpace(self.base, self.width, self.depth, self.kwargs)
 
 
+class SupernetSpaceConfig(BaseModel):
+    """Subnets of trained AutoDistil supernets, scored by their inherited relation loss (no training)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["supernet"] = "supernet"
+    paths: list[str] = Field(
+        min_length=1, description="supernet folders or 'protege supernet' run directories"
+    )
+    teacher: str | None = Field(None, description="default: the teacher the supernets were trained with")
+    corpora: list[str] = Field(
+        ["pydoc-topics", "stdlib-docstrings"], min_length=1, description="held-out text"
+    )
+    eval_texts: int = Field(64, gt=0, description="held-out texts the loss is measured on")
+    max_length: int = Field(64, gt=1, description="tokens per text; FLOPs are per sequence of this length")
+    extract_top: int = Field(
+        5, ge=1, description="extract the winner and Pareto-front subnets, at most this many"
+    )
+
+
 SpaceConfig = Annotated[
-    ResNetDepthSpaceConfig | NB201SpaceConfig | ModelListSpaceConfig | MultiplierSpaceConfig,
+    ResNetDepthSpaceConfig
+    | NB201SpaceConfig
+    | ModelListSpaceConfig
+    | MultiplierSpaceConfig
+    | SupernetSpaceConfig,
     Field(discriminator="kind"),
 ]
 
@@ -188,7 +211,9 @@ def validate_search_config(data: dict[str, Any], source: str = "search config") 
                 e,
                 source,
                 _valid_keys,
-                {"union_tag_invalid": "kind must be one of resnet_depth, nb201, models, multiplier"},
+                {
+                    "union_tag_invalid": "kind must be one of resnet_depth, nb201, models, multiplier, supernet"
+                },
             )
         ) from None
     cfg.run_config({"model": "placeholder"})  # the distill: keys must make a valid run config
@@ -213,6 +238,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "nb201": NB201SpaceConfig,
     "models": ModelListSpaceConfig,
     "multiplier": MultiplierSpaceConfig,
+    "supernet": SupernetSpaceConfig,
 }
 
 

@@ -40,7 +40,7 @@ class SearchResult:
 
     history: SearchHistory
     summary: dict[str, Any]
-    run_config: RunConfig
+    run_config: RunConfig | None  # None for the supernet space (its winners are extracted, not distilled)
     out_dir: Path
     distill_summary: dict[str, Any] | None = None
 
@@ -118,6 +118,13 @@ def search(
 
     start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name
+    show = cfg.progress if progress is None else progress
+    if cfg.space.kind == "supernet":
+        if distill:
+            raise ProtegeError(
+                "--distill does not apply to the supernet space: fine-tune its extracted winners"
+            )
+        return _search_supernet(cfg, out, show, start)
     proxy = get_proxy(cfg.proxy)
     space = cfg.space.build()
     if distill and cfg.teacher is None:
@@ -130,7 +137,6 @@ def search(
     scorer = CandidateScorer(
         space, proxy, teacher, batches, budget, data.num_classes, data.in_chans, seed=cfg.seed
     )
-    show = cfg.progress if progress is None else progress
     setup_s = time.perf_counter() - start
     if cfg.algorithm.name == "random":
         history = random_search(space, scorer, budget, seed=cfg.seed, progress=show)
@@ -153,6 +159,39 @@ def search(
 
         result.distill_summary = run(run_cfg, mode="distill", overwrite=True)
     return result
+
+
+def _search_supernet(cfg: SearchConfig, out: Path, show: bool, start: float) -> SearchResult:
+    """AutoDistil's search: subnets of trained supernets scored by their inherited relation loss
+    (:mod:`protege.search.supernet`); the winner and the Pareto front are extracted to ``winners/``."""
+    from .supernet import supernet_scorer
+
+    space, scorer, budget, tokenizer = supernet_scorer(cfg)
+    setup_s = time.perf_counter() - start
+    if cfg.algorithm.name == "random":
+        history = random_search(space, scorer, budget, seed=cfg.seed, progress=show)
+    else:
+        a = cfg.algorithm
+        history = regularized_evolution(
+            space, scorer, budget, population=a.population, sample=a.sample, seed=cfg.seed, progress=show
+        )
+    for cand in history.ranked[: cfg.latency_top]:
+        if cand.latency_ms is None:
+            cand.latency_ms = scorer.latency(cand.arch)
+    summary = _summary(cfg, space, history, None, setup_s, time.perf_counter() - start)
+    summary["proxy"] = "inherited relation loss (score = -loss)"
+    costs = [(_cost(c, cfg.plot_cost) or 0.0, float(c.score or 0.0)) for c in history.ranked]
+    front = [history.ranked[i] for i in pareto_front(costs)]
+    winners = list({c.id: c for c in [history.best, *front]}.values())[: cfg.space.extract_top]
+    summary["winners"] = {}
+    for cand in winners:
+        folder = out / "winners" / cand.id.replace(":", "_")
+        space.build(cand.arch).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        summary["winners"][cand.id] = str(folder)
+    atomic_write_text(out / "search.json", json.dumps(summary, indent=2))
+    _plot(history, cfg.plot_cost, out / "search.png", title=f"{cfg.name}: inherited relation loss")
+    return SearchResult(history, summary, None, out)
 
 
 def _measure_ranked(history: SearchHistory, scorer: CandidateScorer, top: int) -> None:
