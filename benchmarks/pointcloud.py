@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 import protege as pg
+from protege.analysis.runs import seed_stats
 from protege.config import load_config
 from protege.metrics.cost import count_flops, count_params, measure_latencies
 from protege.pipeline import load_run
@@ -149,16 +150,6 @@ def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
     return summary
 
 
-def mean_std(summaries: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    keys = sorted({k for s in summaries for k in s["test"]["last"]})
-    mean, std = {}, {}
-    for k in keys:
-        vals = [float(s["test"]["last"][k]) for s in summaries if k in s["test"]["last"]]
-        mean[k] = statistics.mean(vals)
-        std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return mean, std
-
-
 class _PerPoint(nn.Module):
     """Models timed on one cloud (batch 1)."""
 
@@ -210,7 +201,7 @@ def main() -> None:
                 "terms": row_terms(args, row),
             }
             summaries.append(train(cfg, "train" if row == "student" else "distill"))
-        mean, std = mean_std(summaries)
+        mean, std = seed_stats(summaries, "last")
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
         results["rows"][row] = {"metrics": mean, "std": std, "seeds": len(summaries), "wall_s": wall}
         print(f"{row}: { {k: round(v, 4) for k, v in mean.items()} }", flush=True)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import protege as pg
+from protege.analysis.runs import seed_stats
 from protege.config import load_config
 from protege.engine import evaluate, make_loader
 from protege.metrics.cost import count_flops, count_params
@@ -164,18 +165,6 @@ def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
     summary = pg.run(cfg, mode=mode, overwrite=True, report=False)  # type: ignore[arg-type]
     print(f"{cfg.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return summary
-
-
-def mean_std(
-    summaries: list[dict[str, Any]], which: str = "best"
-) -> tuple[dict[str, float], dict[str, float]]:
-    keys = sorted({k for s in summaries for k in (s["test"].get(which) or {})})
-    mean, std = {}, {}
-    for k in keys:
-        vals = [float(s["test"][which][k]) for s in summaries if k in s["test"][which]]
-        mean[k] = statistics.mean(vals)
-        std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return mean, std
 
 
 class _Encoder(nn.Module):
@@ -376,8 +365,8 @@ def main() -> None:
             summaries.append(train(cfg, mode))
         if not summaries:
             continue
-        best, best_std = mean_std(summaries, "best")
-        last, last_std = mean_std(summaries, "last")
+        best, best_std = seed_stats(summaries, "best")
+        last, last_std = seed_stats(summaries, "last")
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
         results["rows"][row] = {"metrics": best, "std": best_std, "last": last, "last_std": last_std,
                                 "wall_s": wall, "seeds": len(summaries)}  # fmt: skip

@@ -2,11 +2,13 @@
 
 :func:`protege.pipeline.run` trains and tests; the report reads the finished run back from disk
 (:func:`protege.analysis.report.build_report`), so it is written *after* the run, from this layer,
-never from inside the pipeline.
+never from inside the pipeline. :func:`seed_stats` is what a table of several seeds reports.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from ..engine.loop import console
 from ..pipeline import run as run_pipeline
 from .report import build_report
 
-__all__ = ["run", "write_run_report"]
+__all__ = ["run", "seed_stats", "write_run_report"]
 
 
 def run(
@@ -70,3 +72,21 @@ def write_run_report(cfg: RunConfig) -> Path | None:
         return None
     console.print(f"report: {path}")
     return path
+
+
+def seed_stats(
+    summaries: Sequence[Mapping[str, Any]], which: str = "best"
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and sample standard deviation over seeds of the runs' test metrics.
+
+    ``summaries``: the ``summary.json`` contents of the same recipe run with different seeds;
+    ``which``: the checkpoint whose test metrics count (``"best"`` or ``"last"``). A metric some runs
+    lack is averaged over those that have it; one run gives a standard deviation of 0."""
+    keys = sorted({k for s in summaries for k in (s.get("test", {}).get(which) or {})})
+    mean: dict[str, float] = {}
+    std: dict[str, float] = {}
+    for k in keys:
+        vals = [float(s["test"][which][k]) for s in summaries if k in (s["test"].get(which) or {})]
+        mean[k] = statistics.mean(vals)
+        std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean, std

@@ -1,0 +1,25 @@
+"""seed_stats: what every several-seed table reports (mean and sample std of the runs' test metrics)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from protege.analysis.runs import seed_stats
+
+
+def test_mean_and_sample_std_per_metric_and_checkpoint() -> None:
+    runs = [
+        {"test": {"best": {"acc": 0.80, "kl": 0.2}, "last": {"acc": 0.70}}},
+        {"test": {"best": {"acc": 0.90, "kl": 0.4}, "last": {"acc": 0.75}}},
+        {"test": {"best": {"acc": 0.85}, "last": {"acc": 0.80}}},  # this one lacks kl
+    ]
+    mean, std = seed_stats(runs, "best")
+    assert mean["acc"] == pytest.approx(0.85) and std["acc"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.85]))
+    assert mean["kl"] == pytest.approx(0.3) and std["kl"] == pytest.approx(statistics.stdev([0.2, 0.4]))
+    mean, std = seed_stats(runs, "last")
+    assert set(mean) == {"acc"} and mean["acc"] == pytest.approx(0.75)
+    mean, std = seed_stats(runs[:1], "best")
+    assert std == {"acc": 0.0, "kl": 0.0}
+    assert seed_stats([], "best") == ({}, {})
