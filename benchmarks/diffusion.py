@@ -35,8 +35,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from protege.analysis.runs import run_or_reuse
 from protege.config import load_config
-from protege.pipeline import run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "diffusion"
 ROWS = {
@@ -77,22 +77,8 @@ def _overrides(args: argparse.Namespace, student: bool) -> list[str]:
     return out
 
 
-def _finished(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "completed" and "test" in summary:
-            return summary
-    return None
-
-
 def _train(path: Path, overrides: list[str], mode: str) -> dict[str, Any]:
-    cfg = load_config(path, overrides)
-    done = _finished(cfg.run_dir)
-    if done is not None:
-        return done
-    resume = (cfg.run_dir / "checkpoints" / "pointers.json").is_file()
-    return run(cfg, mode=mode, resume=resume, overwrite=not resume)  # type: ignore[arg-type]
+    return run_or_reuse(load_config(path, overrides), mode)  # type: ignore[arg-type]
 
 
 def _cells(summary: dict[str, Any], students: int) -> dict[str, float]:

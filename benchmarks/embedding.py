@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import protege as pg
+from protege.analysis.runs import run_or_reuse
 from protege.config import load_config
 from protege.engine import evaluate, make_loader
 from protege.metrics.cost import count_params, text_throughput
@@ -58,9 +58,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-size", type=int, default=3000, help="held-out texts for fidelity")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--dims", default="256,64", help="static students' widths")
-    ap.add_argument("--rows", default="all", help="comma list of rows (teacher,model2vec,static-init,static,transformer)")
+    ap.add_argument(
+        "--rows", default="all", help="comma list of rows (teacher,model2vec,static-init,static,transformer)"
+    )
     ap.add_argument("--seeds", type=int, default=1, help="seeds of the trained rows")
-    ap.add_argument("--transformers", default="L3,L2,L1", help="Transformer students: L3 (layers 1,3,5), L2 (2,5), L1 (5)")
+    ap.add_argument(
+        "--transformers", default="L3,L2,L1", help="Transformer students: L3 (layers 1,3,5), L2 (2,5), L1 (5)"
+    )
     ap.add_argument("--static-lr", type=float, default=0.003)
     ap.add_argument("--transformer-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all)")
@@ -103,7 +107,9 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def run_cfg(args: argparse.Namespace, name: str, seed: int, student: dict[str, Any], lr: float) -> dict[str, Any]:
+def run_cfg(
+    args: argparse.Namespace, name: str, seed: int, student: dict[str, Any], lr: float
+) -> dict[str, Any]:
     adapter = {"adapter": "linear"} if student["model"] == "static" else {}
     return {
         "name": name,
@@ -124,16 +130,9 @@ def run_cfg(args: argparse.Namespace, name: str, seed: int, student: dict[str, A
 
 
 def train(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    cfg = load_config(None, **cfg_dict)
-    done = cfg.run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary.get("status") == "completed" and "test" in summary:
-            return summary
     t0 = time.perf_counter()
-    summary = pg.run(cfg, mode="distill", overwrite=True, report=False)  # type: ignore[arg-type]
-    summary["bench_wall_s"] = time.perf_counter() - t0
-    print(f"{cfg.name}: {summary['bench_wall_s']:.0f} s", flush=True)
+    summary = run_or_reuse(load_config(None, **cfg_dict), "distill")
+    print(f"{cfg_dict['name']}: {time.perf_counter() - t0:.0f} s", flush=True)
     return summary
 
 
@@ -156,6 +155,7 @@ def main() -> None:
 
     def score(model: nn.Module) -> dict[str, float]:
         return evaluate(model, loader, task, [teacher], teacher_cache=tcache)
+
     results: dict[str, Any] = {
         "settings": vars(args) | {"sizes": splits.sizes(), "data": splits.options},
         "rows": {},
@@ -266,7 +266,9 @@ def load_export(path: Path) -> nn.Module:
     return load_embedder(path).eval()
 
 
-def add_trained(results: dict[str, Any], row: str, summaries: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def add_trained(
+    results: dict[str, Any], row: str, summaries: list[dict[str, Any]], args: argparse.Namespace
+) -> None:
     """Mean ± std over seeds of the best checkpoint's test metrics (best by validation knn10)."""
     keys = sorted({k for s in summaries for k in (s["test"].get("best") or {})})
     metrics, spread, last = {}, {}, {}
@@ -277,7 +279,7 @@ def add_trained(results: dict[str, Any], row: str, summaries: list[dict[str, Any
         lv = [float(s["test"]["last"][k]) for s in summaries if k in (s["test"].get("last") or {})]
         if lv:
             last[k] = statistics.mean(lv)
-    wall = statistics.mean(float(s.get("wall_time_s", s.get("bench_wall_s", 0.0))) for s in summaries)
+    wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
     results["rows"].setdefault(row, {}).update(
         {"metrics": metrics, "std": spread, "last": last, "wall_s": wall, "seeds": len(summaries)}
     )
@@ -285,9 +287,23 @@ def add_trained(results: dict[str, Any], row: str, summaries: list[dict[str, Any
 
 
 def print_table(results: dict[str, Any]) -> None:
-    probes = sorted({k for r in results["rows"].values() for k in r.get("metrics", {}) if k.startswith("probe/")})
-    head = ["row", "cos", "cos (mapped)", "knn10", "spearman", *probes, "sent/s 1t b1", "sent/s 1t b64",
-            "sent/s all b64", "× teacher (1t b64)", "disk MB", "distill s"]
+    probes = sorted(
+        {k for r in results["rows"].values() for k in r.get("metrics", {}) if k.startswith("probe/")}
+    )
+    head = [
+        "row",
+        "cos",
+        "cos (mapped)",
+        "knn10",
+        "spearman",
+        *probes,
+        "sent/s 1t b1",
+        "sent/s 1t b64",
+        "sent/s all b64",
+        "× teacher (1t b64)",
+        "disk MB",
+        "distill s",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row, r in results["rows"].items():
@@ -303,7 +319,14 @@ def print_table(results: dict[str, Any]) -> None:
                 text += f" ± {100 * sd:.1f}" if pct else f" ± {sd:.3f}"
             return text
 
-        cells = [row, f("cos"), f("cos_mapped"), f("knn10", True), f("spearman"), *[f(p, True) for p in probes]]
+        cells = [
+            row,
+            f("cos"),
+            f("cos_mapped"),
+            f("knn10", True),
+            f("spearman"),
+            *[f(p, True) for p in probes],
+        ]
         cells += [
             f"{sp['t1_b1']:.0f}" if "t1_b1" in sp else "—",
             f"{sp['t1_b64']:.0f}" if "t1_b64" in sp else "—",

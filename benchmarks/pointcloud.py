@@ -43,8 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import protege as pg
-from protege.analysis.runs import seed_stats
+from protege.analysis.runs import run_or_reuse, seed_stats
 from protege.config import load_config
 from protege.metrics.cost import count_flops, count_params, measure_latencies
 from protege.pipeline import load_run
@@ -130,23 +129,10 @@ def row_terms(args: argparse.Namespace, row: str) -> list[dict[str, Any]]:
     return [{"loss": "ce"}, *extra]
 
 
-def finished(run_dir: Path) -> dict[str, Any] | None:
-    done = run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary.get("status") == "completed" and "test" in summary:
-            return summary
-    return None
-
-
 def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
-    cfg = load_config(None, **cfg_dict)
-    summary = finished(cfg.run_dir)
-    if summary is not None:
-        return summary
     t0 = time.perf_counter()
-    summary = pg.run(cfg, mode=mode, overwrite=True, report=False)  # type: ignore[arg-type]
-    print(f"{cfg.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    summary = run_or_reuse(load_config(None, **cfg_dict), mode)  # type: ignore[arg-type]
+    print(f"{cfg_dict['name']}: {time.perf_counter() - t0:.0f} s", flush=True)
     return summary
 
 

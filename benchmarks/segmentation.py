@@ -44,8 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import protege as pg
-from protege.analysis.runs import seed_stats
+from protege.analysis.runs import finished_summary, run_or_reuse, seed_stats
 from protege.config import load_config
 from protege.engine import evaluate, make_loader
 from protege.metrics.cost import count_flops, count_params
@@ -147,23 +146,13 @@ def run_cfg(args: argparse.Namespace, row: str, seed: int) -> tuple[dict[str, An
 
 def finished(cfg_dict: dict[str, Any]) -> bool:
     """Whether the run of ``cfg_dict`` completed with test metrics."""
-    done = Path(cfg_dict["output_dir"]) / cfg_dict["name"] / "summary.json"
-    if not done.is_file():
-        return False
-    summary = json.loads(done.read_text())
-    return summary.get("status") == "completed" and "test" in summary
+    return finished_summary(Path(cfg_dict["output_dir"]) / cfg_dict["name"]) is not None
 
 
 def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
-    cfg = load_config(None, **cfg_dict)
-    done = cfg.run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary.get("status") == "completed" and "test" in summary:
-            return summary
     t0 = time.perf_counter()
-    summary = pg.run(cfg, mode=mode, overwrite=True, report=False)  # type: ignore[arg-type]
-    print(f"{cfg.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    summary = run_or_reuse(load_config(None, **cfg_dict), mode)  # type: ignore[arg-type]
+    print(f"{cfg_dict['name']}: {time.perf_counter() - t0:.0f} s", flush=True)
     return summary
 
 

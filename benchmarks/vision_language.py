@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-import protege as pg
+from protege.analysis.runs import run_or_reuse
 from protege.config import load_config
 
 SEEN = ["T-shirt/top", "Trouser", "Dress", "Coat", "Sneaker", "Ankle boot"]
@@ -152,23 +152,10 @@ def common(args: argparse.Namespace, name: str, seed: int, epochs: int) -> dict[
     }
 
 
-def finished(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "completed" and "test" in summary:
-            return summary
-    return None
-
-
 def run(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
-    cfg = load_config(None, **cfg_dict)
-    done = finished(cfg.run_dir)
-    if done is not None:
-        return done
     t0 = time.perf_counter()
-    summary = pg.run(cfg, mode=mode, overwrite=True, report=False)  # type: ignore[arg-type]
-    print(f"{cfg.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    summary = run_or_reuse(load_config(None, **cfg_dict), mode)  # type: ignore[arg-type]
+    print(f"{cfg_dict['name']}: {time.perf_counter() - t0:.0f} s", flush=True)
     return summary
 
 

@@ -16,10 +16,33 @@ def test_mean_and_sample_std_per_metric_and_checkpoint() -> None:
         {"test": {"best": {"acc": 0.85}, "last": {"acc": 0.80}}},  # this one lacks kl
     ]
     mean, std = seed_stats(runs, "best")
-    assert mean["acc"] == pytest.approx(0.85) and std["acc"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.85]))
+    assert mean["acc"] == pytest.approx(0.85) and std["acc"] == pytest.approx(
+        statistics.stdev([0.8, 0.9, 0.85])
+    )
     assert mean["kl"] == pytest.approx(0.3) and std["kl"] == pytest.approx(statistics.stdev([0.2, 0.4]))
     mean, std = seed_stats(runs, "last")
     assert set(mean) == {"acc"} and mean["acc"] == pytest.approx(0.75)
     mean, std = seed_stats(runs[:1], "best")
     assert std == {"acc": 0.0, "kl": 0.0}
     assert seed_stats([], "best") == ({}, {})
+
+
+def test_run_or_reuse_reuses_only_a_finished_run_of_the_same_config(tmp_path) -> None:
+    from protege.analysis.runs import finished_summary, run_or_reuse
+    from protege.config import load_config
+    from protege.errors import ProtegeError
+
+    cfg = {
+        "name": "r", "output_dir": str(tmp_path), "seed": 0, "epochs": 1, "cpu": True, "progress": False,
+        "data": {"source": "digits", "batch_size": 64},
+        "student": {"model": "mlp_s"}, "terms": [{"loss": "ce"}], "optim": {"lr": 0.1},
+    }  # fmt: skip
+    first = run_or_reuse(load_config(None, **cfg), "train")
+    assert finished_summary(tmp_path / "r") == first
+    stamp = (tmp_path / "r" / "summary.json").stat().st_mtime_ns
+    again = run_or_reuse(load_config(None, **cfg), "train")
+    assert again == first and (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp  # not retrained
+    with pytest.raises(ProtegeError, match="another config.*epochs"):
+        run_or_reuse(load_config(None, **{**cfg, "epochs": 2}), "train")
+    assert (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp  # nothing replaced
+    assert finished_summary(tmp_path / "nowhere") is None

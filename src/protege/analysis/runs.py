@@ -7,6 +7,7 @@ never from inside the pipeline. :func:`seed_stats` is what a table of several se
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any
 from accelerate import PartialState
 
 from ..build import Mode
-from ..config import RunConfig
+from ..config import RunConfig, config_changes, load_config
+from ..engine.checkpoint import read_pointers
 from ..engine.loop import console
+from ..errors import ProtegeError
 from ..pipeline import run as run_pipeline
 from .report import build_report
 
-__all__ = ["run", "seed_stats", "write_run_report"]
+__all__ = ["finished_summary", "run", "run_or_reuse", "seed_stats", "write_run_report"]
 
 
 def run(
@@ -43,6 +46,39 @@ def run(
     if report and mode == "distill" and finished:
         write_run_report(cfg)
     return summary
+
+
+def finished_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run that completed and was tested, else ``None``."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" and "test" in summary else None
+
+
+def run_or_reuse(cfg: RunConfig, mode: Mode = "distill", report: bool = False) -> dict[str, Any]:
+    """``cfg``'s finished run when ``runs/<name>/`` holds one made from the same resolved config
+    (a benchmark run again, a table rebuilt), else the run trained now (one begun with this
+    config resumes from its last checkpoint). A finished or begun run of *another* config is never replaced: that is a
+    :class:`~protege.errors.ProtegeError` naming the keys that differ (choose another output
+    directory, or delete the run)."""
+    stored = cfg.run_dir / "config.yaml"
+    if stored.is_file():
+        changed = config_changes(load_config(stored), cfg)
+        if changed:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6])
+            more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise ProtegeError(
+                f"{cfg.run_dir} holds a run of another config ({listed}{more}); use another output "
+                "directory or delete that run to train this one"
+            )
+        done = finished_summary(cfg.run_dir)
+        if done is not None:
+            return done
+        if read_pointers(cfg.run_dir / "checkpoints"):  # begun with this config: go on from there
+            return run(cfg, mode, resume=True, report=report)
+    return run(cfg, mode, overwrite=True, report=report)
 
 
 def write_run_report(cfg: RunConfig) -> Path | None:
