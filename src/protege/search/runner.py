@@ -138,13 +138,7 @@ def search(
         space, proxy, teacher, batches, budget, data.num_classes, data.in_chans, seed=cfg.seed
     )
     setup_s = time.perf_counter() - start
-    if cfg.algorithm.name == "random":
-        history = random_search(space, scorer, budget, seed=cfg.seed, progress=show)
-    else:
-        a = cfg.algorithm
-        history = regularized_evolution(
-            space, scorer, budget, population=a.population, sample=a.sample, seed=cfg.seed, progress=show
-        )
+    history = _run_algorithm(cfg, space, scorer, budget, show)
     _measure_ranked(history, scorer, cfg.latency_top)
     run_cfg = cfg.run_config(space.model_spec(history.best.arch), output_dir=str(out))
     summary = _summary(cfg, space, history, teacher, setup_s, time.perf_counter() - start)
@@ -161,6 +155,16 @@ def search(
     return result
 
 
+def _run_algorithm(cfg: SearchConfig, space: Any, scorer: Any, budget: Budget, show: bool) -> Any:
+    """The configured search (random, or regularized evolution) over ``space``."""
+    if cfg.algorithm.name == "random":
+        return random_search(space, scorer, budget, seed=cfg.seed, progress=show)
+    a = cfg.algorithm
+    return regularized_evolution(
+        space, scorer, budget, population=a.population, sample=a.sample, seed=cfg.seed, progress=show
+    )
+
+
 def _search_supernet(cfg: SearchConfig, out: Path, show: bool, start: float) -> SearchResult:
     """AutoDistil's search: subnets of trained supernets scored by their inherited relation loss
     (:mod:`protege.search.supernet`); the winner and the Pareto front are extracted to ``winners/``."""
@@ -168,13 +172,7 @@ def _search_supernet(cfg: SearchConfig, out: Path, show: bool, start: float) -> 
 
     space, scorer, budget, tokenizer = supernet_scorer(cfg)
     setup_s = time.perf_counter() - start
-    if cfg.algorithm.name == "random":
-        history = random_search(space, scorer, budget, seed=cfg.seed, progress=show)
-    else:
-        a = cfg.algorithm
-        history = regularized_evolution(
-            space, scorer, budget, population=a.population, sample=a.sample, seed=cfg.seed, progress=show
-        )
+    history = _run_algorithm(cfg, space, scorer, budget, show)
     for cand in history.ranked[: cfg.latency_top]:
         if cand.latency_ms is None:
             cand.latency_ms = scorer.latency(cand.arch)
