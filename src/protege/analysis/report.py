@@ -48,13 +48,13 @@ from ..config import RunConfig, load_config
 from ..core.taps import Taps
 from ..data.transforms import auto_recipe
 from ..engine import checkpoint_dir, make_loader
-from ..engine.loop import ensemble_logits
 from ..errors import ProtegeError
 from ..files import atomic_write_text
 from ..metrics.cka import cka_matrix
 from ..metrics.cost import model_costs
 from ..metrics.fidelity import classification_report, reliability
 from ..pipeline import LoadedRun, load_run
+from ..tasks.base import ensemble_logits
 from . import html as H
 from .probes import (
     Transform,

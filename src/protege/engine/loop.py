@@ -41,7 +41,7 @@ from ..core.distiller import Distiller
 from ..errors import ProtegeError, TrainingFailed
 from ..files import atomic_write_text, exclusive_lock
 from ..metrics.cost import model_costs
-from ..tasks import Outputs, Task
+from ..tasks import Task
 from .callbacks import Callback, callbacks_state, check_callbacks, load_callbacks_state
 from .checkpoint import (
     POINTERS,
@@ -125,15 +125,6 @@ def _make_accelerator(cfg: TrainConfig, run_dir: Path, find_unused: bool = False
 # -- evaluation ---------------------------------------------------------------------------------
 
 
-def ensemble_logits(outputs: Sequence[Outputs], weights: Sequence[float]) -> torch.Tensor:
-    """Logits of the weighted mixture of several teachers' predictive distributions."""
-    if len(outputs) == 1:
-        return outputs[0]["logits"]
-    total = sum(weights)
-    probs = sum(w / total * o["logits"].float().softmax(-1) for w, o in zip(weights, outputs))
-    return probs.clamp_min(1e-12).log()
-
-
 #: the most bytes of teacher evaluation logits :func:`evaluate` keeps between evaluations
 TEACHER_CACHE_BYTES = 512 * 2**20
 
@@ -196,7 +187,9 @@ def evaluate(
                                 teacher_cache.append(kept)  # type: ignore[union-attr]
                     t_out = {"logits": t_logits}
                 elif cached and task.meta(batch).get("teacher_outputs"):
-                    t_out = {"logits": gather(task.combine_teachers(task.meta(batch)["teacher_outputs"], weights))}
+                    t_out = {
+                        "logits": gather(task.combine_teachers(task.meta(batch)["teacher_outputs"], weights))
+                    }
                 evaluator.update(s_out, gather(target) if target is not None else None, t_out)
     finally:
         student.train(was_training)

@@ -68,8 +68,9 @@ from ..data.sources import load_data
 from ..data.splits import DataSplits
 from ..engine.callbacks import Callback
 from ..engine.loaders import EpochShuffleSampler, make_loader
-from ..engine.loop import console, ensemble_logits
+from ..engine.loop import console
 from ..errors import ProtegeError
+from ..tasks.base import ensemble_logits
 
 if TYPE_CHECKING:
     from ..config import ProxyConfig, RunConfig

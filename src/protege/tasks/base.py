@@ -12,6 +12,16 @@ from torch import nn
 Outputs = dict[str, torch.Tensor]
 
 
+def ensemble_logits(outputs: Sequence[Outputs], weights: Sequence[float]) -> torch.Tensor:
+    """Logits of the weighted mixture of several teachers' predictive distributions (one teacher:
+    its logits)."""
+    if len(outputs) == 1:
+        return outputs[0]["logits"]
+    total = sum(weights)
+    probs = sum(w / total * o["logits"].float().softmax(-1) for w, o in zip(weights, outputs, strict=True))
+    return probs.clamp_min(1e-12).log()  # type: ignore[union-attr]
+
+
 class Task:
     """Base class of tasks. A task never imports another task.
 
@@ -102,11 +112,7 @@ class Task:
         """The teachers' ``"logits"`` combined into the one reference the evaluator compares the
         student with: by default the logits of the weighted mixture of their predictive
         distributions (one teacher: its logits). Regression tasks average their predictions."""
-        if len(outputs) == 1:
-            return outputs[0]["logits"]
-        total = sum(weights)
-        probs = sum(w / total * o["logits"].float().softmax(-1) for w, o in zip(weights, outputs))
-        return probs.clamp_min(1e-12).log()  # type: ignore[union-attr]
+        return ensemble_logits(outputs, weights)
 
     # -- what a run builds: tasks whose data or models need more than the generic builders ------
     def load_data(
