@@ -19,7 +19,7 @@ Everything finished is kept in ``--out`` (supernet runs resume; ``results.json``
 item) so the command can be rerun after an interruption.
 
     python benchmarks/autodistil.py --json benchmarks/results/autodistil.json
-    python benchmarks/autodistil.py --quick --out /tmp/ad-quick     # minutes: tiny steps, few texts
+    python benchmarks/autodistil.py --quick --out runs/ad-quick     # minutes: tiny steps, few texts
 """
 
 from __future__ import annotations
