@@ -216,21 +216,24 @@ def main() -> None:
             space, scorer, budget, population=8, sample=3, seed=0, progress=False
         ).best
         arch = SubnetArch(*best.arch[1:])
-        layers = max(
-            1, int(budget.max_flops // nets[3][0][0].flops(SubnetArch(1, 384, 12, 1536), args.max_length))
-        )
-        hand = SubnetArch(min(layers, 6), 384, 12, 1536)
-        out: dict[str, Any] = {
-            "searched": best.id,
-            "flops": best.flops,
-            "hand_arch": hand.id,
-            "hand_flops": nets[3][0][0].flops(hand, args.max_length),
-        }
-        for label, fn in (
+        # the teacher's first layers at full width, as many as the budget holds (none: no such row)
+        flops_of = lambda n: nets[3][0][0].flops(SubnetArch(n, 384, 12, 1536), args.max_length)  # noqa: E731
+        layers = max((n for n in range(1, 7) if flops_of(n) <= budget.max_flops), default=0)
+        out: dict[str, Any] = {"searched": best.id, "flops": best.flops}
+        variants: list[tuple[str, Any]] = [
             ("inherited", lambda s, arch=arch: standalone(arch, s, "inherited")),
             ("scratch", lambda s, arch=arch: standalone(arch, s, "scratch")),
-            ("hand_picked", lambda s, hand=hand: hand_picked(hand, s)),
-        ):
+        ]
+        if layers:
+            hand = SubnetArch(layers, 384, 12, 1536)
+            out |= {"hand_arch": hand.id, "hand_flops": flops_of(layers)}
+            variants.append(("hand_picked", lambda s, hand=hand: hand_picked(hand, s)))
+        else:
+            out["hand_picked"] = {
+                "skipped": f"one full-width teacher layer ({flops_of(1):.3g} FLOPs) exceeds the budget "
+                f"({budget.max_flops:.3g}): no first-layers student fits"
+            }
+        for label, fn in variants:
             accs = [
                 cache.get(
                     f"s3:{frac}:{label}:{out['searched'] if label != 'hand_picked' else out['hand_arch']}:{s}",
