@@ -136,20 +136,9 @@ def train(cfg_dict: dict[str, Any], mode: str) -> dict[str, Any]:
     return summary
 
 
-class _PerPoint(nn.Module):
-    """Models timed on one cloud (batch 1)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return self.model(points)
-
-
 def costs(models: dict[str, nn.Module], num_points: int) -> dict[str, dict[str, float]]:
     example = torch.randn(1, num_points, 3)
-    wrapped = {name: _PerPoint(m).eval().cpu() for name, m in models.items()}
+    wrapped = {name: m.eval().cpu() for name, m in models.items()}  # timed on one cloud (batch 1)
     out = {
         name: {"params": count_params(m), "mflops": count_flops(m, example) / 1e6}
         for name, m in wrapped.items()
