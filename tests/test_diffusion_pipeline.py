@@ -186,3 +186,20 @@ def test_nan_in_the_fake_score_update_stops_with_the_last_good_checkpoint(runs: 
     summary = json.loads((runs / "runs" / "nan" / "summary.json").read_text())
     assert summary["status"].startswith("failed") and "epoch_0000" in summary["status"]
     assert summary["checkpoints"]["last"] == "epoch_0000"
+
+
+def test_report_shows_samples_per_class_of_teacher_and_routed_students(runs: Path) -> None:
+    """The run report of a multi-student generation run draws, from the same noise, the teacher's
+    N-step samples and the routed one-step students' samples, one row per class; load_run gives the
+    routed model that `protege sample` uses too."""
+    from protege.analysis.report import build_report
+    from protege.pipeline import load_run
+
+    loaded = load_run(runs / "runs" / "msd")
+    assert type(loaded.student).__name__ == "RoutedGenerator"
+    figures = loaded.task.report_figures(loaded.student, loaded.teachers, loaded.data)
+    assert [c.split(",")[0] for c, _ in figures] == ["teacher", "student"]
+    assert all(png.startswith(b"\x89PNG") for _, png in figures)
+    html = build_report(runs / "runs" / "msd").read_text()
+    assert "What the models do" in html and html.count("data:image/png;base64") >= 2
+    assert "could not be drawn" not in html

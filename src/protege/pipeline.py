@@ -532,7 +532,8 @@ def load_run(
     if not (run_dir / "config.yaml").is_file():
         raise ProtegeError(f"{run_dir} is not a protege run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    if cfg.student is None:
+    routes = cfg.student is None and build_task(cfg.task).partition_students
+    if cfg.student is None and not routes:
         raise ProtegeError(
             f"{run_dir} trained several students: their test metrics are in its summary.json, and "
             f"each student's weights in {run_dir / 'students'}/<name>/ (use them as a run's 'weights')"
@@ -541,9 +542,12 @@ def load_run(
         raise ProtegeError(f"{run_dir} has no checkpoint yet: train it first (or resume it)")
     data = load_run_data(cfg) if data is None else data
     where = checkpoint_dir(run_dir, which)
-    student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
-    teachers = [build_from(s, data) for s in cfg.all_teachers()]
     task = build_task(cfg.task, data)
+    if cfg.student is not None:
+        student = build_from(cfg.student.model_copy(update={"weights": str(where)}), data)
+    else:  # students sharing the conditions (Multi-Student Distillation): one routed model
+        student = _routed_students(cfg, data, where, task)
+    teachers = [build_from(s, data) for s in cfg.all_teachers()]
     quant = None
     if cfg.quantize is not None:  # the student as it trained and was tested: fake-quantized
         quant = FakeQuant(student, **cfg.quantize.fake_quant_kwargs())
@@ -566,6 +570,22 @@ def load_run(
         holder.load_state_dict(load_file(where / "distiller.safetensors"), strict=False)
         student = holder.inference_model()
     return LoadedRun(cfg, data, student, teachers, task, quant, where)
+
+
+def _routed_students(cfg: RunConfig, data: DataSplits, where: Path, task: Task) -> nn.Module:
+    """The students of a run whose task partitions the conditions among them, from the checkpoint
+    ``where`` (the cohort's state: ``<name>.<parameter>``), behind the task's router."""
+    state = load_file(where / "model.safetensors")
+    students = {}
+    for name, spec in cfg.all_students().items():
+        net = build_from(spec.model_copy(update={"weights": None}), data)
+        prefix = f"{name}."
+        net.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        students[name] = net
+    parts = task.partition(list(students))
+    if parts is None:  # the task's partition_students promised one
+        raise ProtegeError(f"task {task.name!r} gave no partition of its conditions among the students")
+    return task.routed(students, parts)
 
 
 def _read_extra(where: Path) -> dict[str, torch.Tensor]:

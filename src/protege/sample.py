@@ -8,17 +8,15 @@ them as one PNG; :func:`sample_grid` does all three.
 
 from __future__ import annotations
 
-import io
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ProtegeError
 from .files import atomic_write_text
+from .models.diffusion import grid_png
 
 
 def load_generator(
@@ -28,8 +26,6 @@ def load_generator(
     eval mode, and the run's data (class names, number of classes)."""
     from .build import build_from, load_run_data
     from .config import load_config
-    from .engine import checkpoint_dir
-    from .engine.checkpoint import read_pointers
 
     run_dir = Path(run_dir)
     if model not in ("student", "teacher"):
@@ -47,22 +43,10 @@ def load_generator(
         if not teachers:
             raise ProtegeError(f"{run_dir} has no teacher; sample its student")
         return build_from(teachers[0], data).eval(), data
-    if not read_pointers(run_dir / "checkpoints"):
-        raise ProtegeError(f"{run_dir} has no checkpoint yet: train it first (or resume it)")
-    where = checkpoint_dir(run_dir, checkpoint)
-    if cfg.student is not None:
-        return build_from(cfg.student.model_copy(update={"weights": str(where)}), data).eval(), data
-    from .tasks import build_task
+    from .pipeline import load_run
 
-    state = load_file(str(where / "model.safetensors"))
-    students = {}
-    for name, spec in cfg.all_students().items():
-        net = build_from(spec.model_copy(update={"weights": None}), data)
-        prefix = f"{name}."
-        net.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        students[name] = net
-    task = build_task(cfg.task, data)
-    return task.routed(students, task.partition(list(students))).eval(), data
+    loaded = load_run(run_dir, checkpoint)  # type: ignore[arg-type]  # several students: one routed model
+    return loaded.student.eval(), loaded.data
 
 
 def class_index(value: str | int, data: Any) -> int:
@@ -91,22 +75,6 @@ def sample_images(
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     labels = torch.full((n,), int(label), dtype=torch.long, device=device)
     return model(noise, labels).clamp(-1, 1).cpu()
-
-
-def grid_png(images: torch.Tensor, nrow: int | None = None, scale: int = 4) -> bytes:
-    """Images in [-1, 1] tiled into one PNG (``nrow`` per row; each pixel ``scale``×``scale``)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-    grid = make_grid((images + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-    array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)  # grey stays grey
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

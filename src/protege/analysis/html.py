@@ -101,6 +101,13 @@ def figure(fig: Any, alt: str, caption: str | None = None, width: int | None = N
     return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}"{size}>{cap}</figure>'
 
 
+def png_figure(png: bytes, alt: str, caption: str | None = None) -> str:
+    """PNG bytes as an embedded ``<figure>``."""
+    data = base64.b64encode(png).decode("ascii")
+    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
 def table(
     header: Sequence[str], rows: Sequence[Sequence[str]], highlight: Sequence[bool] | None = None
 ) -> str:

@@ -21,7 +21,9 @@ for vision_language the seen and unseen classes and the languages —, headline 
 FLOPs, latency, wall time); every metric the task's evaluator wrote to ``summary.json``, grouped
 (accuracy / zero-shot, few-shot, retrieval, likelihood and calibration, fidelity, one group per
 further language), for the last and best checkpoints, beside the baseline's and the teacher's;
-one row per stage of a multi-stage run (DC-CLIP: stage 1 alone vs stages 1 + 2); the curves. The
+one row per stage of a multi-stage run (DC-CLIP: stage 1 alone vs stages 1 + 2); the curves; and,
+for a task that draws what its models do (``Task.report_figures``: generation's samples per class,
+teacher vs one-step student), those figures — the one part that loads the run's models. The
 classification probes are not computed for it.
 
 :func:`compare_runs` puts several runs' summaries side by side with a fidelity-vs-accuracy scatter
@@ -54,6 +56,7 @@ from ..metrics.cka import cka_matrix
 from ..metrics.cost import model_costs
 from ..metrics.fidelity import classification_report, reliability
 from ..pipeline import LoadedRun, load_run
+from ..tasks import Task, build_task
 from ..tasks.base import ensemble_logits
 from . import html as H
 from .probes import (
@@ -977,6 +980,19 @@ def _more_curves(
     )
 
 
+def _figures(run_dir: Path) -> str:
+    """The task's figures of the run's best student and its teachers (``Task.report_figures``); a
+    failure to draw them is a note in the report, never a failed report."""
+    try:
+        loaded = load_run(run_dir, "best")
+        figures = loaded.task.report_figures(loaded.student.eval(), loaded.teachers, loaded.data)
+    except Exception as e:  # noqa: BLE001 (the run is saved; the report says what went wrong)
+        return H.note(f"the figures could not be drawn: {type(e).__name__}: {e}")
+    if not figures:
+        return H.note("no figures")
+    return "".join(H.png_figure(png, caption, caption) for caption, png in figures)
+
+
 def _task_report(
     run_dir: Path,
     cfg: RunConfig,
@@ -1182,6 +1198,9 @@ def _task_report(
     else:
         curves = H.note("no metrics.jsonl")
     sections.append(("curves", "Curves", curves))
+    task = build_task(cfg.task)
+    if type(task).report_figures is not Task.report_figures:  # the task draws what its models do
+        sections.append(("figures", "What the models do", _figures(run_dir)))
     sections.append(
         (
             "probes",

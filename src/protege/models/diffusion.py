@@ -26,7 +26,9 @@ velocity, EDM's sigma-space models) are refused with an error that names these t
 from __future__ import annotations
 
 import copy
+import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -456,6 +458,7 @@ def unet_like(unet: nn.Module, **changes: Any) -> nn.Module:
 
 __all__ = [
     "PREDICTION_TYPES",
+    "grid_png",
     "FeatureClassifier",
     "OneStepGenerator",
     "RoutedGenerator",
@@ -466,3 +469,19 @@ __all__ = [
     "tiny_unet",
     "unet_like",
 ]
+
+
+def grid_png(images: torch.Tensor, nrow: int | None = None, scale: int = 4) -> bytes:
+    """Images in [-1, 1] tiled into one PNG (``nrow`` per row; each pixel ``scale``×``scale``)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    grid = make_grid((images + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)  # grey stays grey
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

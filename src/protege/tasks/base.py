@@ -93,6 +93,10 @@ class Task:
         raise NotImplementedError
 
     # -- several students sharing the conditions (Multi-Student Distillation) ----------------------
+    #: whether :meth:`partition` splits the conditions among several students (then a finished
+    #: several-student run predicts through one routed model: :func:`protege.pipeline.load_run`)
+    partition_students: bool = False
+
     def partition(self, students: Sequence[str]) -> dict[str, Any] | None:
         """Which conditions each of a cohort's ``students`` covers, ``{name: part}``, when the task
         splits its conditions among students (generation: the classes); ``None`` (default): every
@@ -107,6 +111,13 @@ class Task:
     def routed(self, models: Mapping[str, nn.Module], parts: Mapping[str, Any]) -> nn.Module:
         """One model that sends each condition to the student covering it (inference)."""
         raise NotImplementedError(f"task {self.name!r} does not route conditions to students")
+
+    def report_figures(
+        self, student: nn.Module, teachers: Sequence[nn.Module], data: Any
+    ) -> list[tuple[str, bytes]]:
+        """Figures of what the trained models do, for the run report: ``(caption, PNG bytes)`` pairs
+        (the report loads the run's models only for tasks that define this; default: none)."""
+        return []
 
     def combine_teachers(self, outputs: Sequence[Outputs], weights: Sequence[float]) -> torch.Tensor:
         """The teachers' ``"logits"`` combined into the one reference the evaluator compares the

@@ -435,6 +435,7 @@ class GenerationTask(Task):
 
     name = "generation"
     primary_metric = "neg_fd"
+    partition_students = True
     output_keys = frozenset(
         {
             "images",
@@ -537,6 +538,34 @@ class GenerationTask(Task):
         return GenerationEvaluator(with_teacher, fd_name(source))
 
     # -- multi-student distillation
+    def report_figures(
+        self, student: nn.Module, teachers: Sequence[nn.Module], data: Any
+    ) -> list[tuple[str, bytes]]:
+        """Samples per class, one row per class, from the same noise: the teacher's N-step sampler and
+        the student's one step (a multi-student run's routed model: each class from its student)."""
+        from ..models.diffusion import grid_png
+
+        shape = tuple(data.val[0]["images"].shape)
+        n_classes, per_class = min(int(data.num_classes), 10), 8
+        noise = torch.randn((n_classes * per_class, *shape), generator=torch.Generator().manual_seed(0))
+        labels = torch.arange(n_classes).repeat_interleave(per_class)
+        names = list(getattr(data, "class_names", None) or range(n_classes))[:n_classes]
+        rows = ", ".join(str(n) for n in names)
+        figures = []
+        for who, model in [("teacher", t) for t in teachers[:1]] + [("student", student)]:
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    device = next(model.parameters()).device
+                    images = model(noise.to(device), labels.to(device)).clamp(-1, 1).cpu()
+            finally:
+                model.train(was)
+            steps = "its N-step sampler" if who == "teacher" else "one step"
+            caption = f"{who}, {steps}: {per_class} samples per class (rows: {rows}); the same noise for both"
+            figures.append((caption, grid_png(images, nrow=per_class)))
+        return figures
+
     def partition(self, students: Sequence[str]) -> dict[str, Any] | None:
         from ..models.diffusion import partition_classes
 
