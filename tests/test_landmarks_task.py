@@ -32,13 +32,20 @@ def test_evaluator_matches_hand_computation() -> None:
         per_image_ip.append(err / np.linalg.norm(t[36:42].mean(0) - t[42:48].mean(0)))
     assert out["nme_io"] == pytest.approx(np.mean(per_image_io), rel=1e-5)
     assert out["nme_ip"] == pytest.approx(np.mean(per_image_ip), rel=1e-5)
-    assert out["nme"] == out["nme_io"] and out["fr_io"] == pytest.approx(np.mean(np.array(per_image_io) > 0.1))
+    assert out["nme"] == out["nme_io"] and out["fr_io"] == pytest.approx(
+        np.mean(np.array(per_image_io) > 0.1)
+    )
     # AUC: the cumulative error curve integrated numerically on a fine grid
     xs = np.linspace(0, 0.1, 100001)
     ced = [(np.array(per_image_io) <= x).mean() for x in xs]
     assert out["auc_io"] == pytest.approx(np.trapezoid(ced, xs) / 0.1, abs=1e-4)
     assert out["nme_pt/36"] == pytest.approx(
-        np.mean([np.linalg.norm(p[36] - t[36]) / np.linalg.norm(t[36] - t[45]) for p, t in zip(pred.numpy(), target.numpy())]),
+        np.mean(
+            [
+                np.linalg.norm(p[36] - t[36]) / np.linalg.norm(t[36] - t[45])
+                for p, t in zip(pred.numpy(), target.numpy())
+            ]
+        ),
         rel=1e-5,
     )
     assert sum(1 for k in out if k.startswith("nme_pt/")) == 68
@@ -65,7 +72,11 @@ def _base(tmp_path, **kw):
         "seed": 0,
         "epochs": 1,
         "progress": False,
-        "data": {"source": "faces", "batch_size": 8, "options": {"size": 32, "train": 16, "val": 8, "test": 8}},
+        "data": {
+            "source": "faces",
+            "batch_size": 8,
+            "options": {"size": 32, "train": 16, "val": 8, "test": 8},
+        },
         "optim": {"name": "adamw", "lr": 1e-3},
         "student": {"model": "resnet8"},
     }
@@ -104,6 +115,10 @@ def test_tough_tolerant_and_kd_loss_recipe(tmp_path) -> None:
     summary = pg.run(cfg, mode="distill")
     test = summary["test"]["last"]
     assert summary["status"] == "completed" and np.isfinite(test["nme"]) and "teacher/nme" in test
+    # the report draws the points of the student and both teachers on test images
+    html = (cfg.run_dir / "report.html").read_text()
+    assert "What the models do" in html and "could not be drawn" not in html
+    assert "ground truth (green), student (red), teachers" in html
 
 
 def test_bad_input_exits_2(tmp_path, monkeypatch, capsys) -> None:

@@ -386,6 +386,48 @@ class LandmarkTask(Task):
     def evaluator(self, with_teacher: bool) -> Evaluator:
         return LandmarkEvaluator(with_teacher, self.normalisation)
 
+    def report_figures(
+        self, student: nn.Module, teachers: Sequence[nn.Module], data: Any
+    ) -> list[tuple[str, bytes]]:
+        """The first test (else validation) images with the ground-truth points (green), the student's
+        (red) and each teacher's (blue, orange), in pixels."""
+        import io
+
+        from matplotlib.figure import Figure
+
+        split = data.test if data.test is not None else data.val
+        items = [split[i] for i in range(min(6, len(split)))]
+        images = torch.stack([it["image"] for it in items]).float()
+        models = [("student", student, "red")] + [
+            (f"teacher {i}", t, c) for i, (t, c) in enumerate(zip(teachers, ("blue", "orange"), strict=False))
+        ]
+        preds = {}
+        for name, model, _ in models:
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    device = next(model.parameters()).device
+                    preds[name] = self.forward(model, images.to(device))["logits"].float().cpu()
+            finally:
+                model.train(was)
+        size = images.shape[-1]
+        fig = Figure(figsize=(2.2 * len(items), 2.4))
+        for j, item in enumerate(items):
+            ax = fig.add_subplot(1, len(items), j + 1)
+            ax.imshow(images[j].permute(1, 2, 0).clamp(0, 1).numpy())
+            for name, pts, colour in [("ground truth", item["points"], "limegreen")] + [
+                (name, preds[name][j], c) for name, _, c in models
+            ]:
+                xy = (pts.float() + 0.5) * size - 0.5  # the normalised frame back to pixel centres
+                ax.scatter(xy[:, 0], xy[:, 1], s=4, c=colour, label=name if j == 0 else None)
+            ax.set_axis_off()
+        fig.legend(loc="lower center", ncol=len(models) + 1, fontsize=7, frameon=False)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        caption = "test images: ground truth (green), student (red), teachers (blue, orange)"
+        return [(caption, buffer.getvalue())]
+
     def combine_teachers(self, outputs: Sequence[Outputs], weights: Sequence[float]) -> torch.Tensor:
         """The teachers' points, weighted-averaged (one teacher: its points)."""
         total = sum(weights)
