@@ -245,7 +245,8 @@ def test_full_stage_run_with_stages_and_hard_prompts(tmp_path) -> None:
     test = summary["test"]["last"]
     for key in ("miou_1pt", "miou_3pt", "miou_box", "tmiou_box", "teacher/miou_1pt", "miou", "iou_mae"):
         assert 0.0 <= test[key] <= 1.0 or key == "iou_mae"
-    assert (run / "report.html").is_file()
+    html = (run / "report.html").read_text()
+    assert "What the models do" in html and "one-point prompts" in html and "could not be drawn" not in html
     stages = json.loads((run / "summary.json").read_text())
     assert stages["status"] == "completed"
 

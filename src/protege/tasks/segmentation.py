@@ -459,6 +459,51 @@ class SegmentationTask(Task):
     def evaluator(self, with_teacher: bool) -> Evaluator:
         return SegmentationEvaluator(with_teacher)
 
+    def report_figures(
+        self, student: nn.Module, teachers: Sequence[nn.Module], data: Any
+    ) -> list[tuple[str, bytes]]:
+        """The first test (else validation) images with each object's one-point prompt (white cross)
+        and the outline of the mask it gets: ground truth (green), student (red), teacher (blue)."""
+        import io
+
+        from matplotlib.figure import Figure
+
+        split = data.test if data.test is not None else data.val
+        items = [split[i] for i in range(min(6, len(split)))]
+        batch = torch.utils.data.default_collate(items)
+        inputs, target = self.split(batch)
+        masks = {"ground truth": target.bool()}
+        for name, model in [("student", student)] + [("teacher", t) for t in teachers[:1]]:
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    logits = self.forward(model, inputs)["logits"].float()
+            finally:
+                model.train(was)
+            masks[name] = upsample_logits(logits, target.shape[-1]) > 0
+        colours = {"ground truth": "limegreen", "student": "red", "teacher": "deepskyblue"}
+        fig = Figure(figsize=(2.2 * len(items), 2.5))
+        for j in range(len(items)):
+            ax = fig.add_subplot(1, len(items), j + 1)
+            ax.imshow(batch["image"][j].permute(1, 2, 0).clamp(0, 1).numpy())
+            for p in (batch["mode"][j] == ONE_POINT).nonzero().flatten().tolist():
+                for name, m in masks.items():
+                    if m[j, p].any():
+                        ax.contour(
+                            m[j, p].numpy().astype(float), levels=[0.5], colors=colours[name], linewidths=0.8
+                        )
+                x, y = batch["points"][j, p, 0].tolist()
+                ax.plot(x - 0.5, y - 0.5, marker="+", color="white", markersize=6)
+            ax.set_axis_off()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        caption = (
+            "test images, one-point prompts (white +): mask outlines of the ground truth (green), the student "
+            "(red)" + (" and the teacher (blue)" if teachers else "")
+        )
+        return [(caption, buffer.getvalue())]
+
 
 # -- evaluation ---------------------------------------------------------------------------------
 
