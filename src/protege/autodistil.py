@@ -35,20 +35,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from .config import DirName, apply_overrides, format_validation_error, read_yaml_mapping
+from .core.distiller import Distiller, Term
 from .data.text import builtin_corpus
 from .engine.checkpoint import intact_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .engine.loop import console
 from .errors import ProtegeError
 from .files import atomic_write_text
-from .losses.logits import kd as kd_loss
 from .models.supernet import SubSpace, SuperLM, bert_qkv, default_subspaces, save_supernet
+from .tasks.classification import ClassificationTask
 from .tasks.supernet import (
     TextBatches,
     check_relation_heads,
@@ -329,7 +329,10 @@ class TextClassifier(nn.Module):
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor | dict[str, Tensor], attention_mask: Tensor | None = None) -> Tensor:
+        if isinstance(input_ids, dict):  # a batch's inputs as one value (protege's tasks pass one)
+            input_ids, attention_mask = input_ids["input_ids"], input_ids["attention_mask"]
+        assert attention_mask is not None
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
@@ -377,6 +380,9 @@ def finetune_classifier(
     x_test, y_test = labelled(corpus, probe, "test", seed, max_test)
     classes = max(y_train + y_test) + 1
     model = TextClassifier(encoder, classes).train()
+    # the one contract: a Distiller with the registered ce (and kd) terms, the classification task
+    terms = [Term("ce", 1.0)] if teacher is None else [Term("ce", 1 - kd_weight), Term("kd", kd_weight, T=T)]
+    distiller = Distiller(model, teacher, terms, task=ClassificationTask())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     data = TextBatches(x_train, tokenizer, max_length, batch_size)
     labels = torch.tensor(y_train)
@@ -389,12 +395,8 @@ def finetune_classifier(
             k * batch_size : (k + 1) * batch_size
         ]
         ids, mask, _ = data.batch([x_train[i] for i in idx])
-        logits = model(ids, mask)
-        loss = F.cross_entropy(logits, labels[idx])
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher.eval()(ids, mask)
-            loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, T=T)
+        _, terms_now = distiller(({"input_ids": ids, "attention_mask": mask}, labels[idx]))
+        loss = sum(terms_now.values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
