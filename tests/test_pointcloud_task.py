@@ -141,3 +141,21 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys):
     path.write_text(yaml.safe_dump(cfg))
     code, err = run_cli(monkeypatch, capsys, "train", str(path))
     assert code == 2 and "reads data.source shapes3d or shapenetpart" in err
+
+
+def test_the_report_of_a_point_cloud_run_builds_and_skips_the_image_probes(tmp_path):
+    """A classification report with a baseline runs the image probes (localization maps, invariance,
+    adversarial transfer) only on image inputs: point clouds get the rest and a note saying why."""
+    from protege.analysis.report import build_report
+
+    teacher = {"model": "pointnet", "kwargs": {"width": 0.25}}
+    pg.run(load_config(None, **_cfg(tmp_path, "t", "classification", teacher)), mode="train", report=False)
+    student = {"model": "pointnet", "kwargs": {"width": 0.125}}
+    pg.run(load_config(None, **_cfg(tmp_path, "base", "classification", student)), mode="train", report=False)
+    cfg = _cfg(
+        tmp_path, "s", "classification", student,
+        teacher={**teacher, "weights": str(tmp_path / "runs" / "t")}, terms=[{"loss": "ce"}, {"loss": "kd"}],
+    )  # fmt: skip
+    pg.run(load_config(None, **cfg), mode="distill", report=False)
+    html = build_report(tmp_path / "runs" / "s").read_text()
+    assert "Representation similarity" in html and "The probes read images" in html

@@ -1448,6 +1448,12 @@ def _model_sections(
         )
     elif not probes:
         text = H.note("Probes left out (probes=False / --no-probes).")
+    elif xs.dim() != 4:  # localization maps, invariance and adversarial transfer read images
+        text = H.note(
+            f"The probes read images (B, C, H, W); this run's inputs are {tuple(xs.shape[1:])} per sample "
+            "(e.g. point clouds), so they are not computed. Agreement, calibration and representation "
+            "similarity above cover it."
+        )
     else:
         text = _probe_section(loaded, base_model, xs, ys, logits, record.setdefault("probes", {}))
     sections.append(("probes", "What got distilled", text))
