@@ -111,10 +111,14 @@ def test_classification_and_parts_runs_with_pointdistiller(tmp_path):
             {"loss": "pointdistiller", "student": "sa1", "teacher": "sa1", "k": 4},
         ],
     )
-    s = pg.run(load_config(None, **cfg), mode="distill", report=False)
+    s = pg.run(load_config(None, **cfg), mode="distill", report=True)
     test = s["test"]["last"]
     assert s["status"] == "completed"
     assert 0 < test["class_miou"] <= 1 and 0 < test["instance_miou"] <= 1 and "agreement" in test
+    html = (tmp_path / "runs" / "p" / "report.html").read_text()  # the parts of test shapes, drawn
+    assert (
+        "points coloured by part: ground truth, student, teacher" in html and "could not be drawn" not in html
+    )
 
 
 def test_bad_input_exits_2(tmp_path, monkeypatch, capsys):

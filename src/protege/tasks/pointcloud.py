@@ -139,6 +139,45 @@ class PointPartsTask(Task):
     def eval_outputs(self) -> tuple[str, ...]:
         return ("logits", "category")
 
+    def report_figures(
+        self, student: nn.Module, teachers: Sequence[nn.Module], data: Any
+    ) -> list[tuple[str, bytes]]:
+        """The first test (else validation) shapes seen from above (x, y), points coloured by part:
+        ground truth, student, teacher in rows."""
+        import io
+
+        from matplotlib.figure import Figure
+
+        split = data.test if data.test is not None else data.val
+        items = [split[i] for i in range(min(5, len(split)))]
+        batch = torch.utils.data.default_collate(items)
+        inputs, target = self.split(batch)
+        b, n = batch["points"].shape[:2]
+        rows = {"ground truth": target.view(b, n)}
+        for name, model in [("student", student)] + [("teacher", t) for t in teachers[:1]]:
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    rows[name] = self.forward(model, inputs)["logits"].argmax(-1).view(b, n).cpu()
+            finally:
+                model.train(was)
+        fig = Figure(figsize=(2.0 * b, 2.0 * len(rows)))
+        xyz = batch["points"][..., :3]
+        for r, (name, parts) in enumerate(rows.items()):
+            for j in range(b):
+                ax = fig.add_subplot(len(rows), b, r * b + j + 1)
+                ax.scatter(xyz[j, :, 0], xyz[j, :, 1], c=parts[j] % 20, cmap="tab20", vmin=0, vmax=19, s=3)
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(name, fontsize=9)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        caption = "test shapes seen from above, points coloured by part: " + ", ".join(rows) + " (rows)"
+        return [(caption, buffer.getvalue())]
+
     def evaluator(self, with_teacher: bool) -> Evaluator:
         return PartsEvaluator(self.category_parts, with_teacher)
 
