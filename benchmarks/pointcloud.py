@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from protege.analysis.runs import run_or_reuse, seed_stats
+from protege.analysis.runs import run_or_reuse, seed_cell, seed_stats
 from protege.config import load_config
 from protege.metrics.cost import count_flops, count_params, measure_latencies
 from protege.pipeline import load_run
@@ -199,9 +199,7 @@ def print_table(results: dict[str, Any], task: str) -> None:
         m, sd, c = r.get("metrics", {}), r.get("std", {}), r.get("cost", {})
 
         def f(key: str, m: dict[str, Any] = m, sd: dict[str, Any] = sd) -> str:
-            if key not in m:
-                return "—"
-            return f"{100 * m[key]:.1f}" + (f" ± {100 * sd[key]:.1f}" if sd.get(key) else "")
+            return seed_cell(m, sd, key)
 
         cells = [row, *(f(k) for k in keys), f("agreement")]
         cells += [f"{c['params'] / 1e6:.3f}M", f"{c['mflops']:.1f}", f"{c['ms']:.2f}"] if c else ["—"] * 3

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from protege.analysis.runs import finished_summary, run_or_reuse, seed_stats
+from protege.analysis.runs import finished_summary, run_or_reuse, seed_cell, seed_stats
 from protege.config import load_config
 from protege.engine import evaluate, make_loader
 from protege.metrics.cost import count_flops, count_params
@@ -405,9 +405,7 @@ def print_table(results: dict[str, Any]) -> None:
         m, sd, c = r.get("metrics", {}), r.get("std", {}), r.get("cost", {})
 
         def f(key: str, m: dict[str, Any] = m, sd: dict[str, Any] = sd) -> str:
-            if key not in m:
-                return "—"
-            return f"{100 * m[key]:.1f}" + (f" ± {100 * sd[key]:.1f}" if sd.get(key) else "")
+            return seed_cell(m, sd, key)
 
         cells = [row, f("miou_1pt"), f("miou_3pt"), f("miou_box"), f("tmiou_1pt"), f("tmiou_box")]
 

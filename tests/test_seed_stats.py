@@ -46,3 +46,12 @@ def test_run_or_reuse_reuses_only_a_finished_run_of_the_same_config(tmp_path) ->
         run_or_reuse(load_config(None, **{**cfg, "epochs": 2}), "train")
     assert (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp  # nothing replaced
     assert finished_summary(tmp_path / "nowhere") is None
+
+
+def test_seed_cell_formats_mean_and_spread() -> None:
+    from protege.analysis.runs import seed_cell
+
+    assert seed_cell({"acc": 0.732}, {"acc": 0.008}, "acc") == "73.2 ± 0.8"
+    assert seed_cell({"acc": 0.732}, {"acc": 0.0}, "acc") == "73.2"  # one seed: no spread shown
+    assert seed_cell({}, {}, "acc") == "—"
+    assert seed_cell({"loss": 1.25}, {"loss": 0.5}, "loss", scale=1.0) == "1.2 ± 0.5"

@@ -23,7 +23,7 @@ from ..errors import ProtegeError
 from ..pipeline import run as run_pipeline
 from .report import build_report
 
-__all__ = ["finished_summary", "run", "run_or_reuse", "seed_stats", "write_run_report"]
+__all__ = ["finished_summary", "run", "run_or_reuse", "seed_cell", "seed_stats", "write_run_report"]
 
 
 def run(
@@ -126,3 +126,12 @@ def seed_stats(
         mean[k] = statistics.mean(vals)
         std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return mean, std
+
+
+def seed_cell(mean: Mapping[str, float], std: Mapping[str, float], key: str, scale: float = 100.0) -> str:
+    """A table cell of :func:`seed_stats`'s figures: ``"73.2 ± 0.8"`` (``scale``: 100 for shares in
+    percent), the mean alone where the spread is 0 (one seed), ``"—"`` where the metric is missing."""
+    if key not in mean:
+        return "—"
+    spread = std.get(key) or 0.0
+    return f"{scale * mean[key]:.1f}" + (f" ± {scale * spread:.1f}" if spread else "")

@@ -118,21 +118,12 @@ def model_card(info: dict[str, Any]) -> str:
     if ev:
         lines.append(f"On the {ev['split']} split ({ev['samples']} samples):")
         lines.append("")
-        lines.append("| model | accuracy | agreement with fp32 student | agreement with teacher |")
-        lines.append("|---|---:|---:|---:|")
-        for key, label in (
-            ("teacher", "teacher (PyTorch)"),
-            ("fp32", "student fp32 (PyTorch)"),
-            ("fake_quant", "student fake-quantized (PyTorch, as QAD trained it)"),
-            ("onnx_fp32", "student fp32 (onnxruntime)"),
-            ("int8", "student int8 (onnxruntime)"),
-        ):
-            m = ev.get(key)
-            if m:
-                lines.append(
-                    f"| {label} | {_pct(m.get('acc'))} | {_pct(m.get('agreement_fp32'))} | "
-                    f"{_pct(m.get('agreement_teacher'))} |"
-                )
+        columns = {
+            "accuracy": "acc",
+            "agreement with fp32 student": "agreement_fp32",
+            "agreement with teacher": "agreement_teacher",
+        }
+        lines += _eval_table(ev, columns)
         int8 = ev.get("int8") or {}
         if "agreement_fake_quant" in int8:
             lines.append(
@@ -157,6 +148,27 @@ def model_card(info: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"```\n{info.get('command', '')}\n```")
     return "\n".join(lines) + "\n"
+
+
+#: the models an export evaluates, in table order
+EVAL_ROWS = (
+    ("teacher", "teacher (PyTorch)"),
+    ("fp32", "student fp32 (PyTorch)"),
+    ("fake_quant", "student fake-quantized (PyTorch, as QAD trained it)"),
+    ("onnx_fp32", "student fp32 (onnxruntime)"),
+    ("int8", "student int8 (onnxruntime)"),
+)
+
+
+def _eval_table(ev: dict[str, Any], columns: dict[str, str]) -> list[str]:
+    """The markdown table of an export's evaluation: one row per evaluated model, ``columns``
+    ({header: metric key}) as percentages."""
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for key, label in EVAL_ROWS:
+        m = ev.get(key)
+        if m:
+            lines.append(f"| {label} | " + " | ".join(_pct(m.get(k)) for k in columns.values()) + " |")
+    return lines
 
 
 def _segmenter_sections(info: dict[str, Any]) -> list[str]:
@@ -191,19 +203,14 @@ def _segmenter_sections(info: dict[str, Any]) -> list[str]:
             "against the ground truth, the fp32 PyTorch student's masks and the teacher's masks:"
         )
         lines.append("")
-        lines.append("| model | 1 point | 3 points | box | IoU with fp32 student | IoU with teacher |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
-        for key, label in (
-            ("fp32", "student fp32 (PyTorch)"),
-            ("onnx_fp32", "student fp32 (onnxruntime)"),
-            ("int8", "student int8 (onnxruntime)"),
-        ):
-            m = ev.get(key)
-            if m:
-                lines.append(
-                    f"| {label} | {_pct(m.get('miou_1pt'))} | {_pct(m.get('miou_3pt'))} | {_pct(m.get('miou_box'))} "
-                    f"| {_pct(m.get('fp32_miou'))} | {_pct(m.get('teacher_miou'))} |"
-                )
+        columns = {
+            "1 point": "miou_1pt",
+            "3 points": "miou_3pt",
+            "box": "miou_box",
+            "IoU with fp32 student": "fp32_miou",
+            "IoU with teacher": "teacher_miou",
+        }
+        lines += _eval_table(ev, columns)
         lines.append("")
     if "latency" in info:
         lat = info["latency"]
