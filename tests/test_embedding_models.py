@@ -231,7 +231,7 @@ def test_num_layers_rule(tiny_dir: Path) -> None:
         transformer_student(teacher, layers=[0, 4])
     with pytest.raises(ProtegeError, match="num_layers"):
         transformer_student(teacher, num_layers=5)
-    with pytest.raises(ProtegeError, match="keep its widths.*init: scratch"):
+    with pytest.raises(ProtegeError, match="keep its hidden size and heads.*init: scratch"):
         transformer_student(teacher, num_layers=2, hidden_size=16)
 
 
@@ -252,6 +252,44 @@ def test_scratch_narrow_student_maps_to_the_teachers_width(tiny_dir: Path) -> No
         transformer_student(teacher, init="scratch", num_layers=1, hidden_size=15)
     with pytest.raises(ProtegeError, match="init: scratch give num_layers"):
         transformer_student(teacher, init="scratch", layers=[0])
+
+
+def test_ffn_pruned_student_equals_the_teacher_with_the_weakest_neurons_silenced(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """A student copying layers [1, 3] with 16 of 64 FFN neurons computes exactly what the teacher's
+    same layers compute when the other 48 neurons (smallest |W_in row| * |W_out col|) are zeroed."""
+    import copy
+
+    teacher = load_sentence_encoder(tiny_dir).eval()
+    student = transformer_student(teacher, layers=[1, 3], intermediate_size=16).eval()
+    assert student.encoder.config.intermediate_size == 16
+    reference = copy.deepcopy(transformer_student(teacher, layers=[1, 3])).eval()
+    for layer in reference.encoder.encoder.layer:
+        w_in, b_in = layer.intermediate.dense.weight, layer.intermediate.dense.bias
+        w_out = layer.output.dense.weight
+        score = torch.linalg.vector_norm(w_in, dim=1) * torch.linalg.vector_norm(w_out, dim=0)
+        weakest = torch.argsort(score)[: 64 - 16]
+        with torch.no_grad():  # GELU(0) = 0: a zeroed up-projection row and bias silence the neuron
+            w_in[weakest] = 0.0
+            b_in[weakest] = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode(TEXTS), reference.encode(TEXTS), atol=1e-6, rtol=0)
+        selected = transformer_student(teacher, layers=[1, 3]).eval().encode(TEXTS)
+        assert not torch.allclose(student.encode(TEXTS), selected, atol=1e-3)  # pruning changed something
+        # every neuron kept: exactly the layer-selected student
+        full = transformer_student(teacher, layers=[1, 3], intermediate_size=64).eval()
+        torch.testing.assert_close(full.encode(TEXTS), selected, atol=0, rtol=0)
+    # saved as a sentence-transformers folder, it loads there with the narrow FFN
+    save_embedder(student, tmp_path / "ffn16")
+    with torch.no_grad():
+        ours = student.encode(TEXTS)
+    torch.testing.assert_close(_st_encode(tmp_path / "ffn16", TEXTS), ours, atol=1e-5, rtol=0)
+    for bad in (0, 65):
+        with pytest.raises(ProtegeError, match="intermediate_size must be a whole number from 1"):
+            transformer_student(teacher, num_layers=2, intermediate_size=bad)
+    with pytest.raises(ProtegeError, match="keep its hidden size and heads"):
+        transformer_student(teacher, num_layers=2, intermediate_size=16, num_attention_heads=4)
 
 
 def test_save_normal_and_narrow_students_load_in_sentence_transformers(

@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from ..errors import ProtegeError
 from ..files import atomic_save_tensors, atomic_write_text, fsync_dir, replace_dir, staged_dir
-from .layer_selection import check_layers, evenly_spaced_layers, layer_list_path, select_layer_state
+from .layer_selection import (
+    check_layers,
+    evenly_spaced_layers,
+    layer_list_path,
+    prune_ffn_state,
+    select_layer_state,
+)
 
 __all__ = [
     "MINILM",
@@ -626,7 +632,9 @@ def transformer_student(
             student layer ``i`` is teacher layer ``(i + 1) * n // num_layers - 1``, so 6 -> 3 copies
             ``[1, 3, 5]``). Give exactly one of ``layers`` and ``num_layers``.
         hidden_size, intermediate_size, num_attention_heads: the student's widths (default the
-            teacher's); only ``init="scratch"`` may change them.
+            teacher's). ``init="scratch"`` may change all three; ``init="teacher"`` may narrow
+            ``intermediate_size`` (each copied layer keeps its most important FFN neurons by weight
+            magnitude, :func:`~protege.models.layer_selection.prune_ffn_state`; BERT-family encoders).
         init: ``"teacher"``: copy the teacher's embeddings, the selected layers' weights and its
             pooler (layer selection, as DistilBERT is initialised), and its Dense when the student's
             has the same shape; ``"scratch"``: random weights from the teacher's config with the
@@ -662,20 +670,27 @@ def transformer_student(
     config = copy.deepcopy(teacher.encoder.config)
     transformers = _transformers()
     if init == "teacher":
-        changed = [k for k, v in widths.items() if v is not None and v != getattr(config, k, None)]
+        changed = [
+            k
+            for k, v in widths.items()
+            if v is not None and v != getattr(config, k, None) and k != "intermediate_size"
+        ]
         if changed:
             raise ProtegeError(
-                "layer selection copies the teacher's weights: keep its widths "
-                f"({', '.join(changed)} differ), or use init: scratch"
+                "layer selection copies the teacher's weights: keep its hidden size and heads "
+                f"({', '.join(changed)} differ; intermediate_size may shrink), or use init: scratch"
             )
         if layers is not None:
             chosen = check_layers(layers, total)
         else:
             chosen = evenly_spaced_layers(total, num_layers if num_layers is not None else 0)
         config.num_hidden_layers = len(chosen)
-        encoder = transformers.AutoModel.from_config(config)
         prefix = layer_list_path(teacher.encoder, total) + "."
         state = select_layer_state(teacher.encoder.state_dict(), prefix, chosen)
+        if intermediate_size is not None and intermediate_size != config.intermediate_size:
+            state = prune_ffn_state(state, prefix, len(chosen), intermediate_size)
+            config.intermediate_size = intermediate_size
+        encoder = transformers.AutoModel.from_config(config)
         try:
             encoder.load_state_dict(state, strict=True)
         except RuntimeError as e:

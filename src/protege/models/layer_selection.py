@@ -6,17 +6,32 @@ Sanh et al. 2019, initialises its student this way; so do the "shrink and fine-t
 Shleifer & Rush 2020). Both the causal-LM students of :mod:`protege.tasks.lm` and the sentence-encoder
 students of :mod:`protege.models.embedding` use the pieces here: which layers to keep, where a model
 keeps its list of layers, and how the teacher's state dict maps onto the student's.
+
+A student may also be *narrower* in its feed-forward blocks: :func:`prune_ffn_state` keeps the
+``keep`` most important FFN neurons of every layer (CoFi, Xia et al. ACL 2022, and DynaBERT, Hou et
+al. NeurIPS 2020, prune FFN neurons of a BERT this way before distilling). Importance is measured on
+the weights alone (:func:`ffn_neuron_scores`: the norm of a neuron's input row times the norm of its
+output column; no data needed), so a student whose every neuron is kept computes exactly the teacher's
+function, and one with fewer neurons drops the smallest contributions first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ProtegeError
 
-__all__ = ["check_layers", "evenly_spaced_layers", "layer_list_path", "select_layer_state"]
+__all__ = [
+    "check_layers",
+    "evenly_spaced_layers",
+    "ffn_neuron_scores",
+    "layer_list_path",
+    "prune_ffn_state",
+    "select_layer_state",
+]
 
 
 def evenly_spaced_layers(total: int, count: int) -> list[int]:
@@ -83,3 +98,48 @@ def select_layer_state(state: Mapping[str, Tensor], prefix: str, layers: Sequenc
         else:
             selected[key] = value
     return selected
+
+
+def ffn_neuron_scores(w_in: Tensor, w_out: Tensor) -> Tensor:
+    """Importance of each FFN neuron from the weights alone: ``||W_in[j, :]|| * ||W_out[:, j]||``.
+
+    ``w_in`` is the up-projection ``(intermediate, hidden)`` and ``w_out`` the down-projection
+    ``(hidden, intermediate)`` (``nn.Linear`` layouts). The product bounds how much neuron ``j`` can
+    move the block's output for a unit input (DynaBERT's magnitude variant)."""
+    return w_in.detach().float().norm(dim=1) * w_out.detach().float().norm(dim=0)
+
+
+#: the FFN of a BERT-family layer (BERT, MiniLM, RoBERTa, MPNet, XLM-R): up- and down-projection
+_FFN_IN, _FFN_OUT = "intermediate.dense.", "output.dense."
+
+
+def prune_ffn_state(state: Mapping[str, Tensor], prefix: str, count: int, keep: int) -> dict[str, Tensor]:
+    """``state`` with the FFN of each of the ``count`` layers under ``prefix`` cut to its ``keep`` most
+    important neurons (:func:`ffn_neuron_scores`), kept in their original order.
+
+    The layers are BERT-style (``{prefix}{i}.intermediate.dense`` up, ``{prefix}{i}.output.dense`` down);
+    what loads the result is the same architecture with ``intermediate_size=keep``.
+
+    Raises:
+        ProtegeError: a layer without those two projections, or ``keep`` not in ``1..intermediate``.
+    """
+    out = dict(state)
+    for i in range(count):
+        up, down = f"{prefix}{i}.{_FFN_IN}", f"{prefix}{i}.{_FFN_OUT}"
+        if f"{up}weight" not in state or f"{down}weight" not in state:
+            raise ProtegeError(
+                f"layer {i} has no BERT-style feed-forward block ({up}weight / {down}weight): a narrower "
+                "intermediate_size copied from the teacher needs a BERT-family encoder; use init: scratch"
+            )
+        w_in, w_out = state[f"{up}weight"], state[f"{down}weight"]
+        total = w_in.shape[0]
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= total:
+            raise ProtegeError(
+                f"intermediate_size must be a whole number from 1 to the teacher's {total}, got {keep!r}"
+            )
+        kept = torch.sort(torch.topk(ffn_neuron_scores(w_in, w_out), keep).indices).values
+        out[f"{up}weight"] = w_in[kept].clone()
+        if f"{up}bias" in state:
+            out[f"{up}bias"] = state[f"{up}bias"][kept].clone()
+        out[f"{down}weight"] = w_out[:, kept].clone()
+    return out

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtegeError
 from ..files import atomic_save_tensors, atomic_write_text
+from .layer_selection import ffn_neuron_scores
 
 __all__ = [
     "SUPERNET_FILE",
@@ -346,7 +347,7 @@ def reorder_by_importance(teacher: nn.Module) -> dict[str, Tensor]:
             state[f"{p}attention.self.{m}.bias"] = state[f"{p}attention.self.{m}.bias"][rows]
         state[f"{p}attention.output.dense.weight"] = o[:, rows]
         w_in, w_out = state[f"{p}intermediate.dense.weight"], state[f"{p}output.dense.weight"]
-        neurons = torch.argsort(w_in.norm(dim=1) * w_out.norm(dim=0), descending=True, stable=True)
+        neurons = torch.argsort(ffn_neuron_scores(w_in, w_out), descending=True, stable=True)
         state[f"{p}intermediate.dense.weight"] = w_in[neurons]
         state[f"{p}intermediate.dense.bias"] = state[f"{p}intermediate.dense.bias"][neurons]
         state[f"{p}output.dense.weight"] = w_out[:, neurons]
