@@ -196,7 +196,7 @@ def test_minilm_relations_on_encoder_taps(tiny_teacher: Path) -> None:
         ({"data": {"source": "corpora", "options": {"train": ["no-such-corpus"]}}}, "neither a built-in corpus"),
         ({"teacher": {"model": "sentence_encoder", "kwargs": {"path": "MISSING"}}}, "sentence encoder"),
         ({"student": {"model": "resnet20"}}, "task embedding builds models"),
-        ({"cache": {"path": "CACHE"}}, "does not cover the embedding task"),
+        ({"cache": {"path": "CACHE"}}, "build it with `protege cache <config>`"),
         ({"student": {"model": "static", "kwargs": {"dim": 8, "tokenizer": "TOKENIZER"}}}, "another vocabulary"),
     ],
 )

@@ -29,6 +29,12 @@ from .engine.cache import (
     teacher_reductions,
     write_cache,
 )
+from .engine.embedding_cache import (
+    EMBEDDING_KEYS,
+    CachedEmbeddingDataset,
+    embedding_data_part,
+    write_embedding_cache,
+)
 from .engine.lm_cache import CachedLMDataset, lm_data_part, write_lm_cache
 from .errors import ProtegeError
 from .files import sha256_file
@@ -36,6 +42,7 @@ from .losses import get_loss
 
 __all__ = [
     "build_cache",
+    "embedding_fingerprint_parts",
     "fingerprint_parts",
     "lm_fingerprint_parts",
     "teacher_part",
@@ -118,6 +125,22 @@ def lm_fingerprint_parts(cfg: RunConfig, data: Any) -> dict[str, dict[str, Any]]
     return {"teacher": teacher_part(cfg), "data": lm_data_part(data)}
 
 
+def embedding_fingerprint_parts(cfg: RunConfig, data: Any) -> dict[str, dict[str, Any]]:
+    """The ``teacher`` and ``data`` parts of an embedding cache's fingerprint
+    (:mod:`protege.engine.embedding_cache`): the teacher part also hashes the files of each teacher's
+    sentence-encoder folder (``model: minilm``: the package's; ``sentence_encoder``: ``kwargs.path``)."""
+    from .models.embedding import encoder_directory
+
+    part = teacher_part(cfg)
+    for entry, spec in zip(part["detail"], cfg.all_teachers(), strict=True):
+        folder = encoder_directory(spec.model, spec.kwargs)
+        if folder is not None:  # a pretrained encoder: neither the run's seed nor its student change it
+            entry.pop("random_init", None)
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            entry["encoder_files_sha256"] = {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    return {"teacher": fingerprint_part(part["detail"]), "data": embedding_data_part(data)}
+
+
 def build_cache(
     cfg: RunConfig,
     out: str | Path | None = None,
@@ -150,6 +173,8 @@ def build_cache(
     _no_vl_cache(data)
     if getattr(data, "task", None) == "lm":
         return _build_lm_cache(cfg, data, path, top_k, overwrite, device)
+    if getattr(data, "task", None) == "embedding":
+        return _build_embedding_cache(cfg, data, path, overwrite, device)
     parts = fingerprint_parts(cfg, data)
     set_seed(cfg.seed)
     if any(s.weights is None for s in specs):  # built as an online run would: the student first
@@ -202,6 +227,78 @@ def _build_lm_cache(
         teacher_precision=cfg.teacher_precision,
     )
     return {**index, "path": str(path)}
+
+
+def _build_embedding_cache(
+    cfg: RunConfig, data: Any, path: Path, overwrite: bool, device: str | None
+) -> dict[str, Any]:
+    if len(cfg.all_teachers()) != 1:
+        raise ProtegeError(
+            "an embedding teacher-output cache holds one teacher's vectors: give the run one teacher"
+        )
+    _check_embedding_reads(cfg)
+    settings = cfg.cache
+    index = write_embedding_cache(
+        path,
+        data,
+        build_from(cfg.all_teachers()[0], data),
+        shard_size=settings.shard_size if settings is not None else 10_000,
+        batch_size=cfg.data.eval_batch_size,
+        parts=embedding_fingerprint_parts(cfg, data),
+        overwrite=overwrite,
+        device=device or ("cpu" if cfg.cpu else None),
+        teacher_precision=cfg.teacher_precision,
+    )
+    return {**index, "path": str(path)}
+
+
+def _check_embedding_reads(cfg: RunConfig) -> None:
+    """Refuse an embedding cache for a run whose terms read more of the teacher than its vectors."""
+    for t in cfg.terms:
+        info = get_loss(t.loss)
+        if not info.uses_teacher:
+            continue
+        keys = [t.teacher] if isinstance(t.teacher, str) else list(t.teacher)
+        other = [k for k in keys if k not in EMBEDDING_KEYS]
+        if other:
+            raise ProtegeError(
+                f"term {term_name(t.loss, t.student, t.name)!r} reads the teacher's {', '.join(other)}; an "
+                "embedding cache holds only each text's sentence vector (embedding): remove `cache:` to run "
+                "the teacher online, or use terms on the embedding only"
+            )
+
+
+def use_embedding_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
+    """Open and verify ``cfg.cache`` for an embedding distill run; return the splits that carry the
+    teacher's vectors.
+
+    Raises:
+        ProtegeError: a stale cache (the teacher's files or the texts changed), a damaged shard, a
+            cache of another task, more than one teacher, or a term that reads more than the vectors.
+    """
+    settings = cfg.cache
+    assert settings is not None
+    cache = TeacherCache.open(settings.path, verify=settings.verify)
+    if cache.index.get("task") != "embedding":
+        raise ProtegeError(
+            f"cache {cache.path} holds a {cache.index.get('task') or 'classification'} teacher's outputs, this "
+            "is an embedding run: rebuild it with `protege cache <config> --overwrite`"
+        )
+    if len(cfg.all_teachers()) != 1:
+        raise ProtegeError(
+            "an embedding teacher-output cache holds one teacher's vectors; the run must have one teacher"
+        )
+    _check_embedding_reads(cfg)
+    cache.check(embedding_fingerprint_parts(cfg, data))
+    splits = dataclasses.replace(
+        data,
+        **{
+            name: CachedEmbeddingDataset(cache, name, getattr(data, name))
+            for name in ("train", "val", "test")
+            if getattr(data, name) is not None and name in cache.splits
+        },
+    )
+    return splits, cache
 
 
 def _lm_top_k(settings: CacheConfig | None) -> int | str:
@@ -263,6 +360,8 @@ def use_cache(cfg: RunConfig, data: DataSplits) -> tuple[DataSplits, TeacherCach
     _no_vl_cache(data)
     if getattr(data, "task", None) == "lm":  # top-k next-token rows (protege.engine.lm_cache)
         return use_lm_cache(cfg, data)
+    if getattr(data, "task", None) == "embedding":  # one vector per text (protege.engine.embedding_cache)
+        return use_embedding_cache(cfg, data)
     cache = TeacherCache.open(settings.path, verify=settings.verify)
     if cache.index.get("task") == "lm":
         raise ProtegeError(f"cache {cache.path} holds a language model's outputs; this run is not an lm run")
@@ -317,18 +416,14 @@ def use_lm_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
 
 def _no_vl_cache(data: Any) -> None:
     """A teacher-output cache holds per-sample logits and taps of images or token sequences; a
-    vision-language teacher's outputs (image, caption and class embeddings) and a sentence encoder's
-    text embeddings are not in that format yet: refused, not half-supported."""
+    vision-language teacher's outputs (image, caption and class embeddings) are not in that format
+    yet: refused, not half-supported. (A sentence encoder's vectors have their own format,
+    :mod:`protege.engine.embedding_cache`.)"""
     task = getattr(data, "task", None)
     if task == "vision_language":
         raise ProtegeError(
             "a teacher-output cache does not cover the vision_language task yet: remove `cache:` (the "
             "teacher then runs online; a frozen text tower already encodes each distinct caption once)"
-        )
-    if task == "embedding":
-        raise ProtegeError(
-            "a teacher-output cache does not cover the embedding task yet: remove `cache:` (the teacher "
-            "then encodes each batch online)"
         )
     if task == "promptable_segmentation":
         raise ProtegeError(

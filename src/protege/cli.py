@@ -117,6 +117,14 @@ def cache(
             soft_wrap=True,
         )
         return
+    if index.get("task") == "embedding":
+        out.print(
+            f"cache {index['path']}: {train['samples']} training texts, one {index['dim']}-d float32 teacher "
+            f"vector each (validation and test too), {len(train['shards'])} shard(s); "
+            f"{index['bytes'] / 1e6:.2f} MB in all; built in {index['build_seconds']:.1f} s",
+            soft_wrap=True,
+        )
+        return
     logits = (
         "full float32 logits"
         if index["top_k"] == "all"

@@ -62,6 +62,7 @@ from .layer_selection import (
 )
 
 __all__ = [
+    "encoder_directory",
     "MINILM",
     "POOLINGS",
     "SentenceEmbedder",
@@ -114,6 +115,21 @@ def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     ``(N, L)`` -> ``(N, H)``, a row with no kept position giving zeros."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def encoder_directory(model: str, kwargs: Mapping[str, Any] | None) -> Path | None:
+    """The folder a run's ``minilm`` / ``sentence_encoder`` model section reads (``None`` for any other
+    model, or a path that does not resolve): what an embedding cache's fingerprint hashes."""
+    if model == MINILM:
+        path: Any = MINILM
+    elif model == "sentence_encoder":
+        path = (kwargs or {}).get("path")
+    else:
+        return None
+    try:
+        return _resolve_encoder_path(path) if path else None
+    except ProtegeError:
+        return None
 
 
 def _resolve_encoder_path(path: str | os.PathLike[str]) -> Path:

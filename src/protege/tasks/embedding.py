@@ -461,7 +461,12 @@ class EmbeddingTask(Task):
         return torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, IGNORE_INDEX))
 
     def meta(self, batch: Any) -> dict[str, Any]:
-        return {"index": batch["index"]} if isinstance(batch, Mapping) and "index" in batch else {}
+        if not isinstance(batch, Mapping):
+            return {}
+        meta = dict(batch.get("meta") or {})  # a cached run's teacher vectors (engine.embedding_cache)
+        if "index" in batch:
+            meta["index"] = batch["index"]
+        return meta
 
     def batch_size(self, inputs: Any) -> int:
         return len(inputs["text"])
