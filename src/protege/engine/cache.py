@@ -371,6 +371,24 @@ def _eval_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, None]]:
         yield _inputs_of(batch).unsqueeze(1), None
 
 
+def new_cache_path(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a path, refused when something is there already and ``overwrite`` is false (checked
+    before any teacher runs)."""
+    path = Path(out).expanduser()
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ProtegeError(
+            f"{path} already exists; pass --overwrite (overwrite=True) to rebuild it, or choose another path"
+        )
+    return path
+
+
+def cache_device(device: str | torch.device | None) -> torch.device:
+    """Where a cache writer runs the teachers: ``device``, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def write_cache(
     out: str | Path,
     data: DataSplits,
@@ -420,11 +438,7 @@ def write_cache(
             transform has no replayable form.
     """
     t0 = time.perf_counter()
-    out = Path(out).expanduser()
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ProtegeError(
-            f"{out} already exists; pass --overwrite (overwrite=True) to rebuild it, or choose another path"
-        )
+    out = new_cache_path(out, overwrite)
     if dtype not in _DTYPES:
         raise ProtegeError(f"cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if views < 1 or shard_size < 1 or batch_size < 1:
@@ -457,11 +471,7 @@ def write_cache(
     }
     parts = dict(parts or {})
     parts["settings"] = fingerprint_part(settings)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = cache_device(device)
     moved = [t.to(dev).eval() for t in teachers]
     for t in moved:
         t.requires_grad_(False)

@@ -34,7 +34,17 @@ from torch.utils.data import Dataset
 from ..core.distiller import TeacherPrecision, check_teacher_precision, teacher_autocast
 from ..errors import ProtegeError
 from ..files import commit_dir, staged_dir
-from .cache import FORMAT, FORMAT_VERSION, TeacherCache, _fingerprint, _ShardWriter, _totals, fingerprint_part
+from .cache import (
+    FORMAT,
+    FORMAT_VERSION,
+    TeacherCache,
+    _fingerprint,
+    _ShardWriter,
+    _totals,
+    cache_device,
+    fingerprint_part,
+    new_cache_path,
+)
 from .loaders import make_loader
 
 if TYPE_CHECKING:
@@ -121,22 +131,14 @@ def write_embedding_cache(
     from ..tasks import build_task
 
     t0 = time.perf_counter()
-    out = Path(out).expanduser()
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ProtegeError(
-            f"{out} already exists; pass --overwrite (overwrite=True) to rebuild it, or choose another path"
-        )
+    out = new_cache_path(out, overwrite)
     if shard_size < 1 or batch_size < 1:
         raise ProtegeError(f"shard_size and batch_size must be ≥ 1 (got {shard_size}, {batch_size})")
     check_teacher_precision(teacher_precision)
     task = build_task("embedding")
     task.bind(data)
     parts = {**(parts or {}), "settings": fingerprint_part({"teacher_precision": teacher_precision})}
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = cache_device(device)
     teacher = teacher.to(dev).eval().requires_grad_(False)
     with staged_dir(out) as tmp:
         splits: dict[str, Any] = {}

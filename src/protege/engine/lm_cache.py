@@ -61,7 +61,9 @@ from .cache import (
     _fingerprint,
     _ShardWriter,
     _totals,
+    cache_device,
     fingerprint_part,
+    new_cache_path,
     parse_top_k,
 )
 from .loaders import make_loader
@@ -73,7 +75,6 @@ if TYPE_CHECKING:
 __all__ = ["CachedLMDataset", "lm_data_part", "write_lm_cache"]
 
 STORAGE = "lm-topk"
-
 
 
 # ------------------------------------------------------------------------------ fingerprint
@@ -199,11 +200,7 @@ def write_lm_cache(
     from ..tasks import build_task
 
     t0 = time.perf_counter()
-    out = Path(out).expanduser()
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ProtegeError(
-            f"{out} already exists; pass --overwrite (overwrite=True) to rebuild it, or choose another path"
-        )
+    out = new_cache_path(out, overwrite)
     k = parse_top_k(top_k)
     vocab = int(data.vocab_size)
     k = vocab if k is None else min(k, vocab)
@@ -217,11 +214,7 @@ def write_lm_cache(
     task = build_task("lm")
     settings = {"top_k": k, "levels": levels, "teacher_precision": teacher_precision}
     parts = {**(parts or {}), "settings": fingerprint_part(settings)}
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = cache_device(device)
     teacher = teacher.to(dev).eval().requires_grad_(False)
     with staged_dir(out) as tmp:
         splits: dict[str, Any] = {}

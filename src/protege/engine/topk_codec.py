@@ -155,11 +155,7 @@ def decode_shard(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"tokens": tensors["tokens"], "tok.index": index, "tok.logp": logp, "tok.log_rest": log_rest}
 
 
-
-
 # ------------------------------------------------------------------------------ writing
 
 
 # ------------------------------------------------------------------------------ reading
-
-
