@@ -50,7 +50,6 @@ differ): use another run directory, or delete that artefact and the later ones.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import shutil
 import statistics
@@ -87,7 +86,6 @@ from .tasks.lm import (
 
 __all__ = ["ArteConfig", "evaluate_student", "load_arte_config", "run_arte"]
 
-log = logging.getLogger(__name__)
 MANIFEST = "arte.json"
 FORMAT = "protege-arte"
 
@@ -906,7 +904,6 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
                 "nothing to align the teacher to; DPO skipped, the unaligned teacher writes the training set"
             )
             console.print(f"[yellow]arte: {reason}")
-            log.warning(reason)
             _write_jsonl(artefacts["alignment"], [])
             return {"dpo": {"skipped": reason, "pairs": 0}}
 

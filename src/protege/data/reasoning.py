@@ -100,13 +100,13 @@ class ReasoningTask:
             return None
 
     def extract_answer(self, text: str) -> str | None:
-        """The answer written in ``text`` in canonical form: after the last "answer is" (or
-        "Answer:"), else on the last non-empty line; ``None`` when none is found."""
+        """The answer written in ``text`` in canonical form: the sentence after the last "answer is"
+        (or "Answer:"), else the last non-empty line; ``None`` when none is found."""
         found = re.findall(r"answer\s+is\b[:\s]*([^\n]*)", text, re.IGNORECASE) or re.findall(
             r"answer\s*[:=]\s*([^\n]*)", text, re.IGNORECASE
         )
-        if found:
-            return self.normalize(found[-1])
+        if found:  # the answer is the sentence after it: "So the answer is 27. Then ..." gives 27
+            return self.normalize(re.split(r"\.(?:\s|$)", found[-1])[0])
         lines = [line for line in text.splitlines() if line.strip()]
         return self.normalize(lines[-1]) if lines else None
 
