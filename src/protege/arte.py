@@ -279,15 +279,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _quiet() -> Iterator[None]:
     """transformers/TRL progress and info logs off while a step runs (protege prints its own)."""
     import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     level = transformers.logging.get_verbosity()
+    hub_bars_off = are_progress_bars_disabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    disable_progress_bars()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(level)
         transformers.logging.enable_progress_bar()
+        if not hub_bars_off:
+            enable_progress_bars()
 
 
 class _LM:
@@ -494,7 +499,9 @@ def _dpo(
 ) -> dict[str, Any]:
     """Step 3: TRL's DPOTrainer on the teacher; the aligned teacher saved at ``out`` (staged, renamed)."""
     try:
+        import datasets
         from datasets import Dataset
+        from transformers import PrinterCallback
         from trl import DPOConfig, DPOTrainer
     except ImportError as e:
         raise ProtegeError("protege arte aligns the teacher with TRL: pip install 'protege[llm]'") from e
@@ -507,6 +514,8 @@ def _dpo(
     ]
     d = cfg.dpo
     with staged_dir(out) as tmp, _quiet():
+        datasets_bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
         args = DPOConfig(
             output_dir=str(tmp / "trainer"),
             beta=d.beta,
@@ -527,7 +536,10 @@ def _dpo(
         trainer = DPOTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
         )
+        trainer.remove_callback(PrinterCallback)  # the loss dict per step on stdout
         result = trainer.train()
+        if datasets_bars:
+            datasets.enable_progress_bars()
         history = trainer.state.log_history
         model = trainer.model
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
@@ -878,7 +890,7 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
         with _quiet():
             model = build_lm(spec.model, None, spec.kwargs, reference)
             tokenizer = teacher_tokenizer if spec.model == "teacher" else load_tokenizer(spec.model)
-        with staged_dir(student_init) as tmp:
+        with staged_dir(student_init) as tmp, _quiet():
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             replace_dir(tmp, student_init)
