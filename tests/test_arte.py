@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("trl")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
@@ -24,6 +25,7 @@ from test_lm import SPECIALS, TEMPLATE, make_llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+CONFIG = Path(__file__).parent.parent / "configs" / "arte" / "tiny.yaml"
 TASK_NAMES = ["boolean_expressions", "multistep_arithmetic"]
 
 
@@ -52,24 +54,9 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def tiny(teacher: Path, **changes) -> dict:
-    cfg = {
-        "teacher": str(teacher),
-        "student": {"model": "teacher", "kwargs": {"layers": [1]}},
-        "tasks": TASK_NAMES,
-        "held_out_tasks": ["date_arithmetic"],
-        "seed_pool": 4,
-        "test_size": 3,
-        "drafts": {"prompts": 1, "questions": 2, "rationales": 2, "seed_examples": 2},
-        "generation": {"question_max_new_tokens": 8, "rationale_max_new_tokens": 10, "batch_size": 4},
-        "preference": {"size": 3, "max_new_tokens": 6, "batch_size": 8},
-        "dpo": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3},
-        "train_examples": 3,
-        "verify": False,
-        "max_rounds": 1,
-        "eval_max_new_tokens": 6,
-        "sft": {"epochs": 1, "data": {"batch_size": 4}},
-    }
-    cfg.update(changes)
+    """configs/arte/tiny.yaml with this teacher and ``changes``."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.update(teacher=str(teacher), **changes)
     return cfg
 
 

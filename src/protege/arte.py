@@ -84,7 +84,7 @@ from .tasks.lm import (
     resolve_model,
 )
 
-__all__ = ["ArteConfig", "evaluate_student", "load_arte_config", "run_arte"]
+__all__ = ["ArteConfig", "evaluate_student", "load_arte_config", "run_arte", "train_student"]
 
 MANIFEST = "arte.json"
 FORMAT = "protege-arte"
@@ -658,6 +658,23 @@ def _sft_config(
     return validate_config(merged, "sft (the student's fine-tuning)")
 
 
+def train_student(
+    config: ArteConfig, run_dir: str | Path, data: str | Path, name: str, teacher: str | None = None
+) -> dict[str, Any]:
+    """Fine-tune ``run_dir/student-init`` on the prompt/completion ``data`` into the protege run
+    ``run_dir/name`` (its exported model: ``run_dir/name/model``), as ``config.sft`` says; KD terms
+    there read ``teacher``. A finished run of the same config is reused, an interrupted one resumed.
+    Returns the run's ``summary.json``."""
+    run_dir = Path(run_dir).expanduser()
+    init = run_dir / "student-init"
+    if not init.is_dir():
+        raise ProtegeError(f"{init} not found: run protege arte on {run_dir} first (it builds the student)")
+    run_cfg = _sft_config(config, run_dir, name, Path(data), init, teacher or "")
+    if run_cfg.teacher is not None and not teacher:
+        raise ProtegeError(f"sft.terms has KD terms ({config.sft.get('terms')}): give the teacher they read")
+    return run_or_reuse(run_cfg, "distill" if run_cfg.teacher is not None else "train")
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -954,10 +971,7 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
 
     def train(name: str, data: Path, teacher: Callable[[], str]) -> Callable[[], dict[str, Any]]:
         def fn() -> dict[str, Any]:
-            run_cfg = _sft_config(cfg, run_dir, name, data, student_init, teacher())
-            mode = "distill" if run_cfg.teacher is not None else "train"
-            summary = run_or_reuse(run_cfg, mode)
-            return {"test": summary.get("test")}
+            return {"test": train_student(cfg, run_dir, data, name, teacher()).get("test")}
 
         return fn
 
