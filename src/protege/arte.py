@@ -243,6 +243,8 @@ class _Manifest:
         if not artefact.exists():
             return False
         entry = self.steps.get(step)
+        if entry is None and self.path.is_file():  # interrupted between the artefact and its record
+            return False
         if entry is None:
             raise ProtegeError(
                 f"{artefact} exists but {self.path} does not record it: not written by protege arte; "
@@ -318,17 +320,25 @@ class _LM:
         seed: int,
         batch: int,
     ) -> list[str]:
-        """Completions of ``prompts`` (rendered here), in order; batch ``b`` is seeded ``seed + b``."""
-        out: list[str] = []
-        for b, at in enumerate(range(0, len(prompts), batch)):
-            rows = [
-                self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"]
-                for p in prompts[at : at + batch]
-            ]
+        """Completions of ``prompts`` (rendered here), in order. They are generated shortest first
+        (less padding) in batches of ``batch``; batch ``b`` is seeded ``seed + b``."""
+        rows = [self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = [""] * len(rows)
+        for b, at in enumerate(range(0, len(order), batch)):
+            chunk = order[at : at + batch]
             texts, _ = complete(
-                self.model, self.tokenizer, rows, max_new_tokens, temperature, top_p, seed + b, self.device
+                self.model,
+                self.tokenizer,
+                [rows[i] for i in chunk],
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed + b,
+                self.device,
             )
-            out += texts
+            for i, text in zip(chunk, texts):
+                out[i] = text
         return out
 
 
@@ -345,7 +355,8 @@ def _question_prompt(task: ReasoningTask, seeds: Sequence[Example]) -> str:
     shown = "".join(f"Q: {e.question}\n" for e in seeds)
     return (
         f"Task: {task.instruction}\n\nExample questions of this task:\n{shown}\n"
-        "Write one new question of the same kind, different from the examples. Write only the question."
+        "Write one new question of the same kind, different from the examples. "
+        "Reply with the question only, on one line starting with 'Q:'."
     )
 
 
