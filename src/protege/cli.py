@@ -185,6 +185,37 @@ def generate(
 
 
 @app.command()
+def arte(
+    config: Annotated[Path, typer.Argument(help="ARTE YAML: teacher, student, tasks (see protege.arte)")],
+    overrides: SetOpt = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="the run directory (default: runs/arte-<config name>)")
+    ] = None,
+) -> None:
+    """ARTE: the teacher drafts reasoning examples, the student's in-context preferences align the
+    teacher (DPO), the aligned teacher writes the training set, the student is fine-tuned on it;
+    resumable: finished steps are skipped."""
+    from .arte import load_arte_config, run_arte
+
+    cfg = load_arte_config(config, overrides or [])
+    run_dir = output_dir if output_dir is not None else Path("runs") / f"arte-{config.stem}"
+    summary = run_arte(cfg, run_dir)
+    ev = summary["eval"]
+    scores = summary["scores"]["before"].get("all", {})
+    dpo = summary["dpo"] or {}
+    out.print(
+        f"{run_dir}: {scores.get('n', 0)} drafts (student score mean {scores.get('mean', 0.0):.3f}); "
+        + (f"DPO skipped ({dpo['skipped']})" if dpo.get("skipped") else f"DPO on {dpo.get('pairs', 0)} pairs")
+        + f"; generation {summary['generation_s']:.1f} s, DPO {summary['dpo_s']:.1f} s",
+        soft_wrap=True,
+    )
+    for name, result in ev.items():
+        if result:
+            cells = ", ".join(f"{t} {100 * v:.1f}" for t, v in result["exact_match"].items())
+            out.print(f"  {name}: exact match % {cells}", soft_wrap=True)
+
+
+@app.command()
 def prompts(
     classes: Annotated[
         str,

