@@ -196,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "writes its records to its own shard file, merged into ground_truth.json when all are done",
     )
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "I/N": internal, one worker
+    # internal: "space|arch,space|arch": KD runs (every seed) the workers also train (search winners)
+    ap.add_argument("--extra-kd", default="", help=argparse.SUPPRESS)
     ap.add_argument(
         "--output-dir", default=None, help="default runs/search-rank (quick: runs/search-rank-quick)"
     )
@@ -510,6 +512,10 @@ def part_gt(args: argparse.Namespace, gt: GroundTruth) -> dict[str, Any]:
             for arch in arch_list(args, space_name, space):
                 for mode in ("kd", "ce"):
                     jobs.append((space_name, space, arch, mode, seed))
+        extra = [e.split("|", 1)[1] for e in args.extra_kd.split(",") if e.startswith(f"{space_name}|")]
+        for seed in range(args.seeds):  # search winners outside the ground-truth archs (KD only)
+            for arch_id in extra:
+                jobs.append((space_name, space, space.decode(arch_id), "kd", seed))
     todo = [j for j in jobs if gt.key(j[0], j[1].encode(j[2]), j[3], j[4]) not in gt.runs]
     if args.shard is None:
         print(f"ground truth: {len(jobs)} runs, {len(todo)} to train", flush=True)
@@ -554,6 +560,8 @@ def run_workers(args: argparse.Namespace, gt: GroundTruth, n: int) -> None:
         shard.data["runs"] = dict(gt.runs)  # what is done already, so the worker skips it
         shard.save()
         cmd = [sys.executable, __file__, *argv, "--part", "gt", "--shard", f"{i}/{n}", "--json", ""]
+        if args.extra_kd:
+            cmd += ["--extra-kd", args.extra_kd]
         procs.append(subprocess.Popen(cmd))
     print(f"ground truth: {n} workers started", flush=True)
     codes = [p.wait() for p in procs]
@@ -1082,6 +1090,16 @@ def part_search(args: argparse.Namespace, gt: GroundTruth, results: dict[str, An
                 "scored_ids": [c.id for c in hist.ranked],
             }
             save()
+        missing = [
+            run["winner"]
+            for run in section["runs"].values()
+            if any(gt.key(space_name, run["winner"], "kd", s) not in gt.runs for s in range(args.seeds))
+        ]
+        missing = sorted(set(missing))
+        if args.workers > 1 and missing:  # train them in parallel, as the ground truth was
+            args.extra_kd = ",".join(f"{space_name}|{a}" for a in missing)
+            run_workers(args, gt, min(args.workers, len(missing) * args.seeds))
+            args.extra_kd = ""
         for run in section["runs"].values():  # the winners' distilled accuracy, ground-truth schedule
             arch = space.decode(run["winner"])
             for seed in range(args.seeds):
