@@ -349,9 +349,13 @@ def export(
         qad_ranges=qad_ranges,
     )
     segmenter = info.get("source", {}).get("task") == "promptable_segmentation"
+    embedder = info.get("source", {}).get("task") == "embedding"
     if segmenter:  # mask mIoU per prompt kind, and IoU with the fp32 student's and the teacher's masks
         cols = {"1 point": "miou_1pt", "3 points": "miou_3pt", "box": "miou_box"}
         cols |= {"IoU with fp32": "fp32_miou", "IoU with teacher": "teacher_miou"}
+    elif embedder:  # fidelity to the teacher and to the fp32 student (cosines as numbers, overlaps in %)
+        cols = {"cos with teacher": "cos", "top-10 overlap": "knn10", "cos with fp32": "fp32_cos"}
+        cols |= {"top-10 with fp32": "fp32_knn10"}
     else:
         cols = {
             "accuracy": "acc",
@@ -371,11 +375,23 @@ def export(
         ("int8", "student int8 (onnxruntime)"),
     ):
         m = ev.get(key)
-        if m:
-            table.add_row(label, *(f"{100 * m[k]:.2f}%" if k in m else "—" for k in cols.values()))
+        if m and (not embedder or key != "teacher"):
+            table.add_row(
+                label,
+                *(
+                    "—" if k not in m else f"{m[k]:.4f}" if k.endswith("cos") else f"{100 * m[k]:.2f}%"
+                    for k in cols.values()
+                ),
+            )
     if ev:
         out.print(table)
-    if "parity" in info:
+    if "parity" in info and embedder:
+        p = info["parity"]
+        out.print(
+            f"parity with PyTorch on {p['samples']} {p['inputs']}: max |Δ| of the vectors {p['max_abs_diff']:.3g}",
+            soft_wrap=True,
+        )
+    elif "parity" in info:
         p = info["parity"]
         out.print(
             f"parity with PyTorch on {p['samples']} {p['inputs']} inputs: max |Δlogit| {p['max_abs_diff']:.3g}, "
@@ -391,6 +407,12 @@ def export(
             out.print(
                 f"  {name}: encoder {r['encoder_ms']:.2f} ms/image, decoder {r['decoder_ms_per_prompt']:.3f} ms/prompt"
             )
+    elif "latency" in info and embedder:
+        lat = info["latency"]
+        out.print(f"sentences per second ({lat['machine']}; 1 thread, tokenisation included):")
+        for name, r in lat["rows"].items():
+            up = f", {r['speedup_t1_b64']:.2f}x the teacher at batch 64" if "speedup_t1_b64" in r else ""
+            out.print(f"  {name}: batch 1 {r['t1_b1']:.1f}, batch 64 {r['t1_b64']:.1f}{up}")
     elif "latency" in info:
         _print_latency(info["latency"]["rows"], info["latency"]["machine"])
     files = ", ".join(f"{k} {v['bytes'] / 1e6:.3f} MB" for k, v in info["files"].items())

@@ -14,6 +14,15 @@ def _pct(value: float | None) -> str:
 def _how_to_load(info: dict[str, Any]) -> str:
     fmt = info["format"]
     files = info.get("files", {})
+    if "embedder.json" in files:
+        return (
+            "```python\nfrom protege.export.embedder import OnnxEmbedder\n"
+            'model = OnnxEmbedder("<this directory>")\n'
+            'vectors = model.encode(["first text", "second text"])  # (N, D) torch tensor\n```\n'
+            "Or with onnxruntime alone: tokenise with the tokenizer in this directory "
+            "(`AutoTokenizer.from_pretrained`, truncation to `max_length` of `embedder.json`), feed "
+            "`input_ids` and `attention_mask` (int64, (N, L)) to `model.onnx`; it returns `embedding` (N, D).\n"
+        )
     if "encoder.onnx" in files:
         return (
             "```python\nfrom protege.export.sam_onnx import OnnxSam\n"
@@ -80,6 +89,9 @@ def model_card(info: dict[str, Any]) -> str:
         lines.append(f"- `{name}`: {f['bytes'] / 1e6:.3f} MB")
     if src.get("task") == "promptable_segmentation":
         lines += _segmenter_sections(info)
+        return "\n".join(lines) + "\n"
+    if src.get("task") == "embedding" and fmt != "native":
+        lines += _embedder_sections(info)
         return "\n".join(lines) + "\n"
     if model:
         lines.append(
@@ -223,6 +235,65 @@ def _segmenter_sections(info: dict[str, Any]) -> list[str]:
         lines.append("|---|---:|---:|")
         for name, r in lat["rows"].items():
             lines.append(f"| {name} | {r['encoder_ms']:.2f} | {r['decoder_ms_per_prompt']:.3f} |")
+        lines.append("")
+    lines += ["## Reproduce", "", f"```\n{info.get('command', '')}\n```"]
+    return lines
+
+
+def _embedder_sections(info: dict[str, Any]) -> list[str]:
+    """Cost, loading, measurements and the command of an exported sentence encoder."""
+    lines = []
+    if info.get("model"):
+        lines.append(f"- parameters: {info['model'].get('params', 0):,}")
+    if "onnx" in info:
+        o = info["onnx"]
+        lines.append(f"- ONNX opset {o['opset']}, {o['exporter']} exporter, dynamic batch and token axes")
+    q = info.get("quantization")
+    if q:
+        g = q["graph"]
+        lines.append(
+            f"- {q['method']}: weights {q['weights']}, activations {q['activations']}; "
+            f"{g['weighted_ops_int8']}/{g['weighted_ops']} Conv/Gemm/MatMul read int8 weights"
+        )
+    lines += ["", "## Load it", "", _how_to_load(info), "## Measured", ""]
+    if "parity" in info:
+        p = info["parity"]
+        lines.append(
+            f"The fp32 graph gives the PyTorch student's vectors on {p['samples']} {p['inputs']} to "
+            f"{p['max_abs_diff']:.2g} (largest absolute difference)."
+        )
+        lines.append("")
+    ev = info.get("evaluation")
+    if ev:
+        lines.append(
+            f"On the {ev['split']} split ({ev.get('samples')} texts): mean cosine and top-10 neighbour overlap "
+            "with the teacher and with the fp32 PyTorch student, Spearman of pairwise similarities vs the teacher:"
+        )
+        lines.append("")
+        lines.append(
+            "| model | cos with teacher | top-10 overlap | Spearman | cos with fp32 | top-10 with fp32 |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for key, label in EVAL_ROWS:
+            m = ev.get(key)
+            if m and key != "teacher":
+                lines.append(
+                    f"| {label} | {m.get('cos', float('nan')):.4f} | {_pct(m.get('knn10'))} | "
+                    f"{m.get('spearman', float('nan')):.4f} | {m.get('fp32_cos', float('nan')):.4f} | "
+                    f"{_pct(m.get('fp32_knn10'))} |"
+                )
+        lines.append("")
+    if "latency" in info:
+        lat = info["latency"]
+        lines.append(f"Sentences per second ({lat.get('machine', '')}; 1 thread, tokenisation included):")
+        lines.append("")
+        lines.append("| model | batch 1 | batch 64 | × teacher (batch 64) |")
+        lines.append("|---|---:|---:|---:|")
+        for name, r in lat["rows"].items():
+            up = r.get("speedup_t1_b64")
+            lines.append(
+                f"| {name} | {r['t1_b1']:.1f} | {r['t1_b64']:.1f} | {'—' if up is None else f'{up:.2f}'} |"
+            )
         lines.append("")
     lines += ["## Reproduce", "", f"```\n{info.get('command', '')}\n```"]
     return lines

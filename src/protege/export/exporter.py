@@ -135,10 +135,15 @@ def export(
         else open_run(Path(source), checkpoint, format, qad_ranges)
     )
     segmenter = src.task.name == "promptable_segmentation"
-    if format != "native" and not isinstance(src.task, ClassificationTask) and not segmenter:
+    embedder = src.task.name == "embedding"
+    if format != "native" and not isinstance(src.task, ClassificationTask) and not (segmenter or embedder):
         raise ProtegeError(
-            f"--format {format} covers classification students; task {src.task.name!r} exports with "
-            "--format native (its own library's format)"
+            f"--format {format} covers classification, promptable-segmentation and sentence-embedding "
+            f"students; task {src.task.name!r} exports with --format native (its own library's format)"
+        )
+    if embedder and format != "native" and calibration_data is not None:
+        raise ProtegeError(
+            "an embedding student's int8 is dynamic (no calibration): leave calibration_data out"
         )
     command = _command(source, format, out, calibration, overwrite, bench, checkpoint, qad_ranges)
     info: dict[str, Any] = {
@@ -150,13 +155,19 @@ def export(
     }
     # the calibration samples first: a run that may not calibrate fails before any work
     calibrating = (
-        _calibration(src, calibration, calibration_data) if format == "int8" and not segmenter else None
+        _calibration(src, calibration, calibration_data)
+        if format == "int8" and not (segmenter or embedder)
+        else None
     )
     with staged_dir(out) as tmp:
         if format == "native":
             _native(src, tmp, info)
         elif segmenter:
             info |= _segmenter(src, format, tmp, calibration, calibration_data, bench)
+        elif embedder:
+            from .embedder import export_embedder
+
+            info |= export_embedder(src.model, src.task, format, tmp, _eval_set(src), src.teachers, bench)
         else:
             with tempfile.TemporaryDirectory(prefix="protege-export-") as scratch:
                 fp32 = (tmp if format == "onnx" else Path(scratch)) / "model.onnx"

@@ -190,6 +190,10 @@ def quantize_int8(
     return info
 
 
+#: operators of onnxruntime's dynamic quantization that multiply int8 weights
+INTEGER_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
 def graph_summary(path: Path) -> dict[str, Any]:
     """What an ONNX model holds: operator counts, QuantizeLinear/DequantizeLinear and QLinear*
     nodes, int8/uint8 initializers, and which weighted operators read int8 weights."""
@@ -209,12 +213,16 @@ def graph_summary(path: Path) -> dict[str, Any]:
     }
     weighted = [n for n in proto.graph.node if n.op_type in WEIGHTED_OPS]
     quantized = [n for n in weighted if len(n.input) > 1 and n.input[1] in dequantized]
+    # dynamic quantization's operators read int8 weights directly (QOperator format)
+    integer = sum(v for k, v in ops.items() if k in INTEGER_OPS)
     return {
         "ops": dict(sorted(ops.items())),
         "quantize_linear": ops.get("QuantizeLinear", 0),
         "dequantize_linear": ops.get("DequantizeLinear", 0),
         "qlinear_ops": sum(v for k, v in ops.items() if k.startswith("QLinear")),
         "int8_initializers": len(int8_inits),
-        "weighted_ops": len(weighted),
-        "weighted_ops_int8": len(quantized) + sum(v for k, v in ops.items() if k in ("QLinearConv", "QGemm")),
+        "weighted_ops": len(weighted) + integer,
+        "weighted_ops_int8": len(quantized)
+        + integer
+        + sum(v for k, v in ops.items() if k in ("QLinearConv", "QGemm")),
     }

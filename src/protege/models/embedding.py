@@ -346,17 +346,20 @@ class TransformerEmbedder(SentenceEmbedder):
 
     def features(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenize(texts)
-        hidden = self.encoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        pooled = hidden[:, 0] if self.pooling == "cls" else _masked_mean(hidden, batch["attention_mask"])
+        return self.embed_tokens(batch["input_ids"], batch["attention_mask"])
+
+    def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """:meth:`features` of already tokenised texts (``(N, L)`` ids and mask, as :meth:`tokenize`
+        gives): the encoder, pooling, Dense and normalisation (what an ONNX export traces)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = hidden[:, 0] if self.pooling == "cls" else _masked_mean(hidden, attention_mask)
         if self.dense is not None:
             pooled = self.dense(pooled)
             if self.dense_activation == "tanh":
                 pooled = torch.tanh(pooled)
         if self.normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
-        return {"embedding": pooled, "token_embeddings": hidden, "attention_mask": batch["attention_mask"]}
+        return {"embedding": pooled, "token_embeddings": hidden, "attention_mask": attention_mask}
 
     def config_dict(self) -> dict[str, Any]:
         """``{"kind": "transformer", "encoder": <the transformers config as a dict>, "pooling",
