@@ -36,7 +36,11 @@ aligned teacher writes the student's training set:
 
 The student starts as ``student-init/`` (built once: e.g. a layer-selected teacher,
 ``student: {model: teacher, kwargs: {layers: [...]}}``); a ``.gguf`` teacher (or ``smollm2``) is
-de-quantized once into ``teacher/``. ``score_aligned`` (default on) lets the aligned teacher draft
+de-quantized once into ``teacher/``. ``student_warmup`` (off unless set) first distils that student
+from the teacher on general text (``student_warmup.corpora``, default the pydoc topics; forward KL
+plus a little CE through the ``lm`` task) into ``student-warm/`` (a protege run directory): a
+layer-selected student writes noise until it is healed, and a student that scores 0 whatever the
+demonstration gives ARTE no preference. Steps 2 and 5 and ``eval-init`` then use the warmed student. ``score_aligned`` (default on) lets the aligned teacher draft
 the same prompts again and the student score them (``preferences-aligned.jsonl``): the per-draft
 score distribution before vs after alignment, in ``summary.json``.
 
