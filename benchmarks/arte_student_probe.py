@@ -18,6 +18,7 @@ Candidates (``--candidates``):
               ``--warm-chars``, ``--warm-set KEY=VALUE`` for its run keys)
 ``10L``       layers 0, 3, 6, ..., 24, 29 as built
 ``18L``       layers 0-8 and 21-29 as built (the middle dropped: the least damaged by layer selection)
+``24L``       layers 0-11 and 18-29 as built
 ``teacher``   the teacher itself: a reference, not a student (what the family can do one-shot)
 
 Also per candidate and task (cheap, no generation): ``nll``, the mean next-token NLL (nats) of a
@@ -61,6 +62,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "6L-warm": {"layers": None, "warm": True},  # --warm-layers
     "10L": {"layers": [0, 3, 6, 9, 12, 15, 18, 21, 24, 29], "warm": False},
     "18L": {"layers": [*range(9), *range(21, 30)], "warm": False},
+    "24L": {"layers": [*range(12), *range(18, 30)], "warm": False},
     "teacher": {"layers": None, "warm": False},
 }
 NLL_QUESTIONS = 10
