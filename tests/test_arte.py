@@ -264,6 +264,8 @@ def test_student_warmup_is_the_student_scored_and_fine_tuned(teachers, tmp_path:
     manifest = json.loads((run_dir / "arte.json").read_text())
     assert manifest["steps"]["student_warmup"]["settings"]["student_warmup"]["max_chars"] == 3000
     assert manifest["steps"]["student_warmup"]["test"]["last"]["kl"] >= 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["student_warmup"] == manifest["steps"]["student_warmup"]["test"]
 
     stamp = warm.stat().st_mtime_ns
     run_arte(cfg, run_dir)  # done: nothing redone

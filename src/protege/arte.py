@@ -40,9 +40,10 @@ de-quantized once into ``teacher/``. ``student_warmup`` (off unless set) first d
 from the teacher on general text (``student_warmup.corpora``, default the pydoc topics; forward KL
 plus a little CE through the ``lm`` task) into ``student-warm/`` (a protege run directory): a
 layer-selected student writes noise until it is healed, and a student that scores 0 whatever the
-demonstration gives ARTE no preference. Steps 2 and 5 and ``eval-init`` then use the warmed student. ``score_aligned`` (default on) lets the aligned teacher draft
-the same prompts again and the student score them (``preferences-aligned.jsonl``): the per-draft
-score distribution before vs after alignment, in ``summary.json``.
+demonstration gives ARTE no preference. Steps 2 and 5 and ``eval-init`` then use the warmed
+student. ``score_aligned`` (default on) lets the aligned teacher draft the same prompts again and
+the student score them (``preferences-aligned.jsonl``): the per-draft score distribution before vs
+after alignment, in ``summary.json``.
 
 **Resumable**: every artefact is written atomically (files through a rename, directories staged
 beside their place); ``arte.json`` records, per step, the settings it was made from and how long it
@@ -1182,6 +1183,7 @@ def _summary(
         "generation_s": sum(seconds.get(s, 0.0) for s in ("drafts", "generated")),
         "dpo_s": seconds.get("alignment", 0.0),
         "pairs": {k: sum(p["kind"] == k for p in pairs) for k in ("question", "rationale")},
+        "student_warmup": steps.get("student_warmup", {}).get("test"),
         "dpo": steps.get("alignment", {}).get("dpo"),
         "scores": {"before": scores(artefacts["preferences"]), "after": scores(artefacts["aligned_drafts"])},
         "generated": steps.get("generated", {}).get("stats"),
