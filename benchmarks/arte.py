@@ -1,7 +1,7 @@
 """ARTE vs the unaligned teacher: which teacher-written training set teaches the student more (issue 24).
 
 One ARTE run per seed (``protege.arte.run_arte`` on ``--config``, default ``configs/arte/arte.yaml``:
-SmolLM2-135M-Instruct teacher, its layers 4, 9, 14, 19, 24, 29 as the student; ``baseline: true``),
+SmolLM2-135M-Instruct teacher, its layers 0-11 and 18-29 as the student; ``baseline: true``),
 into ``--out/seed<N>/`` (resumable: every finished artefact is reused), then the rows:
 
 ``zero_shot``   the student as built, not fine-tuned

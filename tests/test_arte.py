@@ -232,3 +232,61 @@ def test_a_template_less_teacher_with_a_prompt_format_drafts(teachers, tmp_path:
     assert lm.render("hi") == "Instruction: hi\nResponse:"
     records = arte._draft(lm, cfg, [TASKS["word_sorting"]], {"word_sorting": TASKS["word_sorting"].make(4)})
     assert len(records) == 4 and all(r["question_prompt"].startswith("Task: Sort") for r in records)
+
+
+WARMUP = {"max_chars": 3000, "run": {"data": {"batch_size": 4, "options": {"block_size": 16}}}}
+
+
+def test_student_warmup_is_the_student_scored_and_fine_tuned(teachers, tmp_path: Path, monkeypatch) -> None:
+    """student_warmup distils student-init on general text (pydoc) into student-warm/; step 2 scores the
+    drafts with that student, the fine-tuning starts from it; a rerun skips it, changed settings are refused."""
+    cfg = ArteConfig.model_validate(tiny(teachers["chat"], student_warmup=WARMUP, score_aligned=False))
+    run_dir = tmp_path / "run"
+    seen = []
+
+    def scores(student, c, drafts, preference):
+        seen.append((student.path, {k: v.clone() for k, v in student.model.state_dict().items()}))
+        return varied_scores(student, c, drafts, preference)
+
+    monkeypatch.setattr(arte, "_icl_scores", scores)
+    run_arte(cfg, run_dir)
+    warm = run_dir / "student-warm" / "model"
+    assert arte.student_base(cfg, run_dir) == warm
+    assert [path for path, _ in seen] == [str(warm)]
+    used, init, warmed = seen[0][1], weights(run_dir / "student-init"), weights(warm)
+    assert set(used) == set(warmed) == set(init)
+    assert all(torch.equal(used[k], warmed[k]) for k in used)  # the scored student is student-warm's
+    assert max((warmed[k] - init[k]).abs().max().item() for k in init) > 0  # and the warm-up moved it
+    texts = [json.loads(line)["text"] for line in (run_dir / arte.WARMUP_TEXT).read_text().splitlines()]
+    assert sum(map(len, texts[:-1])) < 3000 <= sum(map(len, texts))  # pydoc paragraphs up to max_chars
+    stored = yaml.safe_load((run_dir / "student" / "config.yaml").read_text())
+    assert stored["student"]["model"] == str(warm)  # the fine-tuning starts from the warmed student
+    manifest = json.loads((run_dir / "arte.json").read_text())
+    assert manifest["steps"]["student_warmup"]["settings"]["student_warmup"]["max_chars"] == 3000
+    assert manifest["steps"]["student_warmup"]["test"]["last"]["kl"] >= 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["student_warmup"] == manifest["steps"]["student_warmup"]["test"]
+
+    stamp = warm.stat().st_mtime_ns
+    run_arte(cfg, run_dir)  # done: nothing redone
+    assert len(seen) == 1 and warm.stat().st_mtime_ns == stamp
+    changed = ArteConfig.model_validate(
+        tiny(teachers["chat"], student_warmup={**WARMUP, "max_chars": 4000}, score_aligned=False)
+    )
+    with pytest.raises(
+        ProtegeError, match=r"model was made with other settings \(student_warmup.max_chars: 3000 -> 4000\)"
+    ):
+        run_arte(changed, run_dir)
+    assert (run_dir / "arte.json").read_text() == json.dumps(manifest, indent=1) + "\n"
+
+
+def test_student_warmup_bad_input_writes_nothing(teachers, tmp_path: Path) -> None:
+    for warmup, message in [
+        ({"corpora": ["pydoc-topic"]}, "neither a built-in corpus"),
+        ({"run": {"epochs": 0}}, "student_warmup.run"),
+    ]:
+        cfg = ArteConfig.model_validate(tiny(teachers["chat"], student_warmup=warmup))
+        with pytest.raises(ProtegeError, match=message):
+            run_arte(cfg, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    assert ArteConfig.model_validate(tiny(teachers["chat"])).student_warmup is None  # off by default

@@ -36,9 +36,14 @@ aligned teacher writes the student's training set:
 
 The student starts as ``student-init/`` (built once: e.g. a layer-selected teacher,
 ``student: {model: teacher, kwargs: {layers: [...]}}``); a ``.gguf`` teacher (or ``smollm2``) is
-de-quantized once into ``teacher/``. ``score_aligned`` (default on) lets the aligned teacher draft
-the same prompts again and the student score them (``preferences-aligned.jsonl``): the per-draft
-score distribution before vs after alignment, in ``summary.json``.
+de-quantized once into ``teacher/``. ``student_warmup`` (off unless set) first distils that student
+from the teacher on general text (``student_warmup.corpora``, default the pydoc topics; forward KL
+plus a little CE through the ``lm`` task) into ``student-warm/`` (a protege run directory): a
+layer-selected student writes noise until it is healed, and a student that scores 0 whatever the
+demonstration gives ARTE no preference. Steps 2 and 5 and ``eval-init`` then use the warmed
+student. ``score_aligned`` (default on) lets the aligned teacher draft the same prompts again and
+the student score them (``preferences-aligned.jsonl``): the per-draft score distribution before vs
+after alignment, in ``summary.json``.
 
 **Resumable**: every artefact is written atomically (files through a rename, directories staged
 beside their place); ``arte.json`` records, per step, the settings it was made from and how long it
@@ -72,6 +77,7 @@ from .config import (
     validate_config,
 )
 from .data.reasoning import Example, ReasoningTask, format_question, get_task
+from .data.text import BUILTIN_CORPORA, load_corpora
 from .engine.loop import console
 from .errors import ProtegeError
 from .files import atomic_write_text, jsonl_objects, replace_dir, sha256_file, staged_dir
@@ -84,9 +90,19 @@ from .tasks.lm import (
     resolve_model,
 )
 
-__all__ = ["ArteConfig", "evaluate_student", "load_arte_config", "run_arte", "train_student"]
+__all__ = [
+    "ArteConfig",
+    "evaluate_student",
+    "load_arte_config",
+    "run_arte",
+    "student_base",
+    "train_student",
+    "warm_up_student",
+]
 
 MANIFEST = "arte.json"
+#: the warm-up's text (``{"text": paragraph}`` records), written into the run directory
+WARMUP_TEXT = "student-warm.jsonl"
 FORMAT = "protege-arte"
 
 
@@ -97,6 +113,24 @@ class StudentSpec(BaseModel):
     model: str = Field("teacher", description="a model directory / .gguf / hub id, or teacher")
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="layers: [...] (layer selection) or config: {...} overrides"
+    )
+
+
+class WarmupSettings(BaseModel):
+    """The student's warm-up (``student_warmup:``): KD from the teacher on general text before step 2."""
+
+    model_config = ConfigDict(extra="forbid")
+    corpora: list[str] = Field(
+        default_factory=lambda: ["pydoc-topics"],
+        min_length=1,
+        description="built-in corpora (protege.data.text, their train part) or text files / folders",
+    )
+    max_chars: int = Field(
+        100_000, ge=1, description="the first paragraphs up to this many characters (the warm-up's size)"
+    )
+    run: dict[str, Any] = Field(
+        default_factory=dict,
+        description="run config keys of the warm-up (terms, epochs, optim, data, ...) over the defaults",
     )
 
 
@@ -155,6 +189,11 @@ class ArteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: str = Field(description="the teacher LM: a directory, a .gguf file, smollm2, or a hub id")
     student: StudentSpec = Field(default_factory=StudentSpec)
+    student_warmup: WarmupSettings | None = Field(
+        None,
+        description="distil the built student from the teacher on general text first (student-warm/); "
+        "none: the student as built",
+    )
     teacher_prompt_format: str | None = Field(
         None, description="for a teacher without chat template: how a prompt is shown, with {prompt}"
     )
@@ -340,6 +379,20 @@ class _LM:
             for i, text in zip(chunk, texts):
                 out[i] = text
         return out
+
+
+def _build_student(spec: StudentSpec, teacher_dir: str, teacher_tokenizer: Any, out: Path) -> int:
+    """Build the student ``spec`` names (e.g. a layer-selected teacher) and save it with its tokenizer
+    at ``out`` (staged, renamed); return its parameter count."""
+    reference = SimpleNamespace(reference=teacher_dir, vocab_size=0)
+    with _quiet():
+        model = build_lm(spec.model, None, spec.kwargs, reference)
+        tokenizer = teacher_tokenizer if spec.model == "teacher" else load_tokenizer(spec.model)
+    with staged_dir(out) as tmp, _quiet():
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, out)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _has_template(tokenizer: Any) -> bool:
@@ -637,6 +690,93 @@ def _training_set(
     return [rec for t in tasks for rec in kept[t.name]], stats
 
 
+def student_base(config: ArteConfig, run_dir: str | Path) -> Path:
+    """The student ARTE scores the drafts with, fine-tunes and evaluates as ``eval-init``: the
+    warmed-up one (``run_dir/student-warm/model``) when ``student_warmup`` is set, else the student
+    as built (``run_dir/student-init``)."""
+    run_dir = Path(run_dir).expanduser()
+    return (
+        run_dir / "student-warm" / "model" if config.student_warmup is not None else run_dir / "student-init"
+    )
+
+
+def _check_corpora(corpora: Sequence[str]) -> None:
+    for entry in corpora:
+        if entry not in BUILTIN_CORPORA and not Path(entry).expanduser().exists():
+            raise ProtegeError(
+                f"student_warmup.corpora: {entry!r} is neither a built-in corpus "
+                f"({', '.join(BUILTIN_CORPORA)}) nor an existing text file or folder"
+            )
+
+
+def _warmup_texts(settings: WarmupSettings) -> list[str]:
+    """The warm-up's paragraphs: the corpora's training texts in order, up to ``max_chars``."""
+    texts: list[str] = []
+    total = 0
+    for record in load_corpora(settings.corpora, "train"):
+        if total >= settings.max_chars:
+            break
+        texts.append(record.text)
+        total += len(record.text)
+    if not texts:
+        raise ProtegeError(
+            f"student_warmup.corpora {settings.corpora} hold no text to warm the student up on"
+        )
+    return texts
+
+
+def _warmup_config(cfg: ArteConfig, run_dir: Path, student: Path, teacher: str) -> RunConfig:
+    """The warm-up run: the lm task on the warm-up text (packed blocks), KD from the teacher (forward
+    KL on every token, plus a little next-token CE), ``student_warmup.run`` on top."""
+    assert cfg.student_warmup is not None
+    base: dict[str, Any] = {
+        "name": "student-warm",
+        "output_dir": str(run_dir),
+        "task": "lm",
+        "data": {
+            "source": "jsonl",
+            "root": str(run_dir / WARMUP_TEXT),
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "val_fraction": 0.02,
+            "test_fraction": 0.02,
+            "options": {"block_size": 128, "tokenizer": str(student)},
+        },
+        "student": {"model": str(student)},
+        "terms": [{"loss": "fkl", "weight": 1.0}, {"loss": "ce", "weight": 0.1}],
+        "epochs": 1,
+        "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
+        "schedule": {"name": "cosine"},
+        "seed": cfg.seed,
+        "measure_cost": False,
+        "progress": False,
+    }
+    merged = _merge(base, cfg.student_warmup.run)
+    if any(t.get("loss") != "ce" for t in merged["terms"]):  # KD terms read the teacher
+        merged.setdefault("teacher", {"model": teacher})
+    return validate_config(merged, "student_warmup.run (the student's warm-up)")
+
+
+def warm_up_student(config: ArteConfig, run_dir: str | Path, teacher: str) -> dict[str, Any]:
+    """Distil ``run_dir/student-init`` from ``teacher`` (a model directory) on general text: the
+    paragraphs of ``student_warmup.corpora`` (up to ``max_chars``, written to ``run_dir/
+    student-warm.jsonl``) through protege's ``lm`` task, into the protege run ``run_dir/student-warm``
+    (its model: ``run_dir/student-warm/model``). A layer-selected student has lost most of its
+    teacher's layers and writes noise at first; this heals it before it is asked to learn from one
+    demonstration. A finished run of the same config is reused, an interrupted one resumed.
+    Returns the run's ``summary.json``."""
+    if config.student_warmup is None:
+        raise ProtegeError("student_warmup is not set: nothing to warm up")
+    run_dir = Path(run_dir).expanduser()
+    init = run_dir / "student-init"
+    if not init.is_dir():
+        raise ProtegeError(f"{init} not found: run protege arte on {run_dir} first (it builds the student)")
+    _check_corpora(config.student_warmup.corpora)
+    run_cfg = _warmup_config(config, run_dir, init, teacher)
+    _write_jsonl(run_dir / WARMUP_TEXT, [{"text": t} for t in _warmup_texts(config.student_warmup)])
+    return run_or_reuse(run_cfg, "distill" if run_cfg.teacher is not None else "train")
+
+
 def _sft_config(
     cfg: ArteConfig, run_dir: Path, name: str, data: Path, student: Path, teacher: str
 ) -> RunConfig:
@@ -672,12 +812,13 @@ def _sft_config(
 def train_student(
     config: ArteConfig, run_dir: str | Path, data: str | Path, name: str, teacher: str | None = None
 ) -> dict[str, Any]:
-    """Fine-tune ``run_dir/student-init`` on the prompt/completion ``data`` into the protege run
+    """Fine-tune the student (:func:`student_base`: ``run_dir/student-warm/model`` after a warm-up,
+    else ``run_dir/student-init``) on the prompt/completion ``data`` into the protege run
     ``run_dir/name`` (its exported model: ``run_dir/name/model``), as ``config.sft`` says; KD terms
     there read ``teacher``. A finished run of the same config is reused, an interrupted one resumed.
     Returns the run's ``summary.json``."""
     run_dir = Path(run_dir).expanduser()
-    init = run_dir / "student-init"
+    init = student_base(config, run_dir)
     if not init.is_dir():
         raise ProtegeError(f"{init} not found: run protege arte on {run_dir} first (it builds the student)")
     run_cfg = _sft_config(config, run_dir, name, Path(data), init, teacher or "")
@@ -786,11 +927,12 @@ def _step_settings(cfg: ArteConfig, preference_digest: str | None) -> dict[str, 
     c = cfg.model_dump()
     teacher = {k: c[k] for k in ("teacher", "teacher_prompt_format")}
     student = {"teacher": c["teacher"], "student": c["student"]}
+    learner = {**student, "student_warmup": c["student_warmup"]}  # the student the steps below use
     recipe = {**teacher, **{k: c[k] for k in ("tasks", "seed", "data_seed", "seed_pool", "generation")}}
     drafts = {**recipe, "drafts": c["drafts"]}
     preferences = {
         **drafts,
-        **student,
+        **learner,
         "preference": c["preference"],
         "preference_file_sha256": preference_digest,
     }
@@ -808,17 +950,18 @@ def _step_settings(cfg: ArteConfig, preference_digest: str | None) -> dict[str, 
     return {
         "teacher": {"teacher": c["teacher"]},
         "student_init": student,
+        "student_warmup": learner,
         "drafts": drafts,
         "preferences": preferences,
         "alignment": alignment,
         "generated": generated,
         "aligned_drafts": alignment,
         "unaligned": unaligned,
-        "student": {**generated, **student, "sft": c["sft"]},
-        "student_unaligned": {**unaligned, **student, "sft": c["sft"]},
-        "eval_init": {**student, **testing},
-        "eval": {**generated, **student, "sft": c["sft"], **testing},
-        "eval_unaligned": {**unaligned, **student, "sft": c["sft"], **testing},
+        "student": {**generated, **learner, "sft": c["sft"]},
+        "student_unaligned": {**unaligned, **learner, "sft": c["sft"]},
+        "eval_init": {**learner, **testing},
+        "eval": {**generated, **learner, "sft": c["sft"], **testing},
+        "eval_unaligned": {**unaligned, **learner, "sft": c["sft"], **testing},
     }
 
 
@@ -862,7 +1005,11 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
             "instruction-tuned teacher whose tokenizer has a chat template"
         )
     student_init = run_dir / "student-init"
-    _sft_config(cfg, run_dir, "student", run_dir / "generated.jsonl", student_init, teacher_dir)  # valid?
+    base = student_base(cfg, run_dir)  # the student scoring drafts and fine-tuned: warmed up or as built
+    _sft_config(cfg, run_dir, "student", run_dir / "generated.jsonl", base, teacher_dir)  # valid?
+    if cfg.student_warmup is not None:
+        _check_corpora(cfg.student_warmup.corpora)
+        _warmup_config(cfg, run_dir, student_init, teacher_dir)  # valid?
     digest = None
     if cfg.preference.file is not None:
         digest = sha256_file(Path(cfg.preference.file).expanduser())
@@ -870,6 +1017,7 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
     artefacts = {
         "teacher": run_dir / "teacher",
         "student_init": student_init,
+        "student_warmup": base,
         "drafts": run_dir / "drafts.jsonl",
         "preferences": run_dir / "preferences.jsonl",
         "alignment": run_dir / "pairs.jsonl",
@@ -883,7 +1031,11 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
         "eval_unaligned": run_dir / "eval-unaligned.json",
     }
     wanted = [
-        s for s in artefacts if (s != "teacher" or gguf) and (s != "aligned_drafts" or cfg.score_aligned)
+        s
+        for s in artefacts
+        if (s != "teacher" or gguf)
+        and (s != "aligned_drafts" or cfg.score_aligned)
+        and (s != "student_warmup" or cfg.student_warmup is not None)
     ]
     if not cfg.baseline:
         wanted = [s for s in wanted if s not in ("unaligned", "student_unaligned", "eval_unaligned")]
@@ -913,16 +1065,10 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
             convert_gguf(teacher_source, run_dir / "teacher", overwrite=True)
 
     def build_student() -> dict[str, Any]:
-        spec = cfg.student
-        reference = SimpleNamespace(reference=teacher_dir, vocab_size=0)
-        with _quiet():
-            model = build_lm(spec.model, None, spec.kwargs, reference)
-            tokenizer = teacher_tokenizer if spec.model == "teacher" else load_tokenizer(spec.model)
-        with staged_dir(student_init) as tmp, _quiet():
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            replace_dir(tmp, student_init)
-        return {"params": sum(p.numel() for p in model.parameters())}
+        return {"params": _build_student(cfg.student, teacher_dir, teacher_tokenizer, student_init)}
+
+    def warm() -> dict[str, Any]:
+        return {"test": warm_up_student(cfg, run_dir, teacher_dir).get("test")}
 
     def drafts() -> None:
         records = _draft(lm(teacher_dir, cfg.teacher_prompt_format), cfg, tasks, pools)
@@ -931,7 +1077,7 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
     def score(source: Path, out: Path) -> Callable[[], None]:
         def fn() -> None:
             records = _read_jsonl(source)
-            scores = _icl_scores(lm(str(student_init)), cfg, records, preference)
+            scores = _icl_scores(lm(str(base)), cfg, records, preference)
             _write_jsonl(out, [{**r, "score": s} for r, s in zip(records, scores)])
 
         return fn
@@ -995,6 +1141,7 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
 
     step("teacher", convert)
     step("student_init", build_student)
+    step("student_warmup", warm)
     step("drafts", drafts)
     step("preferences", score(artefacts["drafts"], artefacts["preferences"]))
     step("alignment", align)
@@ -1002,7 +1149,7 @@ def run_arte(config: ArteConfig, run_dir: str | Path) -> dict[str, Any]:
     step("aligned_drafts", redraft)
     step("unaligned", write_set(lambda: teacher_dir, artefacts["unaligned"]))
     step("student", train("student", artefacts["generated"], aligned))
-    step("eval_init", evaluate(student_init, artefacts["eval_init"]))
+    step("eval_init", evaluate(base, artefacts["eval_init"]))
     step("eval", evaluate(artefacts["student"], artefacts["eval"]))
     step("student_unaligned", train("student-unaligned", artefacts["unaligned"], lambda: teacher_dir))
     step("eval_unaligned", evaluate(artefacts["student_unaligned"], artefacts["eval_unaligned"]))
@@ -1036,6 +1183,7 @@ def _summary(
         "generation_s": sum(seconds.get(s, 0.0) for s in ("drafts", "generated")),
         "dpo_s": seconds.get("alignment", 0.0),
         "pairs": {k: sum(p["kind"] == k for p in pairs) for k in ("question", "rationale")},
+        "student_warmup": steps.get("student_warmup", {}).get("test"),
         "dpo": steps.get("alignment", {}).get("dpo"),
         "scores": {"before": scores(artefacts["preferences"]), "after": scores(artefacts["aligned_drafts"])},
         "generated": steps.get("generated", {}).get("stats"),
