@@ -66,14 +66,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .analysis.runs import run_or_reuse
 from .config import (
     RunConfig,
-    apply_overrides,
-    format_validation_error,
-    read_yaml_mapping,
+    load_yaml_model,
     validate_config,
 )
 from .data.reasoning import Example, ReasoningTask, format_question, get_task
@@ -240,14 +238,7 @@ class ArteConfig(BaseModel):
 
 def load_arte_config(path: str | Path, overrides: Sequence[str] = ()) -> ArteConfig:
     """Read an ARTE YAML and apply ``--set KEY=VALUE`` overrides."""
-    data = read_yaml_mapping(path, "ARTE config", "teacher:, student:, tasks: …")
-    data = apply_overrides(data, list(overrides))
-    try:
-        return ArteConfig.model_validate(data)
-    except ValidationError as e:
-        raise ProtegeError(
-            format_validation_error(e, str(path), valid_keys=lambda _loc: sorted(ArteConfig.model_fields))
-        ) from None
+    return load_yaml_model(path, overrides, ArteConfig, "ARTE config", "teacher:, student:, tasks: …")
 
 
 # --------------------------------------------------------------------------- the manifest

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -640,7 +640,9 @@ class RunConfig(TrainConfig):
             index = term.teacher_index
             if isinstance(index, list):
                 if not index:
-                    raise ValueError("teacher_index: an empty list picks no teacher; remove it to read them all")
+                    raise ValueError(
+                        "teacher_index: an empty list picks no teacher; remove it to read them all"
+                    )
                 term.teacher_index = [resolve(i) for i in index]
             elif isinstance(index, str):
                 term.teacher_index = resolve(index)
@@ -789,6 +791,26 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ProtegeError(format_validation_error(e, source)) from None
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def load_yaml_model(
+    path: str | Path, overrides: Sequence[str] | None, model: type[_Model], what: str, keys: str
+) -> _Model:
+    """A YAML file (``what``, with example ``keys`` for the messages) read, ``--set KEY=VALUE``
+    ``overrides`` applied, and validated as ``model``; any problem is one readable ProtegeError that
+    lists the valid keys."""
+    data = read_yaml_mapping(path, what, keys)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ProtegeError(
+            format_validation_error(e, str(path), valid_keys=lambda _loc: sorted(model.model_fields))
+        ) from None
 
 
 def format_validation_error(

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from .config import apply_overrides, format_validation_error, read_yaml_mapping
+from .config import load_yaml_model
 from .errors import ProtegeError
 from .files import atomic_write_text
 from .tasks.lm import build_lm, complete, load_tokenizer, render_prompt
@@ -65,14 +65,7 @@ class GenerateConfig(BaseModel):
 
 def load_generate_config(path: str | Path, overrides: Sequence[str] = ()) -> GenerateConfig:
     """Read a generation YAML and apply ``--set KEY=VALUE`` overrides."""
-    data = read_yaml_mapping(path, "generation config", "model:, prompts:, out: …")
-    data = apply_overrides(data, list(overrides))
-    try:
-        return GenerateConfig.model_validate(data)
-    except ValidationError as e:
-        raise ProtegeError(
-            format_validation_error(e, str(path), valid_keys=lambda _loc: sorted(GenerateConfig.model_fields))
-        ) from None
+    return load_yaml_model(path, overrides, GenerateConfig, "generation config", "model:, prompts:, out: …")
 
 
 def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
