@@ -88,6 +88,11 @@ def parse_args() -> argparse.Namespace:
         help="run the teacher online in every trained row (default: its vectors are computed once, "
         "`protege cache`, and every row reads them; the same losses, faster)",
     )
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="also each Transformer row's seed-0 student as int8 ONNX (dynamic)",
+    )
     ap.add_argument("--output-dir", default="runs/embedding-bench")
     ap.add_argument("--json", default=None)
     return ap.parse_args()
@@ -291,6 +296,18 @@ def main() -> None:
             path = Path(args.output_dir) / f"transformer-{label.lower()}-s0" / "model"
             models[row] = load_export(path)
             sizes[row] = dir_size(path)
+            if args.int8:  # seed 0's student as int8 ONNX (protege export; dynamic quantization)
+                from protege.export import export
+                from protege.export.embedder import OnnxEmbedder
+
+                run_dir = path.parent
+                int8_dir = out_dir / f"transformer-{label.lower()}-int8"
+                if not (int8_dir / "export.json").is_file():
+                    export(run_dir, "int8", int8_dir)
+                row_q = f"transformer {label} (int8)"
+                models[row_q] = OnnxEmbedder(int8_dir)
+                record(row_q, score(models[row_q]), seeds=1)
+                sizes[row_q] = dir_size(int8_dir)
 
     print("speed: all models side by side ...", flush=True)
     texts = [splits.test.texts[i] for i in range(min(512, len(splits.test)))]  # type: ignore[attr-defined]

@@ -76,6 +76,13 @@ def test_onnx_and_int8_exports_encode_like_the_student(
     assert info["parity"]["max_abs_diff"] <= 1e-4
     loaded = OnnxEmbedder(tmp_path / "onnx")
     torch.testing.assert_close(loaded.encode(TEXTS), want, atol=1e-4, rtol=0)
+    threads = torch.get_num_threads()
+    try:  # its onnxruntime threads follow torch's, as a PyTorch model's do
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert loaded.session.get_session_options().intra_op_num_threads == n
+    finally:
+        torch.set_num_threads(threads)
     ev = info["evaluation"]
     assert ev["split"] == "test" and ev["samples"] > 0
     assert ev["onnx_fp32"]["fp32_cos"] > 0.9999 and ev["onnx_fp32"]["fp32_knn10"] > 0.99

@@ -72,7 +72,9 @@ class OnnxEmbedder(nn.Module):
     ``OnnxEmbedder(directory)`` reads ``model.onnx`` (or ``file``), the tokenizer and
     ``embedder.json`` written by :func:`export_embedder`; :meth:`encode` (also ``model(texts)``)
     tokenises as the PyTorch student did and runs the graph. ``threads``: onnxruntime's intra-op
-    threads (default: its own choice)."""
+    threads; by default it follows ``torch.get_num_threads()`` at each call, as a PyTorch model
+    does (one session per thread count, made when first needed), so timing it beside PyTorch models
+    under ``torch.set_num_threads`` compares like with like."""
 
     def __init__(self, directory: str | Path, file: str = "model.onnx", threads: int | None = None) -> None:
         super().__init__()
@@ -88,7 +90,8 @@ class OnnxEmbedder(nn.Module):
         self.settings = json.loads(settings_file.read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
         self.path = directory / file
-        self.session = session(self.path, threads=threads, spin=False)
+        self.threads = threads
+        self._sessions: dict[int, Any] = {}
         self.dim = int(self.settings["dim"])
         self.max_length = int(self.settings["max_length"])
 
@@ -105,6 +108,14 @@ class OnnxEmbedder(nn.Module):
             return_tensors="np",
         )
         return {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in INPUTS}
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session for the current thread count."""
+        n = self.threads if self.threads is not None else torch.get_num_threads()
+        if n not in self._sessions:
+            self._sessions[n] = session(self.path, threads=n, spin=False)
+        return self._sessions[n]
 
     def encode(self, texts: Sequence[str]) -> Tensor:
         return torch.from_numpy(self.session.run([OUTPUT], self.tokenize(texts))[0])
@@ -195,7 +206,8 @@ def export_embedder(
             }
         if bench:
             info["latency"] = _bench(model, exported, teachers, eval_set)
-        del exported  # the sessions hold the scratch files open
+        for m in exported.values():  # the sessions hold the scratch files open
+            m._sessions.clear()
     return info
 
 
@@ -290,8 +302,7 @@ def _bench(
     named: dict[str, nn.Module] = {"teacher": teachers[0]} if teachers else {}
     named["student fp32 (PyTorch)"] = model
     for key, m in exported.items():
-        m.session = session(m.path, threads=1, spin=False)
-        named[f"student {LABELS[key]}"] = m
+        named[f"student {LABELS[key]}"] = m  # its sessions follow torch's thread count (1 here)
     with torch.no_grad():
         speed = text_throughput(named, texts, batch_sizes=(1, 64), threads=(1,), max_seconds=10.0, iters=10)
     return {"threads": 1, "texts": len(texts), "rows": speed, "machine": machine()}
