@@ -293,6 +293,10 @@ def main() -> None:
             ]
             row = f"transformer {label}"
             add_trained(results, row, summaries, args)
+            results["rows"][row]["val_curve"] = [  # validation cosine per epoch, per seed
+                val_curve(Path(args.output_dir) / f"transformer-{label.lower()}-s{s}")
+                for s in range(args.seeds)
+            ]
             path = Path(args.output_dir) / f"transformer-{label.lower()}-s0" / "model"
             models[row] = load_export(path)
             sizes[row] = dir_size(path)
@@ -333,6 +337,12 @@ def transformer_spec(label: str) -> tuple[list[int], int | None]:
     if m is None or m.group(1) not in TRANSFORMER_LAYERS:
         raise SystemExit(f"--transformers: unknown row {label!r} (L3, L2, L1, optionally with fNNN: L3f768)")
     return TRANSFORMER_LAYERS[m.group(1)], int(m.group(2)) if m.group(2) else None
+
+
+def val_curve(run_dir: Path) -> list[float]:
+    """The run's validation cosine to the teacher after each epoch (its ``metrics.jsonl``)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [float(r["val/cos"]) for r in rows if "val/cos" in r]
 
 
 def load_export(path: Path) -> nn.Module:
