@@ -160,7 +160,8 @@ def evaluate(
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     precision = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     # An accelerator's loader places the batches; a plain loader's batches go where the student is.
-    device = None if accelerator is not None else next(student.parameters()).device
+    # (a student without parameters, e.g. an onnxruntime model wrapped as a module, runs on the CPU)
+    device = None if accelerator is not None else next(student.parameters(), torch.zeros(())).device
     try:
         with precision:
             for i, batch in enumerate(loader):
