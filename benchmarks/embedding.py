@@ -341,8 +341,9 @@ def transformer_spec(label: str) -> tuple[list[int], int | None]:
 
 def val_curve(run_dir: Path) -> list[float]:
     """The run's validation cosine to the teacher after each epoch (its ``metrics.jsonl``)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [float(r["val/cos"]) for r in rows if "val/cos" in r]
+    from protege.analysis.report import read_metrics
+
+    return [float(r["val/cos"]) for r in read_metrics(run_dir) if "val/cos" in r]
 
 
 def load_export(path: Path) -> nn.Module:
