@@ -177,8 +177,12 @@ def main() -> None:
             }
             summaries.append(train(cfg, "train" if row == "student" else "distill"))
         mean, std = seed_stats(summaries, "last")
+        best, best_std = seed_stats(summaries, "best")  # the checkpoint with the best validation score
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
-        results["rows"][row] = {"metrics": mean, "std": std, "seeds": len(summaries), "wall_s": wall}
+        results["rows"][row] = {
+            "metrics": mean, "std": std, "best": best, "best_std": best_std,
+            "seeds": len(summaries), "wall_s": wall,
+        }  # fmt: skip
         print(f"{row}: { {k: round(v, 4) for k, v in mean.items()} }", flush=True)
         models[row] = load_run(Path(args.output_dir) / args.task / f"{row}-s0", "last").student
     for name, c in costs(models, args.num_points).items():
@@ -192,7 +196,7 @@ def main() -> None:
 
 def print_table(results: dict[str, Any], task: str) -> None:
     keys = ["acc"] if task == "cls" else ["class_miou", "instance_miou"]
-    head = ["row", *keys, "agreement", "params", "MFLOPs", "ms (batch 1)"]
+    head = ["row", *keys, f"{keys[0]} (best epoch)", "agreement", "params", "MFLOPs", "ms (batch 1)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row, r in results["rows"].items():
@@ -201,7 +205,8 @@ def print_table(results: dict[str, Any], task: str) -> None:
         def f(key: str, m: dict[str, Any] = m, sd: dict[str, Any] = sd) -> str:
             return seed_cell(m, sd, key)
 
-        cells = [row, *(f(k) for k in keys), f("agreement")]
+        best = seed_cell(r["best"], r.get("best_std", {}), keys[0]) if "best" in r else "—"
+        cells = [row, *(f(k) for k in keys), best, f("agreement")]
         cells += [f"{c['params'] / 1e6:.3f}M", f"{c['mflops']:.1f}", f"{c['ms']:.2f}"] if c else ["—"] * 3
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
