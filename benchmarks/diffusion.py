@@ -18,10 +18,13 @@ Columns: ``FD-FMNIST`` (Fréchet distance in the feature space of a CNN classifi
 the same data; not FID), k-NN precision and recall (k = 3) in that space, class consistency (that
 classifier's accuracy on the generated images), parameters (all students together for K > 1, and
 per student), time per image at batch 1 and the speed-up over the teacher's sampler, measured side by
-side in the same process (``summary.json`` of each run). Mean ± std over seeds, on the test split.
+side in the same process (``summary.json`` of each run). Mean ± std over seeds, on the test split, at
+the best epoch (by validation FD-FMNIST) and at the last epoch: two tables.
 
     python benchmarks/diffusion.py --json benchmarks/results/diffusion.json
     python benchmarks/diffusion.py --quick     # the pilot sizes: minutes, not hours
+    # to share the runs among processes: each with --rows R --only-seeds S (trains, prints nothing);
+    # then the full command reuses every run and prints the tables
 
 Finished runs are reused and interrupted ones resumed when the command is run again (``--output-dir``,
 default runs/diffusion-bench).
@@ -53,10 +56,17 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", default="runs/diffusion-bench")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--only-seeds",
+        default=None,
+        help="comma list: train only these seeds' runs and print nothing (to share rows among processes)",
+    )
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of: {', '.join(ROWS)}")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the teacher config's")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default: the configs')")
-    ap.add_argument("--train-size", type=int, default=None, help="training images (default: the configs')")
+    ap.add_argument(
+        "--train-size", type=int, default=None, help="students' training images (default: the configs')"
+    )
     ap.add_argument("--ratio", type=int, default=None, help="fake-score updates per generator update")
     ap.add_argument("--quick", action="store_true", help="pilot sizes: 4000/1280 images, 4/1 epochs, ratio 2")
     ap.add_argument("--json", type=Path, default=None, help="write the table's numbers here")
@@ -65,7 +75,10 @@ def parse_args() -> argparse.Namespace:
 
 def _overrides(args: argparse.Namespace, student: bool) -> list[str]:
     out = [f"output_dir={args.output_dir}"]
-    size = args.train_size or (1280 if args.quick and student else 4000 if args.quick else None)
+    size = (
+        args.train_size if student else None
+    )  # --train-size is the students'; the teacher keeps its config's
+    size = size or (1280 if args.quick and student else 4000 if args.quick else None)
     if size:
         out.append(f"data.options.train_size={size}")
     if args.quick:
@@ -81,10 +94,10 @@ def _train(path: Path, overrides: list[str], mode: str) -> dict[str, Any]:
     return run_or_reuse(load_config(path, overrides), mode)  # type: ignore[arg-type]
 
 
-def _cells(summary: dict[str, Any], students: int) -> dict[str, float]:
-    best = summary["test"]["best"]
+def _cells(summary: dict[str, Any], students: int, which: str) -> dict[str, float]:
+    test = summary["test"].get(which) or summary["test"]["best"]
     cost = summary.get("student", {})
-    cells = {k: float(best[k]) for k in COLUMNS if k in best}
+    cells = {k: float(test[k]) for k in COLUMNS if k in test}
     if cost:
         cells["params"] = float(cost["params"])
         cells["params_per_student"] = float(cost["params"]) / students
@@ -104,20 +117,22 @@ def main() -> None:
     ratio = args.ratio or (2 if args.quick else None)
     teacher_summary = _train(CONFIGS / "fmnist16-teacher.yaml", _overrides(args, student=False), "train")
     teacher_dir = Path(args.output_dir) / "fmnist16-teacher"
-    results: dict[str, dict[str, list[float]]] = {}
-    t_best = teacher_summary["test"]["best"]
-    results["teacher (N steps)"] = {k: [float(t_best[k])] for k in COLUMNS if k in t_best}
+    tables: dict[str, dict[str, dict[str, list[float]]]] = {"best": {}, "last": {}}
     t_cost = teacher_summary.get("student", {})
-    if t_cost:
-        results["teacher (N steps)"].update(
-            params=[float(t_cost["params"])], ms_per_image=[float(t_cost["latency"]["ms"])], speedup=[1.0]
-        )
+    for which, results in tables.items():
+        t_test = teacher_summary["test"].get(which) or teacher_summary["test"]["best"]
+        results["teacher (N steps)"] = {k: [float(t_test[k])] for k in COLUMNS if k in t_test}
+        if t_cost:
+            results["teacher (N steps)"].update(
+                params=[float(t_cost["params"])], ms_per_image=[float(t_cost["latency"]["ms"])], speedup=[1.0]
+            )
+    seeds = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
     for slug in [r.strip() for r in args.rows.split(",") if r.strip()]:
         if slug not in ROWS:
             raise SystemExit(f"unknown row {slug!r}; rows: {', '.join(ROWS)}")
         label, config = ROWS[slug]
-        cells: dict[str, list[float]] = {}
-        for seed in range(args.seeds):
+        cells: dict[str, dict[str, list[float]]] = {"best": {}, "last": {}}
+        for seed in seeds:
             overrides = _overrides(args, student=True) + [
                 f"seed={seed}",
                 f"name=fmnist16-{slug}-s{seed}",
@@ -127,9 +142,13 @@ def main() -> None:
                 overrides.append(f"terms.0.ratio={ratio}")
             students = len(load_config(CONFIGS / config, overrides).students) or 1
             summary = _train(CONFIGS / config, overrides, "distill")
-            for k, v in _cells(summary, students).items():
-                cells.setdefault(k, []).append(v)
-        results[label] = cells
+            for which in tables:
+                for k, v in _cells(summary, students, which).items():
+                    cells[which].setdefault(k, []).append(v)
+        for which in tables:
+            tables[which][label] = cells[which]
+    if args.only_seeds:
+        return
     keys = [
         "fd_fmnist",
         "precision",
@@ -140,22 +159,34 @@ def main() -> None:
         "ms_per_image",
         "speedup",
     ]
-    print(
-        "| row | FD-FMNIST ↓ | precision | recall | class consistency | params | params/student | ms/image | speed-up |"
-    )
-    print("|---|" + "---|" * len(keys))
-    for label, cells in results.items():
-        print(f"| {label} | " + " | ".join(_mean_std(cells[k]) if k in cells else "—" for k in keys) + " |")
-    fd = {label: statistics.mean(c["fd_fmnist"]) for label, c in results.items() if "fd_fmnist" in c}
-    one = fd.get("1 student (DMD)")
-    for label in ("K=2 same-size", "K=4 same-size", "K=4 smaller"):
-        if one is not None and label in fd:
-            verdict = "beats" if fd[label] < one else "does not beat"
-            print(f"{label} {verdict} 1 student (DMD) on FD-FMNIST ({fd[label]:.3g} vs {one:.3g})")
+    for which, results in tables.items():
+        print(f"\n{which} epoch (test split)")
+        print(
+            "| row | FD-FMNIST ↓ | precision | recall | class consistency | params | params/student | ms/image"
+            " | speed-up |"
+        )
+        print("|---|" + "---|" * len(keys))
+        for label, cells in results.items():
+            print(
+                f"| {label} | " + " | ".join(_mean_std(cells[k]) if k in cells else "—" for k in keys) + " |"
+            )
+        fd = {label: statistics.mean(c["fd_fmnist"]) for label, c in results.items() if "fd_fmnist" in c}
+        one = fd.get("1 student (DMD)")
+        for label in ("K=2 same-size", "K=4 same-size", "K=4 smaller"):
+            if one is not None and label in fd:
+                verdict = "beats" if fd[label] < one else "does not beat"
+                print(f"{label} {verdict} 1 student (DMD) on FD-FMNIST ({fd[label]:.3g} vs {one:.3g})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": results}, indent=2)
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "rows": tables["best"],
+                    "last": tables["last"],
+                },
+                indent=2,
+            )
         )
 
 
