@@ -42,6 +42,8 @@ def test_run_or_reuse_reuses_only_a_finished_run_of_the_same_config(tmp_path) ->
     stamp = (tmp_path / "r" / "summary.json").stat().st_mtime_ns
     again = run_or_reuse(load_config(None, **cfg), "train")
     assert again == first and (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp  # not retrained
+    shown = run_or_reuse(load_config(None, **{**cfg, "progress": True, "log_every": 7}), "train")
+    assert shown == first and (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp  # display only
     with pytest.raises(ProtegeError, match="another config.*epochs"):
         run_or_reuse(load_config(None, **{**cfg, "epochs": 2}), "train")
     assert (tmp_path / "r" / "summary.json").stat().st_mtime_ns == stamp  # nothing replaced

@@ -16,7 +16,7 @@ from typing import Any
 from accelerate import PartialState
 
 from ..build import Mode
-from ..config import RunConfig, config_changes, load_config
+from ..config import PRESENTATION_KEYS, RunConfig, config_changes, load_config
 from ..engine.checkpoint import read_pointers
 from ..engine.loop import console
 from ..errors import ProtegeError
@@ -60,12 +60,13 @@ def finished_summary(run_dir: str | Path) -> dict[str, Any] | None:
 def run_or_reuse(cfg: RunConfig, mode: Mode = "distill", report: bool = False) -> dict[str, Any]:
     """``cfg``'s finished run when ``runs/<name>/`` holds one made from the same resolved config
     (a benchmark run again, a table rebuilt), else the run trained now (one begun with this
-    config resumes from its last checkpoint). A finished or begun run of *another* config is never replaced: that is a
-    :class:`~protege.errors.ProtegeError` naming the keys that differ (choose another output
-    directory, or delete the run)."""
+    config resumes from its last checkpoint). Keys that only change how a run is shown
+    (:data:`~protege.config.PRESENTATION_KEYS`: ``progress``, ``log_every``, …) do not count. A finished
+    or begun run of *another* config is never replaced: that is a :class:`~protege.errors.ProtegeError`
+    naming the keys that differ (choose another output directory, or delete the run)."""
     stored = cfg.run_dir / "config.yaml"
     if stored.is_file():
-        changed = config_changes(load_config(stored), cfg)
+        changed = [c for c in config_changes(load_config(stored), cfg) if c[0] not in PRESENTATION_KEYS]
         if changed:
             listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6])
             more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
