@@ -15,7 +15,7 @@ Rows (``--seeds`` seeds each; ``configs/diffusion/*.yaml``):
   randomly initialised.
 
 Columns: ``FD-FMNIST`` (Fréchet distance in the feature space of a CNN classifier trained here on
-the same data; not FID), k-NN precision and recall (k = 3) in that space, class consistency (that
+the teacher's training images, the same classifier for every row; not FID), k-NN precision and recall (k = 3) in that space, class consistency (that
 classifier's accuracy on the generated images), parameters (all students together for K > 1, and
 per student), time per image at batch 1 and the speed-up over the teacher's sampler, measured side by
 side in the same process (``summary.json`` of each run). Mean ± std over seeds, on the test split, at
@@ -94,6 +94,20 @@ def _train(path: Path, overrides: list[str], mode: str) -> dict[str, Any]:
     return run_or_reuse(load_config(path, overrides), mode)  # type: ignore[arg-type]
 
 
+def _shared_classifier(teacher_config: Path, overrides: list[str], out: Path) -> Path:
+    """The teacher run's feature classifier (trained on the teacher's training images), written once to
+    ``out``. Every student row is measured with it (``data.options.classifier``): a student trained on
+    fewer images would otherwise get a classifier of its own, and its FD would be in another space."""
+    if not out.is_file():
+        from protege.files import atomic_save_tensors
+        from protege.tasks import build_task
+
+        data = load_config(teacher_config, overrides).data.model_dump(mode="json")
+        splits = build_task("generation").load_data(data, [], [])
+        atomic_save_tensors(splits.classifier.state_dict(), out)
+    return out
+
+
 def _cells(summary: dict[str, Any], students: int, which: str) -> dict[str, float]:
     test = summary["test"].get(which) or summary["test"]["best"]
     cost = summary.get("student", {})
@@ -115,8 +129,12 @@ def _mean_std(values: list[float]) -> str:
 def main() -> None:
     args = parse_args()
     ratio = args.ratio or (2 if args.quick else None)
-    teacher_summary = _train(CONFIGS / "fmnist16-teacher.yaml", _overrides(args, student=False), "train")
+    teacher_config, teacher_overrides = CONFIGS / "fmnist16-teacher.yaml", _overrides(args, student=False)
+    teacher_summary = _train(teacher_config, teacher_overrides, "train")
     teacher_dir = Path(args.output_dir) / "fmnist16-teacher"
+    classifier = _shared_classifier(
+        teacher_config, teacher_overrides, Path(args.output_dir) / "feature-classifier.safetensors"
+    )
     tables: dict[str, dict[str, dict[str, list[float]]]] = {"best": {}, "last": {}}
     t_cost = teacher_summary.get("student", {})
     for which, results in tables.items():
@@ -137,6 +155,7 @@ def main() -> None:
                 f"seed={seed}",
                 f"name=fmnist16-{slug}-s{seed}",
                 f"teacher.weights={teacher_dir}",
+                f"data.options.classifier={classifier}",
             ]
             if ratio:
                 overrides.append(f"terms.0.ratio={ratio}")
