@@ -11,8 +11,9 @@ Rows (``--seeds`` seeds each; ``configs/diffusion/*.yaml``):
 - ``1 student (DMD)``: one one-step generator initialised from the teacher, distribution matching;
 - ``1 student (DMD + GAN)``: + DMD2's GAN head on the fake score's mid-block features;
 - ``K=2 same-size``, ``K=4 same-size``: MSD, each student on a contiguous share of the classes;
-- ``K=4 smaller``: MSD with students of half the channels (16/32: ~4× fewer parameters each),
-  randomly initialised.
+- ``K=4 smaller``: MSD with students of half the channels (16/32: ~4× fewer parameters each), each
+  started from a score model of that size pretrained with Teacher Score Matching (MSD's first stage
+  for smaller students, ``tsm-small.yaml``: one run per seed, ``fmnist16-tsm-small-s<seed>``).
 
 Columns: ``FD-FMNIST`` (Fréchet distance in the feature space of a CNN classifier trained here on
 the teacher's training images, the same classifier for every row; not FID), k-NN precision and recall (k = 3) in that space, class consistency (that
@@ -70,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ratio", type=int, default=None, help="fake-score updates per generator update")
     ap.add_argument("--quick", action="store_true", help="pilot sizes: 4000/1280 images, 4/1 epochs, ratio 2")
     ap.add_argument("--json", type=Path, default=None, help="write the table's numbers here")
+    ap.add_argument(
+        "--tsm-only", action="store_true", help="train only the TSM stage of the K=4 smaller row's seeds"
+    )
     return ap.parse_args()
 
 
@@ -88,6 +92,17 @@ def _overrides(args: argparse.Namespace, student: bool) -> list[str]:
     if epochs:
         out.append(f"epochs={epochs}")
     return out
+
+
+def _tsm_overrides(args: argparse.Namespace, seed: int, teacher_dir: Path, classifier: Path) -> list[str]:
+    """The TSM stage's run of ``seed`` (its config's own data size and epochs)."""
+    return [
+        f"output_dir={args.output_dir}",
+        f"seed={seed}",
+        f"name=fmnist16-tsm-small-s{seed}",
+        f"teacher.weights={teacher_dir}",
+        f"data.options.classifier={classifier}",
+    ]
 
 
 def _train(path: Path, overrides: list[str], mode: str) -> dict[str, Any]:
@@ -145,6 +160,7 @@ def main() -> None:
                 params=[float(t_cost["params"])], ms_per_image=[float(t_cost["latency"]["ms"])], speedup=[1.0]
             )
     seeds = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
+    tsm_cells: dict[str, dict[str, list[float]]] = {"best": {}, "last": {}}
     for slug in [r.strip() for r in args.rows.split(",") if r.strip()]:
         if slug not in ROWS:
             raise SystemExit(f"unknown row {slug!r}; rows: {', '.join(ROWS)}")
@@ -160,13 +176,26 @@ def main() -> None:
             if ratio:
                 overrides.append(f"terms.0.ratio={ratio}")
             students = len(load_config(CONFIGS / config, overrides).students) or 1
+            if slug == "k4s":  # MSD's first stage for smaller students: Teacher Score Matching
+                tsm = _train(
+                    CONFIGS / "tsm-small.yaml", _tsm_overrides(args, seed, teacher_dir, classifier), "distill"
+                )
+                tsm_dir = Path(args.output_dir) / f"fmnist16-tsm-small-s{seed}"
+                overrides += [f"students.{i}.kwargs.init={tsm_dir}" for i in range(students)]
+                for which in tables:
+                    for k, v in _cells(tsm, 1, which).items():
+                        tsm_cells[which].setdefault(k, []).append(v)
+                if args.tsm_only:
+                    continue
             summary = _train(CONFIGS / config, overrides, "distill")
             for which in tables:
                 for k, v in _cells(summary, students, which).items():
                     cells[which].setdefault(k, []).append(v)
         for which in tables:
+            if slug == "k4s":
+                tables[which]["K=4 smaller, stage 1: TSM score model (N steps)"] = tsm_cells[which]
             tables[which][label] = cells[which]
-    if args.only_seeds:
+    if args.only_seeds or args.tsm_only:
         return
     keys = [
         "fd_fmnist",

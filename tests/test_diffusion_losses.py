@@ -196,3 +196,28 @@ def test_denoising_and_regression_terms_are_mse() -> None:
     a, b = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     for name in ("denoising", "dmd_regression"):
         torch.testing.assert_close(get_loss(name).fn([a, b]), ((a - b) ** 2).mean())
+
+
+def test_score_matching_is_mse_to_the_teacher_at_the_students_own_noised_inputs() -> None:
+    """Teacher Score Matching (MSD): the loss equals an independent MSE between the student's output
+    and the teacher's at the very x_t and t the student was asked, and only the student gets gradient."""
+    teacher = _teacher()
+    torch.manual_seed(3)
+    student = ScoreModel(tiny_unet(8, 3, channels=(8, 8)), teacher.scheduler, steps=2)
+    d = Distiller(
+        student, teacher, [Term("score_matching", name="tsm")], task=build_task("generation")
+    ).train()
+    d.prepare(_batch())  # in training mode: a score model's training outputs are what the term reads
+    torch.manual_seed(7)
+    _, losses = d(_batch())
+    torch.manual_seed(7)  # the same draw of t and noise, by hand
+    batch = _batch()
+    x_t, t, _ = student.noised(batch["images"])
+    with torch.no_grad():
+        expected = (
+            (student.predict(x_t, t, batch["labels"]) - teacher.predict(x_t, t, batch["labels"])) ** 2
+        ).mean()
+    torch.testing.assert_close(losses["tsm"], expected)
+    losses["tsm"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

@@ -203,3 +203,46 @@ def test_report_shows_samples_per_class_of_teacher_and_routed_students(runs: Pat
     html = build_report(runs / "runs" / "msd").read_text()
     assert "What the models do" in html and html.count("data:image/png;base64") >= 2
     assert "could not be drawn" not in html
+
+
+def test_teacher_score_matching_run_starts_a_smaller_one_step_student(runs: Path) -> None:
+    """MSD's smaller students: a score_matching run trains a smaller score model against the teacher
+    (its TSM loss falls, it is written as a diffusers directory with the teacher's schedule), and a
+    one_step student with ``init`` starts from exactly that UNet; a bad ``init`` is refused."""
+    import torch
+
+    from protege.errors import ProtegeError
+    from protege.tasks import build_task
+
+    common = {"task": "generation", "seed": 0, "output_dir": str(runs / "runs"), "data": DATA}
+    teacher = {**TEACHER, "weights": str(runs / "runs" / "teacher")}
+    tsm = {
+        **common,
+        "name": "tsm",
+        "epochs": 3,
+        "teacher": teacher,
+        "student": {"model": "unet", "kwargs": {"channels": [8, 8], "sampler": "DDIMScheduler", "steps": 2}},
+        "terms": [{"loss": "score_matching", "name": "tsm"}],
+        "optim": {"name": "adam", "lr": 3e-3},
+    }
+    _run(tsm)
+    losses = [
+        json.loads(line)["train/tsm"]
+        for line in (runs / "runs" / "tsm" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert losses[-1] < losses[0]
+    from protege.models.diffusion import ScoreModel
+
+    pretrained = ScoreModel.from_pretrained(str(runs / "runs" / "tsm" / "model"))
+    assert pretrained.prediction_type == "v_prediction"  # the teacher's, though the student named none
+    assert tuple(pretrained.unet.config.block_out_channels) == (8, 8)
+
+    task = build_task("generation")
+    data = task.load_data({**DATA}, [teacher], [])
+    small = task.build_model("one_step", None, {"init": str(runs / "runs" / "tsm")}, data)
+    expected = pretrained.unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in small.unet.state_dict().items())
+    with pytest.raises(ProtegeError, match="is not a diffusers directory"):
+        task.build_model("one_step", None, {"init": str(runs / "nowhere")}, data)
+    with pytest.raises(ProtegeError, match=r"channels \[16, 16\] differ"):
+        task.build_model("one_step", None, {"init": str(runs / "runs" / "tsm"), "channels": [16, 16]}, data)

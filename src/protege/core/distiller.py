@@ -242,8 +242,8 @@ class Term(nn.Module):
             raise ProtegeError(
                 f"term {self.name!r} (student {self.student_key!r}, teacher {self.teacher_key!r}): {e}"
             ) from e
-        device = (student[0] if isinstance(student, list) else student).device
-        self.state.to(device)
+        if student is not None:  # else a state built from the context alone: on its teacher's device
+            self.state.to((student[0] if isinstance(student, list) else student).device)
 
     def build_adapter(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Build the named adapter for these student/teacher tensors, on the student's device."""
@@ -642,6 +642,9 @@ class Distiller(nn.Module):
                 teacher_index=(term.picked or [0])[0],
                 states=[t.state for t in self.terms if t.state is not None],
             )
+            if term.pending_state and not term.pending_adapter and not getattr(term.state, "reads_tensors", True):
+                term.build_state(None, None, context)  # a state built from the context alone
+                continue
             s = _read(student_out, term.student_key, "student", term.name)
             t = None
             if term.reads_teacher_outputs:

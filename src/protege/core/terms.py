@@ -254,3 +254,9 @@ def dmd_regression(weight: float = 0.25, name: str = "regression", **kwargs: Any
 def denoising(weight: float = 1.0, name: str = "denoising", **kwargs: Any) -> Term:
     """The diffusion objective: what a teacher (``model: unet``) is trained with."""
     return Term("denoising", weight, name=name, **kwargs)
+
+
+def score_matching(weight: float = 1.0, name: str = "tsm", **kwargs: Any) -> Term:
+    """Teacher Score Matching (MSD): a smaller score model regresses the teacher's output at its own
+    noised real images; its UNet then starts a smaller one-step student (``one_step`` ``init``)."""
+    return Term("score_matching", weight, name=name, **kwargs)

@@ -27,6 +27,12 @@
   error in pixel space).
 - ``denoising``: the plain diffusion objective ``MSE(model output, target)``, what a teacher is
   trained with (``protege train``).
+- ``score_matching``: Teacher Score Matching (MSD's first stage for students smaller than the
+  teacher): a score model student regresses the teacher's output at the student's own noised real
+  images, ``MSE(s_student(x_t, t, c), sg(s_teacher(x_t, t, c)))`` in the scheduler's parametrisation
+  (ε, v or x0, the same for both); its UNet then initialises a smaller one-step generator
+  (``model: one_step``, ``kwargs.init``), which a random initialisation would leave far from the
+  teacher's distribution.
 
 **Where the fake score lives and how it trains.** The main loop has one optimizer over the
 distiller's parameters; the fake score and the GAN head are the terms' *state* modules, whose
@@ -57,6 +63,7 @@ from .registry import BuildContext, autocast_disabled, register_loss
 DMD_PAPER = "Yin et al., One-step Diffusion with Distribution Matching Distillation, CVPR 2024"
 DMD2_PAPER = "Yin et al., Improved Distribution Matching Distillation for Fast Image Synthesis, NeurIPS 2024"
 DDPM_PAPER = "Ho et al., Denoising Diffusion Probabilistic Models, NeurIPS 2020"
+MSD_PAPER = "Song et al., Multi-student Diffusion Distillation for Better One-step Generators, ICML 2025"
 
 
 # -- the pure parts -----------------------------------------------------------------------------
@@ -454,10 +461,61 @@ def denoising(student: Sequence[Tensor]) -> Tensor:
     return F.mse_loss(pred, target.detach())
 
 
+class TeacherScore(nn.Module):
+    """The teacher a ``score_matching`` term asks for its output at the student's noised inputs."""
+
+    pending = True
+    #: built from the context alone: :meth:`protege.Distiller.prepare` runs the student in eval mode,
+    #: where a score model samples instead of giving the training outputs this term reads
+    reads_tensors = False
+
+    def build(self, student: Any, teacher: Any, context: BuildContext) -> None:
+        if not context.teachers:
+            raise ValueError(
+                "score_matching queries the teacher at the student's noised images: it needs a live teacher "
+                "(not a teacher-output cache)"
+            )
+        real = context.teachers[context.teacher_index]
+        if not hasattr(real, "predict") or not hasattr(real, "prediction_type"):
+            raise ValueError(
+                f"the teacher ({type(real).__name__}) is not a score model: score_matching needs a diffusion "
+                "teacher (protege.models.diffusion.ScoreModel)"
+            )
+        object.__setattr__(self, "real", real)
+        self.pending = False
+
+    def forward(self, progress: float) -> dict[str, Any]:
+        return {"teacher_score": self}
+
+    @torch.no_grad()
+    def predict(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        with autocast_disabled(x_t):
+            return self.real.predict(x_t.float(), t.long(), labels).float()
+
+
+@register_loss(
+    "score_matching",
+    paper=MSD_PAPER,
+    reads="feature-list",
+    uses_target=True,
+    state=TeacherScore,
+    queries_teacher=True,
+    default_keys=(("denoise_pred", "denoise_input", "denoise_t"),) * 2,
+)
+def score_matching(student: Sequence[Tensor], *, target: Tensor, teacher_score: TeacherScore) -> Tensor:
+    """Teacher Score Matching (MSD): MSE(s_student(x_t, t, c), sg(s_teacher(x_t, t, c))) at the
+    student's own noised real images, in the scheduler's parametrisation."""
+    if not isinstance(student, (list, tuple)) or len(student) != 3:
+        raise ValueError("score_matching reads three outputs (denoise_pred, denoise_input, denoise_t)")
+    pred, x_t, t = student
+    return F.mse_loss(pred.float(), teacher_score.predict(x_t, t, target))
+
+
 __all__ = [
     "FakeScore",
     "GANHead",
     "PrivateAdam",
+    "TeacherScore",
     "dmd_gradient",
     "dmd_loss",
     "gan_critic_loss",

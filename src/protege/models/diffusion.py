@@ -182,16 +182,23 @@ class ScoreModel(nn.Module):
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.add_noise(x0, noise, t)
 
+    def noised(
+        self, x0: torch.Tensor, t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, t, target)``: ``x0`` noised at random timesteps (``t``: given ones) and what the
+        UNet should output there (ε, v or x0, by the prediction type)."""
+        if t is None:
+            t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        return self.add_noise(x0, noise, t), t, self.schedule.target(x0, noise, t)
+
     def training_pair(
         self, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """DDPM's objective at random timesteps (``t``: given ones): the UNet's output on
-        ``add_noise(x0, ε, t)`` and what it should be (ε, v or x0, by the prediction type)."""
-        if t is None:
-            t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        x_t = self.add_noise(x0, noise, t)
-        return self.predict(x_t, t, labels), self.schedule.target(x0, noise, t)
+        ``add_noise(x0, ε, t)`` and what it should be (:meth:`noised`)."""
+        x_t, t, target = self.noised(x0, t)
+        return self.predict(x_t, t, labels), target
 
     @torch.no_grad()
     def sample(

@@ -18,10 +18,12 @@ A **model** is ``model(noise, labels) -> images`` (:mod:`protege.models.diffusio
   ``sampler``/``steps`` are the directory's) or a hub id.
 - ``model: one_step``: a :class:`~protege.models.diffusion.OneStepGenerator` built against the run's
   (first) teacher: the teacher's UNet copied (DMD2's initialisation), or with ``kwargs.channels`` a
-  smaller UNet of the same design, randomly initialised.
+  smaller UNet of the same design, randomly initialised, or with ``kwargs.init`` the UNet of a
+  score model pretrained against the teacher (MSD's smaller students: a ``score_matching`` run).
 
 In training, a ``ScoreModel`` student with real images returns its denoising pair
-(``"denoise_pred"``, ``"denoise_target"``: the ``denoising`` term trains a teacher); otherwise a
+(``"denoise_pred"``, ``"denoise_target"``: the ``denoising`` term trains a teacher) and where it was
+asked (``"denoise_input"`` ``x_t``, ``"denoise_t"``: ``score_matching`` asks the teacher there); otherwise a
 model's forward gives ``"images"`` (and ``"real_images"``, ``"pair_images"``/``"pair_targets"``).
 In evaluation the outputs also carry ``"logits"``/``"features"`` of the generated images and
 ``"real_features"`` of the real ones, from the **feature classifier**: a small CNN trained here on
@@ -45,6 +47,7 @@ student trains on its classes' samples, and the run predicts through a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -375,7 +378,14 @@ def build_generation_model(
             layers_per_block=int(kwargs.get("layers_per_block", 1)),
             attention=bool(kwargs.get("attention", True)),
         )
-        model = ScoreModel(unet, kwargs.get("scheduler") or {}, sampler, steps)
+        scheduler = kwargs.get("scheduler")
+        if scheduler is None and reference is not None and reference.get("model") == "unet":
+            # a score model student (score_matching) takes the teacher's noise schedule unless it names one
+            ref = build_generation_model(
+                "unet", reference.get("weights"), reference.get("kwargs") or {}, data, None
+            )
+            scheduler = copy.deepcopy(ref.scheduler)
+        model = ScoreModel(unet, scheduler or {}, sampler, steps)
         if weights is not None:
             load_weights(model, weights, model_name="unet")
         return model
@@ -384,15 +394,19 @@ def build_generation_model(
             raise ProtegeError(
                 "model one_step is built against the run's teacher: give a teacher (model: unet)"
             )
-        bad = sorted(set(kwargs) - {"channels", "timestep"})
+        bad = sorted(set(kwargs) - {"channels", "timestep", "init"})
         if bad:
-            raise ProtegeError(f"model one_step has no option {bad[0]!r}; its options: channels, timestep")
+            raise ProtegeError(
+                f"model one_step has no option {bad[0]!r}; its options: channels, timestep, init"
+            )
         teacher = build_generation_model(
             str(reference["model"]), reference.get("weights"), reference.get("kwargs") or {}, data, None
         )
         if not isinstance(teacher, ScoreModel):
             raise ProtegeError("model one_step needs a teacher with model: unet (a diffusion model)")
-        if "channels" in kwargs:  # a smaller student of the same design, trained from scratch
+        if kwargs.get("init"):  # MSD's smaller students: the UNet of a score model pretrained with TSM
+            unet = _init_unet(str(kwargs["init"]), teacher, kwargs.get("channels"), data)
+        elif "channels" in kwargs:  # a smaller student of the same design, trained from scratch
             unet = unet_like(teacher.unet, block_out_channels=tuple(int(c) for c in kwargs["channels"]))
         else:  # DMD2: the generator starts from the teacher's weights
             unet = teacher.unet
@@ -403,6 +417,37 @@ def build_generation_model(
     near = closest(name, GENERATION_MODELS)
     hint = f" did you mean {near[0]!r}?" if near else ""
     raise ProtegeError(f"task generation builds models {', '.join(GENERATION_MODELS)}, not {name!r}.{hint}")
+
+
+def _init_unet(path: str, teacher: Any, channels: Any, data: Any) -> nn.Module:
+    """The UNet of the score model at ``path`` (a diffusers directory, or a protege run whose
+    ``model/`` is one: e.g. a ``score_matching`` run's student), checked against the teacher."""
+    from ..models.diffusion import ScoreModel
+
+    where = Path(path).expanduser()
+    if (where / "model" / "unet").is_dir():
+        where = where / "model"
+    if not (where / "unet").is_dir():
+        raise ProtegeError(
+            f"one_step init {path!r} is not a diffusers directory (unet/ and scheduler/) nor a run with model/: "
+            "give the run of the pretrained score model (e.g. a score_matching run) or its model/ folder"
+        )
+    start = ScoreModel.from_pretrained(str(where))
+    _check_fits(start, data)
+    if (start.prediction_type, start.num_train_timesteps) != (
+        teacher.prediction_type,
+        teacher.num_train_timesteps,
+    ):
+        raise ProtegeError(
+            f"one_step init {path!r} predicts {start.prediction_type!r} over {start.num_train_timesteps} steps, the "
+            f"teacher {teacher.prediction_type!r} over {teacher.num_train_timesteps}: pretrain it against this teacher"
+        )
+    have = tuple(int(c) for c in start.unet.config.block_out_channels)
+    if channels is not None and tuple(int(c) for c in channels) != have:
+        raise ProtegeError(
+            f"one_step channels {list(channels)} differ from init {path!r}'s UNet ({list(have)})"
+        )
+    return start.unet
 
 
 def _is_diffusers(weights: str) -> bool:
@@ -445,6 +490,8 @@ class GenerationTask(Task):
             "pair_targets",
             "denoise_pred",
             "denoise_target",
+            "denoise_input",
+            "denoise_t",
             "logits",
             "features",
             "real_features",
@@ -495,9 +542,15 @@ class GenerationTask(Task):
 
     def forward(self, model: nn.Module, inputs: Any) -> Outputs:
         labels = inputs["labels"]
-        if model.training and hasattr(model, "training_pair") and "images" in inputs:
-            pred, target = model.training_pair(inputs["images"], labels)
-            return {"denoise_pred": pred, "denoise_target": target, "labels": labels}
+        if model.training and hasattr(model, "noised") and "images" in inputs:
+            x_t, t, target = model.noised(inputs["images"])
+            return {
+                "denoise_pred": model.predict(x_t, t, labels),
+                "denoise_target": target,
+                "denoise_input": x_t,  # where the UNet was asked: a teacher's score there (score_matching)
+                "denoise_t": t,
+                "labels": labels,
+            }
         images = model(inputs["noise"], labels)
         out: Outputs = {"images": images, "labels": labels}
         if "images" in inputs:
