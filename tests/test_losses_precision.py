@@ -135,6 +135,15 @@ def _diffusion_case(gan: bool) -> Case:
     return Case(_near(images, 1, 0.1), images, labels, teachers=[teacher], states=states)
 
 
+def _score_matching_case() -> Case:
+    """Teacher Score Matching: the student's prediction, the noised images it was asked at and their
+    timesteps (integers, exact in bf16); the state queries the tiny diffusion teacher there."""
+    teacher = _diffusion_case(gan=False)
+    pred, x_t = _randn(N, 1, 8, 8, seed=5, scale=0.5), _randn(N, 1, 8, 8, seed=6)
+    t = (torch.arange(N) * 6).double()  # in [0, 50)
+    return Case([pred, x_t, t], [pred, x_t, t], teacher.target, teachers=teacher.teachers)
+
+
 def _pair_case() -> Case:
     """A prediction and its regression target of the same shape (the diffusion objective, DMD's ODE pairs)."""
     x = _randn(N, 1, 8, 8, seed=2)
@@ -145,6 +154,7 @@ SPECIAL: dict[str, Callable[[], Case]] = {
     "dmd": lambda: _diffusion_case(gan=False),
     "dmd_gan": lambda: _diffusion_case(gan=True),
     "denoising": _pair_case,
+    "score_matching": _score_matching_case,
     "dmd_regression": _pair_case,
     # CRD: few negatives (the bank has 64 rows: num_samples in _prepared)
     "crd": lambda: Case(
