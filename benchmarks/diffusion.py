@@ -123,6 +123,22 @@ def _shared_classifier(teacher_config: Path, overrides: list[str], out: Path) ->
     return out
 
 
+def _classifier_accuracy(teacher_config: Path, overrides: list[str]) -> float:
+    """The feature classifier's accuracy on the real test images: the reference for class consistency."""
+    import torch
+
+    from protege.tasks import build_task
+
+    data = load_config(teacher_config, overrides).data.model_dump(mode="json")
+    splits = build_task("generation").load_data(data, [], [])
+    items = [splits.test[i] for i in range(len(splits.test))]
+    images = torch.stack([item["images"] for item in items])
+    labels = torch.as_tensor([int(item["labels"]) for item in items])
+    with torch.no_grad():
+        logits, _ = splits.classifier.eval().classify(images)
+    return float((logits.argmax(1) == labels).float().mean())
+
+
 def _cells(summary: dict[str, Any], students: int, which: str) -> dict[str, float]:
     test = summary["test"].get(which) or summary["test"]["best"]
     cost = summary.get("student", {})
@@ -224,6 +240,8 @@ def main() -> None:
             if one is not None and label in fd:
                 verdict = "beats" if fd[label] < one else "does not beat"
                 print(f"{label} {verdict} 1 student (DMD) on FD-FMNIST ({fd[label]:.3g} vs {one:.3g})")
+    accuracy = _classifier_accuracy(teacher_config, teacher_overrides)
+    print(f"the feature classifier's accuracy on the real test images: {accuracy:.3f}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -232,6 +250,7 @@ def main() -> None:
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "rows": tables["best"],
                     "last": tables["last"],
+                    "classifier_test_accuracy": accuracy,
                 },
                 indent=2,
             )

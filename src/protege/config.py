@@ -876,24 +876,20 @@ def dump_config(cfg: RunConfig) -> str:
 
 # -- resuming a run: the stored config is the truth ----------------------------------------------
 
-#: keys a resumed run may change without ``--override-config``: they change what is evaluated,
-#: logged or shown, never what is trained (``epochs`` too, when more are asked for under a constant
-#: schedule: the learning rate of the epochs done stays what it was)
 #: keys that change how a run is shown or fed, never what it computes: a run made with other values of
 #: them is the same run (``protege.analysis.runs.run_or_reuse`` reuses it)
 PRESENTATION_KEYS = ("progress", "trackers", "log_every", "data.num_workers")
 
-RESUME_SAFE_KEYS = (
+#: keys a resumed run may change without ``--override-config``: they change what is evaluated,
+#: logged or shown, never what is trained (``epochs`` too, when more are asked for under a constant
+#: schedule: the learning rate of the epochs done stays what it was)
+RESUME_SAFE_KEYS = PRESENTATION_KEYS + (
     "name",  # the run directory the stored config was read from is the run: a moved run resumes
     "output_dir",
     "eval_every",
-    "log_every",
-    "progress",
-    "trackers",
     "measure_cost",
     "keep_checkpoints",
     "baseline",
-    "data.num_workers",
     "data.eval_batch_size",
 )
 

@@ -40,7 +40,10 @@ distiller then runs no teacher forward on the batch for it, and a teacher-output
 it. A state that trains on what the student produced defines ``observe(student_outputs, target)``:
 the term calls it in training, before ``state(progress)`` (DMD's fake score takes its own optimizer
 steps there, on the detached samples). ``BuildContext.states`` lists the states of the distiller's
-terms, so one state may use another's modules (DMD2's GAN head classifies on the fake score's features).
+terms, so one state may use another's modules (DMD2's GAN head classifies on the fake score's features). A state that needs
+no tensors to build sets ``reads_tensors = False``: ``prepare`` then calls ``build(None, None,
+context)`` without reading the student's outputs (``score_matching``: a score model in ``prepare``'s
+eval mode samples images instead of giving the training outputs the term reads).
 
 A loss may declare the **outputs it reads by default** (``default_keys=(student, teacher)``, each a
 key or a list of keys; default ``("logits", "logits")``): a term that names no ``student`` or no
