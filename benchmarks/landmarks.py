@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import protege as pg
+from protege.analysis.runs import finished_summary, run_or_reuse, seed_stats
 from protege.config import load_config
 from protege.metrics.cost import count_params, measure_latencies
 from protege.tasks.landmarks import build_landmark_model
@@ -78,14 +77,10 @@ def _base(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
 
 
 def _run(cfg: dict[str, Any], mode: str) -> dict[str, Any]:
-    """A run's summary: read when it already completed, else trained now."""
-    path = Path(cfg["output_dir"]) / cfg["name"] / "summary.json"
-    if path.exists():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "completed":
-            return summary
+    """A run's summary: read when it already completed with this config, resumed when begun, else
+    trained now (:func:`protege.analysis.runs.run_or_reuse`)."""
     t = time.perf_counter()
-    summary = pg.run(load_config(None, **cfg), mode=mode, overwrite=True)
+    summary = run_or_reuse(load_config(None, **cfg), mode)  # type: ignore[arg-type]
     print(f"  {cfg['name']}: {time.perf_counter() - t:.0f} s", flush=True)
     return summary
 
@@ -125,10 +120,6 @@ def _costs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {k: {"params": count_params(m), "latency_ms": lat[k]["ms"]} for k, m in models.items()}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/lm-bench"))
@@ -145,33 +136,65 @@ def main() -> None:
     parser.add_argument("--student", default="mobilenetv2_050")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--only-seeds", type=int, nargs="*", default=None,
+        help="train only these seeds' student runs (lanes: processes side by side, then the full command "
+        "reuses every run)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse-only", action="store_true", help="tabulate the finished student runs only; train none"
+    )
+    parser.add_argument("--train-only", action="store_true", help="train the runs; no costs, no table")
     args = parser.parse_args()
     t0 = time.perf_counter()
     teachers = _teachers(args)
     results: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "teachers": {r: {m: s["test"]["last"][m] for m in METRICS} for r, s in teachers.items()},
+        "teachers": {r: {w: s["test"][w] for w in ("best", "last")} for r, s in teachers.items()},
         "rows": {},
     }
+    seeds = range(args.seeds) if args.only_seeds is None else args.only_seeds
     for row in args.rows:
-        runs = [_student(args, row, seed)["test"]["last"] for seed in range(args.seeds)]
-        results["rows"][row] = {m: _mean_std([r[m] for r in runs]) for m in METRICS}
-        results["rows"][row]["per_seed"] = {m: [r[m] for r in runs] for m in METRICS}
+        runs = []
+        for seed in seeds:
+            if args.reuse_only:
+                done = finished_summary(args.output_dir / f"{_slug(row)}-s{seed}")
+                if done is not None:
+                    runs.append(done)
+            else:
+                runs.append(_student(args, row, seed))
+        if not runs:
+            continue
+        best, best_std = seed_stats(runs, "best")
+        last, last_std = seed_stats(runs, "last")
+        results["rows"][row] = {
+            "best": best, "best_std": best_std, "last": last, "last_std": last_std, "seeds": len(runs),
+            "per_seed": {m: [r["test"]["last"][m] for r in runs] for m in METRICS},
+        }  # fmt: skip
+    if args.train_only:
+        return
     results["costs"] = _costs(args)
     results["wall_s"] = time.perf_counter() - t0
     costs = results["costs"]
-    print(f"\n{'model':<18}" + "".join(f"{m:>16}" for m in METRICS) + f"{'params':>12}{'ms':>8}")
-    for role, m in results["teachers"].items():
-        c = costs["teacher"]
+    for which in ("best", "last"):
         print(
-            f"{'teacher ' + role:<18}"
-            + "".join(f"{m[k]:>16.4f}" for k in METRICS)
-            + f"{c['params']:>12,}{c['latency_ms']:>8.2f}"
+            f"\n{which} checkpoint"
+            + (" (chosen by validation AUC@0.1)" if which == "best" else " (the last epoch)")
+            + f"\n{'model':<18}"
+            + "".join(f"{m:>16}" for m in METRICS)
+            + f"{'params':>12}{'ms':>8}"
         )
-    for row, m in results["rows"].items():
-        c = costs["student"]
-        cells = "".join(f"{m[k][0]:>9.4f}±{m[k][1]:<6.4f}" for k in METRICS)
-        print(f"{row:<18}{cells}{c['params']:>12,}{c['latency_ms']:>8.2f}")
+        for role, t in results["teachers"].items():
+            c = costs["teacher"]
+            print(
+                f"{'teacher ' + role:<18}"
+                + "".join(f"{t[which][k]:>16.4f}" for k in METRICS)
+                + f"{c['params']:>12,}{c['latency_ms']:>8.2f}"
+            )
+        for row, r in results["rows"].items():
+            c = costs["student"]
+            cells = "".join(f"{r[which][k]:>9.4f}±{r[which + '_std'][k]:<6.4f}" for k in METRICS)
+            print(f"{row + ' (' + str(r['seeds']) + ')':<18}{cells}{c['params']:>12,}{c['latency_ms']:>8.2f}")
     print(f"wall {results['wall_s']:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
