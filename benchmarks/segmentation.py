@@ -74,13 +74,21 @@ SLUG = {"gt only": "gt", "+ embedding KD": "emb", "+ full-stage KD": "full", "+ 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--teacher", default="runs/seg/sam-tiny-teacher", help="the trained teacher's run directory"
+        "--teacher", default="runs/seg/sam-tiny-teacher-long", help="the trained teacher's run directory"
     )
-    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument(
+        "--train-size", type=int, default=1000,
+        help="the students' training composites (the teacher saw 6,000: TinySAM and MobileSAM distil on 1%% "
+        "of SA-1B)",
+    )  # fmt: skip
     ap.add_argument("--test-size", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rows", default="all", help="comma list of row slugs: gt,emb,full,hard")
+    ap.add_argument(
+        "--only-seeds", type=int, nargs="*", default=None,
+        help="with --train-only: train only these seeds (lanes: processes side by side on disjoint runs)",
+    )  # fmt: skip
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--everything-images", type=int, default=20, help="test images for the everything mode")
     ap.add_argument(
@@ -92,8 +100,9 @@ def parse_args() -> argparse.Namespace:
         help="tabulate the finished runs only (up to --seeds per row); train none",
     )
     ap.add_argument(
-        "--multimask", action="store_true",
-        help="everything mode with SAM's three masks per point (models trained with prompts.multimask)",
+        "--multimask", choices=("auto", "on", "off"), default="auto",
+        help="everything mode with SAM's three masks per point: auto = for each model trained with "
+        "prompts.multimask (the long teacher), one mask for the others",
     )  # fmt: skip
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 row")
     ap.add_argument("--threads", type=int, default=None)
@@ -251,7 +260,7 @@ def _reference(item: dict[str, Any]) -> torch.Tensor:
     return torch.as_tensor(instance_masks(item["instances"].numpy())).bool()
 
 
-def choose_thresholds(args: argparse.Namespace, model: Any, images: Any, n: int = 10) -> dict[str, float]:
+def choose_thresholds(model: Any, images: Any, multimask: bool, n: int = 10) -> dict[str, float]:
     """The (predicted-IoU, stability) filter of the dense mode with the best mean F1 of matched masks
     (IoU >= 0.5) against the ground truth on ``n`` validation images."""
     from protege.segment import match_masks, segment_everything
@@ -263,7 +272,7 @@ def choose_thresholds(args: argparse.Namespace, model: Any, images: Any, n: int 
             for i in range(min(n, len(images))):
                 item = images[i]
                 res = segment_everything(
-                    model, item["image"], mode="dense", multimask=args.multimask,
+                    model, item["image"], mode="dense", multimask=multimask,
                     pred_iou_thresh=iou_t, stability_thresh=stab_t,
                 )  # fmt: skip
                 m = match_masks(res.masks, _reference(item))
@@ -275,9 +284,19 @@ def choose_thresholds(args: argparse.Namespace, model: Any, images: Any, n: int 
     return best[1]
 
 
-def everything(args: argparse.Namespace, models: dict[str, Any], splits: Any) -> dict[str, Any]:
+def trained_multimask(run_dir: Path) -> bool:
+    """Whether the run at ``run_dir`` trained SAM's three-mask outputs (``prompts.multimask``)."""
+    cfg = load_config(run_dir / "config.yaml")
+    prompts = (cfg.data.options or {}).get("prompts") or {}
+    return bool(prompts.get("multimask", False))
+
+
+def everything(
+    args: argparse.Namespace, models: dict[str, Any], splits: Any, multimask: dict[str, bool]
+) -> dict[str, Any]:
     """Dense grid vs hierarchical "segment everything" on test images (``protege.segment``), each
-    model with the filter thresholds chosen on validation images (:func:`choose_thresholds`)."""
+    model with the filter thresholds chosen on validation images (:func:`choose_thresholds`) and
+    with SAM's three masks per point where ``multimask[name]``."""
     try:
         from protege.segment import match_masks, segment_everything
     except ImportError:
@@ -289,18 +308,15 @@ def everything(args: argparse.Namespace, models: dict[str, Any], splits: Any) ->
     for name, model in models.items():
         if isinstance(model, nn.Module):
             model.eval()
-        chosen = choose_thresholds(args, model, splits.val.images)
+        multi = multimask[name]
+        chosen = choose_thresholds(model, splits.val.images, multi)
         filters = {k: v for k, v in chosen.items() if k != "val_f1"}
         acc: dict[str, list[float]] = {}
         for i in range(n):
             item = images[i]
             ref = _reference(item)
-            dense = segment_everything(
-                model, item["image"], mode="dense", multimask=args.multimask, **filters
-            )
-            hier = segment_everything(
-                model, item["image"], mode="hierarchical", multimask=args.multimask, **filters
-            )
+            dense = segment_everything(model, item["image"], mode="dense", multimask=multi, **filters)
+            hier = segment_everything(model, item["image"], mode="hierarchical", multimask=multi, **filters)
             for label, res in (("dense", dense), ("hierarchical", hier)):
                 m = match_masks(res.masks, ref)
                 acc.setdefault(f"{label}/miou", []).append(m["miou"])
@@ -317,6 +333,7 @@ def everything(args: argparse.Namespace, models: dict[str, Any], splits: Any) ->
             k: statistics.mean([x for x in v if not math.isnan(x)] or [math.nan]) for k, v in acc.items()
         }
         out[name]["filters"] = chosen
+        out[name]["multimask"] = multi
         d, h = out[name]["dense/seconds"], out[name]["hierarchical/seconds"]
         out[name]["speedup"] = d / h if h else float("nan")
         shown = {k: round(v, 3) for k, v in out[name].items() if isinstance(v, float)}
@@ -347,7 +364,7 @@ def main() -> None:
         if wanted is not None and SLUG[row] not in wanted:
             continue
         summaries = []
-        for seed in range(args.seeds):
+        for seed in range(args.seeds) if args.only_seeds is None else args.only_seeds:
             cfg, mode = run_cfg(args, row, seed)
             if args.reuse_only and not finished(cfg):
                 continue
@@ -363,7 +380,8 @@ def main() -> None:
             f"{row}: { {k: round(v, 4) for k, v in best.items()} } (± { {k: round(v, 4) for k, v in best_std.items()} })",
             flush=True,
         )
-        models[row] = load_run(Path(args.output_dir) / f"{SLUG[row]}-s0", "best").student.eval()
+        if not args.train_only:
+            models[row] = load_run(Path(args.output_dir) / f"{SLUG[row]}-s0", "best").student.eval()
     if args.train_only:
         return
     best_row = max(
@@ -388,7 +406,17 @@ def main() -> None:
     for name, c in costs(models).items():
         results["rows"].setdefault(name, {})["cost"] = c
     wanted_everything = ("teacher", best_row, "+ full-stage KD")
-    results["everything"] = everything(args, {k: models[k] for k in models if k in wanted_everything}, splits)
+    run_dirs = {"teacher": Path(args.teacher)} | {
+        row: Path(args.output_dir) / f"{SLUG[row]}-s0" for row in ROWS if row in models
+    }
+    multimask = {
+        name: trained_multimask(run_dirs[name]) if args.multimask == "auto" else args.multimask == "on"
+        for name in wanted_everything
+        if name in models
+    }
+    results["everything"] = everything(
+        args, {k: models[k] for k in models if k in wanted_everything}, splits, multimask
+    )
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     print_table(results)
     if args.json:
@@ -420,6 +448,30 @@ def print_table(results: dict[str, Any]) -> None:
             num("decoder_ms_per_prompt", ".3f"),
         ]
         print("| " + " | ".join(cells) + " |")
+    print("\nlast epoch (the best checkpoint above is chosen by validation mIoU):")
+    head = ["row", "mIoU 1pt", "mIoU 3pt", "mIoU box", "vs teacher 1pt", "vs teacher box"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row, r in results["rows"].items():
+        if "last" not in r:
+            continue
+        keys = ("miou_1pt", "miou_3pt", "miou_box", "tmiou_1pt", "tmiou_box")
+        print("| " + " | ".join([row] + [seed_cell(r["last"], r["last_std"], k) for k in keys]) + " |")
+    if results.get("everything"):
+        print("\nsegment everything (test images; matched masks IoU >= 0.5 vs the ground truth):")
+        head = ["model", "masks/point", "mode", "prompts", "seconds", "mIoU", "recall", "precision",
+                "recall of dense masks"]  # fmt: skip
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for name, e in results["everything"].items():
+            for mode in ("dense", "hierarchical"):
+                vs_dense = e.get("hierarchical_vs_dense/recall", math.nan) if mode == "hierarchical" else 1.0
+                cells = [name, "3" if e["multimask"] else "1", mode, f"{e[mode + '/prompts']:.0f}",
+                         f"{e[mode + '/seconds']:.3f}", f"{100 * e[mode + '/miou']:.1f}",
+                         f"{100 * e[mode + '/recall']:.1f}", f"{100 * e[mode + '/precision']:.1f}",
+                         f"{100 * vs_dense:.1f}"]  # fmt: skip
+                print("| " + " | ".join(cells) + " |")
+            print(f"  {name}: hierarchical {e['speedup']:.2f}x faster than dense")
     sys.stdout.flush()
 
 
