@@ -363,19 +363,21 @@ def main() -> None:
     for row in ROWS:
         if wanted is not None and SLUG[row] not in wanted:
             continue
-        summaries = []
+        summaries, seeds = [], []
         for seed in range(args.seeds) if args.only_seeds is None else args.only_seeds:
             cfg, mode = run_cfg(args, row, seed)
             if args.reuse_only and not finished(cfg):
                 continue
             summaries.append(train(cfg, mode))
+            seeds.append(seed)
         if not summaries:
             continue
         best, best_std = seed_stats(summaries, "best")
         last, last_std = seed_stats(summaries, "last")
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
         results["rows"][row] = {"metrics": best, "std": best_std, "last": last, "last_std": last_std,
-                                "wall_s": wall, "seeds": len(summaries)}  # fmt: skip
+                                "wall_s": wall, "seeds": len(summaries),
+                                "per_seed": {seed: s["test"]["best"] for seed, s in zip(seeds, summaries)}}  # fmt: skip
         print(
             f"{row}: { {k: round(v, 4) for k, v in best.items()} } (± { {k: round(v, 4) for k, v in best_std.items()} })",
             flush=True,
@@ -424,6 +426,24 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
 
+def paired(results: dict[str, Any]) -> None:
+    """Seed-paired differences (best checkpoints, percentage points): each distillation row minus
+    ``gt only`` of the same seed (same initialisation and data order), and hard minus uniform prompts."""
+    rows = results["rows"]
+    pairs = [(r, "gt only") for r in ("+ embedding KD", "+ full-stage KD", "+ hard prompts")]
+    pairs += [("+ full-stage KD", "+ embedding KD"), ("+ hard prompts", "+ full-stage KD")]
+    keys = ("miou_1pt", "miou_3pt", "miou_box", "tmiou_1pt", "tmiou_box")
+    print("\nseed-paired differences (pp; one number per seed):")
+    for a, b in pairs:
+        if a not in rows or b not in rows:
+            continue
+        sa, sb = rows[a]["per_seed"], rows[b]["per_seed"]
+        common = sorted(set(sa) & set(sb))
+        cells = {k: [round(100 * (sa[i][k] - sb[i][k]), 1) for i in common] for k in keys}
+        rows[a].setdefault("paired", {})[b] = cells
+        print(f"  {a} - {b}: " + "; ".join(f"{k} {v}" for k, v in cells.items()))
+
+
 def print_table(results: dict[str, Any]) -> None:
     head = ["row", "mIoU 1pt", "mIoU 3pt", "mIoU box", "vs teacher 1pt", "vs teacher box", "params",
             "enc GFLOPs", "dec MFLOPs/prompt", "enc ms", "dec ms/prompt"]  # fmt: skip
@@ -457,6 +477,7 @@ def print_table(results: dict[str, Any]) -> None:
             continue
         keys = ("miou_1pt", "miou_3pt", "miou_box", "tmiou_1pt", "tmiou_box")
         print("| " + " | ".join([row] + [seed_cell(r["last"], r["last_std"], k) for k in keys]) + " |")
+    paired(results)
     if results.get("everything"):
         print("\nsegment everything (test images; matched masks IoU >= 0.5 vs the ground truth):")
         head = ["model", "masks/point", "mode", "prompts", "seconds", "mIoU", "recall", "precision",
