@@ -3,9 +3,9 @@
 No SAM weights or SA-1B images are available offline, so everything here is built from real parts and
 says so: the teacher is the ``segment_anything`` SAM architecture at a small size (ViT image encoder,
 128-px images, a 16×16 embedding grid, SAM's prompt encoder and two-way mask decoder at width 64),
-**trained here** with SAM's own loss (``configs/segmentation/sam-tiny-teacher.yaml``) on composites of
-real Fashion-MNIST objects and scikit-image shapes on real scikit-image textures, whose instance masks
-are exact (``protege.data.segmentation``). The students have a small CNN image encoder + SAM's neck
+**trained here** with SAM's own loss (``configs/segmentation/sam-tiny-teacher-long.yaml``: 6,000 images;
+the students train on 1,000) on composites of real Fashion-MNIST objects and scikit-image shapes on
+real scikit-image textures, whose instance masks are exact (``protege.data.segmentation``). The students have a small CNN image encoder + SAM's neck
 (~5× fewer encoder FLOPs) and the teacher's prompt encoder and mask decoder (copied, then trained).
 
 Rows (``--seeds`` seeds each, the same student, initialisation and schedule):
@@ -348,7 +348,7 @@ def main() -> None:
     wanted = None if args.rows == "all" else set(args.rows.split(","))
     if not (Path(args.teacher) / "summary.json").is_file():
         sys.exit(
-            f"no trained teacher at {args.teacher}: run `protege train {CONFIGS / 'sam-tiny-teacher.yaml'} "
+            f"no trained teacher at {args.teacher}: run `protege train {CONFIGS / 'sam-tiny-teacher-long.yaml'} "
             "--set output_dir=runs/seg` first (or pass --teacher)"
         )
     task = build_task("promptable_segmentation")
