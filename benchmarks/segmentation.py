@@ -5,8 +5,9 @@ says so: the teacher is the ``segment_anything`` SAM architecture at a small siz
 128-px images, a 16×16 embedding grid, SAM's prompt encoder and two-way mask decoder at width 64),
 **trained here** with SAM's own loss (``configs/segmentation/sam-tiny-teacher-long.yaml``: 6,000 images;
 the students train on 1,000) on composites of real Fashion-MNIST objects and scikit-image shapes on
-real scikit-image textures, whose instance masks are exact (``protege.data.segmentation``). The students have a small CNN image encoder + SAM's neck
-(~5× fewer encoder FLOPs) and the teacher's prompt encoder and mask decoder (copied, then trained).
+real scikit-image textures, whose instance masks are exact (``protege.data.segmentation``). The
+students have a small CNN image encoder + SAM's neck (~5× fewer encoder FLOPs) and the teacher's prompt
+encoder and mask decoder (copied, then trained).
 
 Rows (``--seeds`` seeds each, the same student, initialisation and schedule):
 
