@@ -23,8 +23,11 @@ seeds; parameters; batch-1 CPU latency of both teachers and the student measured
 
     python benchmarks/landmarks.py --json benchmarks/results/landmarks.json
 
-Finished runs are reused when the command is run again (``--output-dir``, default runs/lm-bench): a
-run whose ``summary.json`` says ``completed`` is read, not retrained.
+Runs go through ``run_or_reuse`` (``--output-dir``, default runs/lm-bench): a finished run of the same
+config is read, a begun one resumes, one of another config is refused. Lanes on a 2-core machine: train
+the teachers first (``--rows "hard only" --only-seeds 0 --train-only``), then two processes with disjoint
+``--only-seeds`` and ``--train-only``, then the plain command tabulates everything (best and last
+checkpoints, mean ± std over seeds).
 """
 
 from __future__ import annotations
