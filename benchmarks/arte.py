@@ -19,6 +19,10 @@ in ``--jsonl``.
     .venv/bin/python benchmarks/arte.py --seeds 0 1 2            # the full table (hours on a CPU)
     .venv/bin/python benchmarks/arte.py --quick                   # pilot: 1 task, 4 drafts, minutes
     .venv/bin/python benchmarks/arte.py --table-only
+
+Lanes: one process per seed (``--seeds 0``, ``--seeds 1``, … side by side, ``OMP_NUM_THREADS=1``);
+each re-reads ``--jsonl`` just before adding its line, or give each its own ``--jsonl`` and
+concatenate them.
 """
 
 from __future__ import annotations
@@ -142,6 +146,23 @@ def print_table(lines: list[dict[str, Any]]) -> str:
         std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
         cells = [seed_cell(mean, std, k) for k in (*tasks, "trained_mean", "held_out_mean")]
         out.append("| " + " | ".join([row, *cells]) + " |")
+    for a, b in (("arte", "unaligned"), ("arte", "seed_only"), ("unaligned", "seed_only")):
+        paired = [line for line in lines if a in line["rows"] and b in line["rows"]]
+        if not paired:
+            continue
+        diffs: dict[str, list[float]] = {}
+        for line in paired:
+            ra, rb = line["rows"][a], line["rows"][b]
+            for k in (*tasks, "trained_mean", "held_out_mean"):
+                va = ra["exact_match"].get(k, ra.get(k))
+                vb = rb["exact_match"].get(k, rb.get(k))
+                if va is not None and vb is not None:
+                    diffs.setdefault(k, []).append(va - vb)
+        mean = {k: statistics.mean(v) for k, v in diffs.items()}
+        std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in diffs.items()}
+        per_seed = " / ".join(f"{100 * (d):+.1f}" for d in diffs.get("trained_mean", []))
+        cells = [seed_cell(mean, std, k) for k in (*tasks, "trained_mean", "held_out_mean")]
+        out.append("| " + " | ".join([f"{a} − {b} (seed-paired; trained mean per seed {per_seed})", *cells]) + " |")
     for line in lines:
         before, after = line["scores"]["before"].get("all", {}), line["scores"]["after"].get("all", {})
         out.append(
@@ -184,6 +205,8 @@ def main() -> None:
     if not args.table_only:
         for seed in args.seeds:
             line = run_seed(args, seed)  # resumable: a finished seed only re-reads its artefacts
+            # read again just before writing: lanes (one process per seed) may share the file
+            lines = [json.loads(x) for x in args.jsonl.read_text().splitlines()] if args.jsonl.is_file() else []
             lines = [x for x in lines if x["seed"] != seed or x["quick"] != args.quick] + [line]
             atomic_write_text(args.jsonl, "".join(json.dumps(x) + "\n" for x in lines))
     if not lines:
