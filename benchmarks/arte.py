@@ -126,6 +126,15 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     }
 
 
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def mean_std(values: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    mean = {k: statistics.mean(v) for k, v in values.items()}
+    return mean, {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+
+
 def print_table(lines: list[dict[str, Any]]) -> str:
     cfg = lines[0]["config"]
     tasks = [*cfg["tasks"], *cfg["held_out_tasks"]]
@@ -142,8 +151,7 @@ def print_table(lines: list[dict[str, Any]]) -> str:
             for key in ("trained_mean", "held_out_mean"):
                 if r.get(key) is not None:
                     values.setdefault(key, []).append(r[key])
-        mean = {k: statistics.mean(v) for k, v in values.items()}
-        std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+        mean, std = mean_std(values)
         cells = [seed_cell(mean, std, k) for k in (*tasks, "trained_mean", "held_out_mean")]
         out.append("| " + " | ".join([row, *cells]) + " |")
     for a, b in (("arte", "unaligned"), ("arte", "seed_only"), ("unaligned", "seed_only")):
@@ -158,11 +166,12 @@ def print_table(lines: list[dict[str, Any]]) -> str:
                 vb = rb["exact_match"].get(k, rb.get(k))
                 if va is not None and vb is not None:
                     diffs.setdefault(k, []).append(va - vb)
-        mean = {k: statistics.mean(v) for k, v in diffs.items()}
-        std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in diffs.items()}
-        per_seed = " / ".join(f"{100 * (d):+.1f}" for d in diffs.get("trained_mean", []))
+        mean, std = mean_std(diffs)
+        per_seed = " / ".join(f"{100 * d:+.1f}" for d in diffs.get("trained_mean", []))
         cells = [seed_cell(mean, std, k) for k in (*tasks, "trained_mean", "held_out_mean")]
-        out.append("| " + " | ".join([f"{a} − {b} (seed-paired; trained mean per seed {per_seed})", *cells]) + " |")
+        out.append(
+            "| " + " | ".join([f"{a} − {b} (seed-paired; trained mean per seed {per_seed})", *cells]) + " |"
+        )
     for line in lines:
         before, after = line["scores"]["before"].get("all", {}), line["scores"]["after"].get("all", {})
         out.append(
@@ -201,12 +210,12 @@ def main() -> None:
     if args.quick and args.seeds == [0, 1, 2]:
         args.seeds = [0]
     torch.set_num_threads(args.threads)
-    lines = [json.loads(x) for x in args.jsonl.read_text().splitlines()] if args.jsonl.is_file() else []
+    lines = read_lines(args.jsonl)
     if not args.table_only:
         for seed in args.seeds:
             line = run_seed(args, seed)  # resumable: a finished seed only re-reads its artefacts
             # read again just before writing: lanes (one process per seed) may share the file
-            lines = [json.loads(x) for x in args.jsonl.read_text().splitlines()] if args.jsonl.is_file() else []
+            lines = read_lines(args.jsonl)
             lines = [x for x in lines if x["seed"] != seed or x["quick"] != args.quick] + [line]
             atomic_write_text(args.jsonl, "".join(json.dumps(x) + "\n" for x in lines))
     if not lines:
