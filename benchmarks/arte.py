@@ -181,6 +181,31 @@ def print_table(lines: list[dict[str, Any]]) -> str:
             f"{before.get('counts')}, after {after.get('mean', 0):.3f} ± {after.get('std', 0):.3f} "
             f"{after.get('counts')}; kept {line['generated']} / unaligned {line['unaligned_generated']}"
         )
+        per_task = line["scores"]["before"].get("tasks", {})
+        shifts = ", ".join(
+            f"{t} {100 * d['mean']:.1f} -> {100 * line['scores']['after']['tasks'][t]['mean']:.1f}"
+            for t, d in per_task.items()
+            if t in line["scores"]["after"].get("tasks", {})
+        )
+        drawn = {
+            name: sum(c["drawn"] for c in (line[key] or {}).values())
+            for name, key in (("aligned", "generated"), ("unaligned", "unaligned_generated"))
+        }
+        dpo = line["dpo"] or {}
+        out.append(
+            f"  per-draft score by task (%) {shifts}; DPO steps {dpo.get('steps')}, loss "
+            f"{dpo.get('first_loss', float('nan')):.3f} -> {dpo.get('last_loss', float('nan')):.3f}; drawn {drawn}"
+        )
+    shift = {
+        w: [100 * line["scores"][w]["all"]["mean"] for line in lines if line["scores"][w].get("all")]
+        for w in ("before", "after")
+    }
+    mean, std = mean_std(shift)
+    if shift["before"] and shift["after"]:
+        out.append(
+            f"\nper-draft student score over seeds: before {mean['before']:.1f} ± {std['before']:.1f} %, "
+            f"after {mean['after']:.1f} ± {std['after']:.1f} %"
+        )
     text = "\n".join(out)
     print(text)
     return text
