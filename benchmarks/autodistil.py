@@ -25,19 +25,30 @@ item) so the command can be rerun after an interruption.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from protege.autodistil import AutoDistilConfig, finetune_classifier, train_supernets
+from protege.autodistil import AutoDistilConfig, finetune_classifier, labelled, train_supernets
 from protege.files import atomic_save_tensors, atomic_write_text
 from protege.models.layer_selection import select_layer_state
-from protege.models.supernet import SubnetArch, load_supernet, slice_bert_state
+from protege.models.supernet import (
+    SubnetArch,
+    arch_flops,
+    arch_params,
+    default_subspaces,
+    load_supernet,
+    slice_bert_state,
+)
 from protege.search import kendall_tau, spearman_rho
 from protege.search.evolution import Budget, regularized_evolution
 from protege.search.supernet import SupernetScorer, SupernetSpace
@@ -45,17 +56,68 @@ from protege.tasks.supernet import TextBatches, held_out, inherited_loss, load_t
 
 
 class Cache:
-    """``results.json`` in the output folder: one entry per finished item (the benchmark is resumable)."""
+    """``results.json`` in the output folder: one entry per finished item, shared by every process on it.
+
+    Any number of processes may run the benchmark on one ``--out`` at once (lanes): under a file lock,
+    a process claims an unfinished item in ``claims.json`` (with its pid), computes it, and writes it
+    back; an item claimed by another live process is skipped and waited for. A killed process leaves a
+    stale claim that the next process takes over, so the benchmark also resumes after an interruption.
+    """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        self.path, self.claims = path, path.parent / "claims.json"
+        self.lock = path.parent / "results.lock"
+        self.data: dict[str, Any] = {}
+        with self._locked():
+            self.data = self._read(self.path)
 
-    def get(self, key: str, fn: Any) -> Any:
-        if key not in self.data:
-            self.data[key] = fn()
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def try_get(self, key: str, fn: Callable[[], Any]) -> Any:
+        """The finished value of ``key``; else claim and compute it; ``None`` while another process holds it."""
+        with self._locked():
+            self.data = self._read(self.path)
+            if key in self.data:
+                return self.data[key]
+            claims = self._read(self.claims)
+            holder = claims.get(key)
+            if holder is not None and holder != os.getpid() and self._alive(holder):
+                return None
+            claims[key] = os.getpid()
+            atomic_write_text(self.claims, json.dumps(claims, indent=1))
+        print(f"[pid {os.getpid()}] {key} ...", flush=True)
+        begin = time.perf_counter()
+        value = fn()
+        with self._locked():
+            self.data = self._read(self.path)
+            self.data[key] = value
             atomic_write_text(self.path, json.dumps(self.data, indent=1))
-        return self.data[key]
+            claims = self._read(self.claims)
+            claims.pop(key, None)
+            atomic_write_text(self.claims, json.dumps(claims, indent=1))
+        print(f"[pid {os.getpid()}] {key} done in {time.perf_counter() - begin:.0f} s", flush=True)
+        return value
 
 
 def supernets(args: argparse.Namespace, k: int) -> Path:
@@ -79,36 +141,68 @@ def supernets(args: argparse.Namespace, k: int) -> Path:
     return cfg.run_dir
 
 
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/autodistil-bench"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--steps", type=int, default=600, help="supernet steps per sub-space (K = 1: 3x)")
     p.add_argument("--subnets", type=int, default=12)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds of study 3")
+    p.add_argument("--rank-seeds", type=int, default=3, help="seeds of each standalone run of study 1")
     p.add_argument("--corpus", default="hsk-en")
     p.add_argument("--probe", default="hsk_topic")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument(
-        "--budgets", type=float, nargs=2, default=[0.15, 0.4], help="FLOPs budgets, fraction of the teacher"
+        "--budgets",
+        type=float,
+        nargs=2,
+        default=[0.18, 0.35],
+        help="FLOPs budgets, fraction of the teacher (defaults: 1 and 2 of its 6 layers at full width fit)",
     )
     p.add_argument("--quick", action="store_true", help="tiny everything: a smoke run in minutes")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at other lanes' items")
+    p.add_argument("--table-only", type=Path, default=None, help="print the tables of a finished --json file")
     args = p.parse_args()
+    if args.table_only:
+        print_tables(json.loads(args.table_only.read_text()))
+        return
     args.corpora = ["pydoc-topics", "stdlib-docstrings"]
     args.max_length, args.batch_size, args.eval_texts = 64, 16, 96
     if args.quick:
         args.steps, args.subnets, args.seeds, args.epochs, args.max_train = 10, 12, 2, 1, 256
+        args.rank_seeds = 1
         args.corpora, args.max_length, args.batch_size, args.eval_texts = ["pydoc-topics"], 32, 8, 32
     args.out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("out", "json", "quiet", "poll", "table_only")
+    }
+    if (args.out / "settings.json").is_file():
+        before = json.loads((args.out / "settings.json").read_text())
+        if before != settings:
+            raise SystemExit(
+                f"{args.out} holds a benchmark with other settings ({before}); use another --out or the same flags"
+            )
+    else:
+        atomic_write_text(args.out / "settings.json", json.dumps(settings, indent=1))
     cache = Cache(args.out / "results.json")
     start = time.perf_counter()
-    runs = {k: supernets(args, k) for k in (3, 1)}
-    teacher, tok = load_teacher(
-        "minilm", reorder=True
-    )  # the supernets were distilled from the reordered teacher
-    nets = {k: [load_supernet(d)[:2] for d in sorted(runs[k].glob("subspaces/*/supernet"))] for k in runs}
+    teacher, tok = load_teacher("minilm", reorder=True)  # the supernets distil from the reordered teacher
+    config = teacher.config
+    nets: dict[int, list[tuple[Any, Any]]] = {}
+
+    def supernet_list(k: int) -> list[tuple[Any, Any]]:
+        if k not in nets:
+            nets[k] = [
+                load_supernet(d)[:2] for d in sorted((args.out / f"k{k}").glob("subspaces/*/supernet"))
+            ]
+        return nets[k]
+
     texts = held_out(args.corpora, args.eval_texts, 0)
     batches = TextBatches(texts, tok, args.max_length, args.batch_size).all()
     t_qkv = teacher_relations(teacher, batches)
@@ -120,145 +214,303 @@ def main() -> None:
         "max_length": args.max_length,
         "batch_size": 32,
     }
+    teacher_file = args.out / "teacher-classifier.safetensors"
+    classifier: list[torch.nn.Module] = []
 
-    def fine_tuned_teacher() -> torch.nn.Module:
-        path = args.out / "teacher-classifier.safetensors"
+    def train_teacher() -> dict[str, Any]:
         enc = transformers.AutoModel.from_pretrained(load_teacher_path())
-        if path.is_file():
+        r = finetune_classifier(enc, tok, lr=5e-5, seed=0, **ft)
+        atomic_save_tensors(r["model"].state_dict(), teacher_file)
+        return {"accuracy": r["accuracy"], "seconds": r["seconds"]}
+
+    def tclf() -> torch.nn.Module:
+        if not classifier:
             from safetensors.torch import load_file
 
             from protege.autodistil import TextClassifier
 
-            state = load_file(path)
+            state = load_file(teacher_file)
+            enc = transformers.AutoModel.from_pretrained(load_teacher_path())
             model = TextClassifier(enc, state["head.weight"].shape[0])
             model.load_state_dict(state)
-            return model.eval()
-        r = finetune_classifier(enc, tok, lr=5e-5, seed=0, **ft)
-        atomic_save_tensors(r["model"].state_dict(), path)
-        cache.data["teacher"] = {"accuracy": r["accuracy"], "seconds": r["seconds"]}
-        return r["model"].eval()
-
-    tclf = fine_tuned_teacher()
+            classifier.append(model.eval())
+        return classifier[0]
 
     def loss_in(k: int, arch: SubnetArch) -> float:
-        for net, space in nets[k]:
+        for net, space in supernet_list(k):
             if arch in space.archs:
                 return inherited_loss(net, arch, batches, t_qkv, 4)
         return float("nan")
 
+    def finetune(enc: torch.nn.Module, seed: int) -> dict[str, Any]:
+        r = finetune_classifier(enc, tok, teacher=tclf(), kd_weight=0.5, seed=seed, lr=1e-4, **ft)
+        return {
+            "accuracy": r["accuracy"],
+            "teacher_agreement": r["teacher_agreement"],
+            "seconds": r["seconds"],
+        }
+
     def standalone(arch: SubnetArch, seed: int, init: str, k: int = 3) -> dict[str, Any]:
-        config = transformers.BertConfig.from_pretrained(load_teacher_path())
-        config.num_hidden_layers, config.hidden_size = arch.layers, arch.hidden
-        config.num_attention_heads, config.intermediate_size = arch.heads, arch.intermediate
+        cfg = transformers.BertConfig.from_pretrained(load_teacher_path())
+        cfg.num_hidden_layers, cfg.hidden_size = arch.layers, arch.hidden
+        cfg.num_attention_heads, cfg.intermediate_size = arch.heads, arch.intermediate
         torch.manual_seed(seed)
-        enc = transformers.BertModel(config, add_pooling_layer=False)
+        enc = transformers.BertModel(cfg, add_pooling_layer=False)
         if init == "inherited":
-            net = next(n for n, s in nets[k] if arch in s.archs)
+            net = next(n for n, s in supernet_list(k) if arch in s.archs)
             state = slice_bert_state(net.bert.state_dict(), arch)
             enc.load_state_dict(
                 {kk: v for kk, v in state.items() if not kk.startswith("pooler.")}, strict=False
             )
-        r = finetune_classifier(enc, tok, teacher=tclf, kd_weight=0.5, seed=seed, lr=1e-4, **ft)
-        return {"accuracy": r["accuracy"], "seconds": r["seconds"]}
+        return finetune(enc, seed)
 
-    def hand_picked(arch: SubnetArch, seed: int) -> dict[str, Any]:
-        """The teacher's first ``arch.layers`` layers at full width (layer selection), fine-tuned with KD."""
+    def hand_picked(layers: int, seed: int) -> dict[str, Any]:
+        """The teacher's first ``layers`` layers at full width (layer selection), fine-tuned with KD."""
         full = transformers.AutoModel.from_pretrained(load_teacher_path())
-        config = full.config
-        config.num_hidden_layers = arch.layers
+        cfg = full.config
+        cfg.num_hidden_layers = layers
         torch.manual_seed(seed)
-        enc = transformers.BertModel(config, add_pooling_layer=False)
-        state = select_layer_state(full.state_dict(), "encoder.layer.", list(range(arch.layers)))
+        enc = transformers.BertModel(cfg, add_pooling_layer=False)
+        state = select_layer_state(full.state_dict(), "encoder.layer.", list(range(layers)))
         enc.load_state_dict({k: v for k, v in state.items() if not k.startswith("pooler.")}, strict=False)
-        r = finetune_classifier(enc, tok, teacher=tclf, kd_weight=0.5, seed=seed, lr=1e-4, **ft)
-        return {"accuracy": r["accuracy"], "seconds": r["seconds"]}
+        return finetune(enc, seed)
 
-    # 1. ranking over >= 12 architectures spread by size
-    union = sorted({a for _, s in nets[3] for a in s.archs}, key=lambda a: nets[3][0][0].params(a))
-    picked = [union[round(i * (len(union) - 1) / (args.subnets - 1))] for i in range(args.subnets)]
-    picked = list(dict.fromkeys(picked))
-    rows = []
-    for arch in picked:
-        acc = cache.get(f"scratch-kd:{arch.id}:0", lambda arch=arch: standalone(arch, 0, "scratch"))
-        rows.append(
-            {
-                "arch": arch.id,
-                "loss_k3": loss_in(3, arch),
-                "loss_k1": loss_in(1, arch),
-                "accuracy": acc["accuracy"],
-            }
-        )
-    ranking = {}
-    for k in (3, 1):
-        ok = [r for r in rows if r[f"loss_k{k}"] == r[f"loss_k{k}"]]
-        ranking[f"k{k}"] = {
-            "kendall": kendall_tau([-r[f"loss_k{k}"] for r in ok], [r["accuracy"] for r in ok]),
-            "spearman": spearman_rho([-r[f"loss_k{k}"] for r in ok], [r["accuracy"] for r in ok]),
-            "n": len(ok),
-        }
-    # 2. interference: smallest subnets of the K = 3 spaces, inherited from K = 3 vs K = 1
-    smallest = [s.smallest for _, s in nets[3]]
-    interference = {
-        a.id: {
-            f"k{k}": cache.get(f"inherited-k{k}:{a.id}:0", lambda a=a, k=k: standalone(a, 0, "inherited", k))
-            for k in (3, 1)
-        }
-        for a in smallest
-    }
-    # 3. searched subnet at two budgets vs scratch vs hand-picked first layers
-    space = SupernetSpace(nets[3])
-    teacher_flops = nets[3][0][0].flops(SubnetArch(6, 384, 12, 1536), args.max_length)
-    study3 = {}
-    for frac in args.budgets:
+    def params(arch: SubnetArch) -> int:
+        return arch_params(arch, config.vocab_size, config.max_position_embeddings, config.type_vocab_size)
+
+    teacher_arch = SubnetArch(
+        config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size
+    )
+    teacher_flops = arch_flops(teacher_arch, args.max_length)
+    # >= 12 architectures spread by size over the K = 3 sub-spaces (known before any training)
+    union = sorted({a for s in default_subspaces(config, 3) for a in s.archs}, key=lambda a: (params(a), a))
+    picked = list(
+        dict.fromkeys(union[round(i * (len(union) - 1) / (args.subnets - 1))] for i in range(args.subnets))
+    )
+    smallest = [s.smallest for s in default_subspaces(config, 3)]
+
+    def search(frac: float) -> dict[str, Any]:
+        space = SupernetSpace(supernet_list(3))
         budget = Budget(max_flops=int(frac * teacher_flops), max_candidates=min(40, space.size))
         scorer = SupernetScorer(space, batches, t_qkv, budget, 4, ("qq", "kk", "vv"), args.max_length)
         best = regularized_evolution(
             space, scorer, budget, population=8, sample=3, seed=0, progress=False
         ).best
-        arch = SubnetArch(*best.arch[1:])
         # the teacher's first layers at full width, as many as the budget holds (none: no such row)
-        flops_of = lambda n: nets[3][0][0].flops(SubnetArch(n, 384, 12, 1536), args.max_length)  # noqa: E731
-        layers = max((n for n in range(1, 7) if flops_of(n) <= budget.max_flops), default=0)
-        out: dict[str, Any] = {"searched": best.id, "flops": best.flops}
-        variants: list[tuple[str, Any]] = [
-            ("inherited", lambda s, arch=arch: standalone(arch, s, "inherited")),
-            ("scratch", lambda s, arch=arch: standalone(arch, s, "scratch")),
+        fits = [
+            n
+            for n in range(1, teacher_arch.layers + 1)
+            if arch_flops(teacher_arch._replace(layers=n), args.max_length) <= budget.max_flops
         ]
-        if layers:
-            hand = SubnetArch(layers, 384, 12, 1536)
-            out |= {"hand_arch": hand.id, "hand_flops": flops_of(layers)}
-            variants.append(("hand_picked", lambda s, hand=hand: hand_picked(hand, s)))
-        else:
-            out["hand_picked"] = {
-                "skipped": f"one full-width teacher layer ({flops_of(1):.3g} FLOPs) exceeds the budget "
-                f"({budget.max_flops:.3g}): no first-layers student fits"
+        out = {
+            "searched": best.id,
+            "arch": list(best.arch[1:]),
+            "flops": best.flops,
+            "params": best.params,
+            "score": best.score,
+        }
+        if fits:
+            hand = teacher_arch._replace(layers=max(fits))
+            out |= {
+                "hand_layers": hand.layers,
+                "hand_arch": hand.id,
+                "hand_flops": arch_flops(hand, args.max_length),
+                "hand_params": params(hand),
             }
-        for label, fn in variants:
-            accs = [
-                cache.get(
-                    f"s3:{frac}:{label}:{out['searched'] if label != 'hand_picked' else out['hand_arch']}:{s}",
-                    lambda s=s, fn=fn: fn(s),
-                )["accuracy"]
-                for s in range(args.seeds)
-            ]
-            out[label] = {
-                "mean": statistics.fmean(accs),
-                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            }
-        study3[f"{frac:g}"] = out
+        return out
 
+    # every item in a fixed order; each pass claims what no other process holds; wait until all are done
+    while True:
+        pending = 0
+
+        def item(key: str, fn: Callable[[], Any], *needs: Any) -> Any:
+            nonlocal pending
+            value = None if any(n is None for n in needs) else cache.try_get(key, fn)
+            pending += value is None
+            return value
+
+        k1 = item("supernet:k1", lambda: {"run": str(supernets(args, 1))})
+        k3 = item("supernet:k3", lambda: {"run": str(supernets(args, 3))})
+        tacc = item("teacher", train_teacher)
+        scratch = {
+            a: [
+                item(f"scratch-kd:{a.id}:{seed}", lambda a=a, seed=seed: standalone(a, seed, "scratch"), tacc)
+                for seed in range(args.rank_seeds)
+            ]
+            for a in picked
+        }
+        searched = {f: item(f"search:{f:g}", lambda f=f: search(f), k3) for f in args.budgets}
+        study3: dict[float, dict[str, list[Any]]] = {}
+        for frac, found in searched.items():
+            cells: dict[str, list[Any]] = {"inherited": [], "scratch": [], "hand_picked": []}
+            for s in range(args.seeds):
+                arch = SubnetArch(*found["arch"]) if found else None
+                for label in ("inherited", "scratch"):
+                    fn = lambda arch=arch, s=s, label=label: standalone(arch, s, label)  # noqa: E731
+                    cells[label].append(
+                        item(f"s3:{frac:g}:{label}:{found and found['searched']}:{s}", fn, found, tacc)
+                    )
+                if found is None or "hand_layers" in found:
+                    n = found and found["hand_layers"]
+                    cells["hand_picked"].append(
+                        item(f"s3:{frac:g}:hand:{n}:{s}", lambda n=n, s=s: hand_picked(n, s), found, tacc)
+                    )
+            study3[frac] = cells
+        inter = {
+            (a, k): item(
+                f"inherited-k{k}:{a.id}:0", lambda a=a, k=k: standalone(a, 0, "inherited", k), k1, k3, tacc
+            )
+            for a in smallest
+            for k in (3, 1)
+        }
+        if not pending:
+            break
+        print(f"[pid {os.getpid()}] {pending} items held by other processes or waiting on them", flush=True)
+        time.sleep(args.poll)
+
+    # assemble (cheap: inherited losses on the held-out texts)
+    rows = [
+        {
+            "arch": a.id,
+            "params": params(a),
+            "flops": arch_flops(a, args.max_length),
+            "loss_k3": loss_in(3, a),
+            "loss_k1": loss_in(1, a),
+            "accuracy": statistics.fmean(r["accuracy"] for r in scratch[a]),
+            "accuracy_runs": [r["accuracy"] for r in scratch[a]],
+        }
+        for a in picked
+    ]
+    # each ranker against the seed-mean accuracy, and against each seed's accuracies (mean +- std of tau)
+    rankers = {
+        "k3": [-r["loss_k3"] for r in rows],
+        "k1": [-r["loss_k1"] for r in rows],
+        "params": [r["params"] for r in rows],  # size alone: the baseline any proxy must beat
+        "flops": [r["flops"] for r in rows],
+    }
+    ranking: dict[str, Any] = {}
+    for name, x in rankers.items():
+        ok = [i for i, v in enumerate(x) if v == v]
+        xs = [x[i] for i in ok]
+        per_seed = [
+            kendall_tau(xs, [rows[i]["accuracy_runs"][s] for i in ok]) for s in range(args.rank_seeds)
+        ]
+        ranking[name] = {
+            "kendall": kendall_tau(xs, [rows[i]["accuracy"] for i in ok]),
+            "spearman": spearman_rho(xs, [rows[i]["accuracy"] for i in ok]),
+            "kendall_per_seed": mean_std(per_seed),
+            "n": len(ok),
+        }
+    interference = {
+        a.id: {f"k{k}": {**inter[(a, k)], "loss": loss_in(k, a)} for k in (3, 1)} for a in smallest
+    }
+    extracted = {}
+    for frac, found in searched.items():
+        out: dict[str, Any] = dict(found)
+        for label, values in study3[frac].items():
+            if values:
+                out[label] = {**mean_std([v["accuracy"] for v in values]), "runs": values}
+        if "hand_layers" not in found:
+            out["hand_picked"] = {
+                "skipped": "one full-width teacher layer exceeds the budget: no first-layers student fits"
+            }
+        extracted[f"{frac:g}"] = out
+    x_train, y_train = labelled(args.corpus, args.probe, "train", 0, args.max_train)
+    _, y_test = labelled(args.corpus, args.probe, "test", 0)
+    task = {
+        "corpus": args.corpus,
+        "probe": args.probe,
+        "classes": len(set(y_train + y_test)),
+        "train": len(x_train),
+        "test": len(y_test),
+        "majority_test": max(y_test.count(c) for c in set(y_test)) / len(y_test),
+    }
     result = {
-        "teacher": cache.data.get("teacher"),
+        "task": task,
+        "teacher": {
+            **cache.data["teacher"],
+            "arch": teacher_arch.id,
+            "params": params(teacher_arch),
+            "flops": teacher_flops,
+        },
+        "supernets": {k: json.loads((args.out / k / "summary.json").read_text()) for k in ("k3", "k1")},
         "ranking": {"rows": rows, **ranking},
         "interference": interference,
-        "extracted_vs_standalone": study3,
+        "extracted_vs_standalone": extracted,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds_this_process": round(time.perf_counter() - start, 1),
     }
     text = json.dumps(result, indent=1)
-    print(text)
     if args.json:
         atomic_write_text(args.json, text)
+    else:
+        print(text)
+    print_tables(result)
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    """The figures BENCHMARKS.md quotes, as plain-text tables."""
+    if "task" in result:
+        d = result["task"]
+        print(
+            f"task {d['corpus']}/{d['probe']}: {d['classes']} classes, {d['train']} training and {d['test']} test "
+            f"texts; the most frequent test class is {100 * d['majority_test']:.1f} % of the test set"
+        )
+    t = result["teacher"]
+    print(
+        f"\nteacher {t['arch']}: {t['params'] / 1e6:.1f}M params, {t['flops'] / 1e6:.0f} MFLOPs/seq, acc {100 * t['accuracy']:.1f} %"
+    )
+    for name, s in result["supernets"].items():
+        for sp in s["subspaces"].values():
+            first, final = sp["first"], sp["final"]
+            print(
+                f"supernet {name}/{sp['space']['name']}: {sp['archs']} archs, {sp['seconds'] / 60:.0f} min; held-out loss "
+                f"largest {first['loss/largest']:.3f} -> {final['loss/largest']:.3f}, "
+                f"smallest {first['loss/smallest']:.3f} -> {final['loss/smallest']:.3f}"
+            )
+    print(
+        "\n1. ranking: arch | params M | MFLOPs | inherited loss K=3 | K=1 | standalone KD acc % (mean over seeds)"
+    )
+    for r in result["ranking"]["rows"]:
+        runs = r.get("accuracy_runs", [r["accuracy"]])
+        print(
+            f"  {r['arch']:<20} {r['params'] / 1e6:6.2f} {r['flops'] / 1e6:7.1f} "
+            f"{r['loss_k3']:7.3f} {r['loss_k1']:7.3f} {100 * r['accuracy']:6.1f}  [{', '.join(f'{100 * a:.1f}' for a in runs)}]"
+        )
+    for k in ("k3", "k1", "params", "flops"):
+        if k in result["ranking"]:
+            r = result["ranking"][k]
+            seeds = r.get("kendall_per_seed")
+            each = f"; per seed {seeds['mean']:+.3f} +- {seeds['std']:.3f}" if seeds else ""
+            print(
+                f"  ranker {k:<6} (n={r['n']}): Kendall tau {r['kendall']:+.3f}, Spearman rho {r['spearman']:+.3f}{each}"
+            )
+    print("\n2. interference: smallest subnet | K=3 loss, acc % | K=1 loss, acc %")
+    for arch, v in result["interference"].items():
+        print(
+            f"  {arch:<20} {v['k3']['loss']:.3f} {100 * v['k3']['accuracy']:5.1f} | "
+            f"{v['k1']['loss']:.3f} {100 * v['k1']['accuracy']:5.1f}"
+        )
+    print("\n3. extracted vs standalone (mean +- std over seeds, test accuracy %)")
+    for frac, v in result["extracted_vs_standalone"].items():
+        print(
+            f"  budget {frac} x teacher FLOPs: searched {v['searched']} ({v['params'] / 1e6:.1f}M, {v['flops'] / 1e6:.0f} MFLOPs)"
+        )
+        for label in ("inherited", "scratch", "hand_picked"):
+            row = v.get(label, {})
+            if "mean" in row:
+                accs = ", ".join(f"{100 * r['accuracy']:.1f}" for r in row["runs"])
+                agree = statistics.fmean(r["teacher_agreement"] for r in row["runs"])
+                what = (
+                    f" {v['hand_arch']} ({v['hand_params'] / 1e6:.1f}M, {v['hand_flops'] / 1e6:.0f} MFLOPs)"
+                    if label == "hand_picked"
+                    else ""
+                )
+                print(
+                    f"    {label:<12}{what} {100 * row['mean']:.1f} +- {100 * row['std']:.1f}  [{accs}]  agreement with teacher {100 * agree:.1f}"
+                )
+            elif row:
+                print(f"    {label:<12} {row['skipped']}")
 
 
 def load_teacher_path() -> str:
