@@ -6,20 +6,28 @@ docstrings. Downstream task: HSK sentence topics (English side, ``hsk-en`` / ``h
 
 1. **ranking**: ``--subnets`` (>= 12) architectures spread over the sizes of the K = 3 sub-spaces; for
    each, the inherited relation loss in its K = 3 supernet (no training) and the test accuracy of the
-   same architecture trained standalone (random init, fine-tuned with KD from the fine-tuned teacher);
-   Kendall tau / Spearman rho of (-loss) against accuracy.
-2. **interference**: the same tau with the K = 1 supernet (one SuperLM over the union, equal steps in
-   total), and the accuracy of the smallest subnets fine-tuned from inherited K = 1 vs K = 3 weights.
+   same architecture trained standalone (random init, fine-tuned with KD from the fine-tuned teacher,
+   ``--rank-seeds`` seeds); Kendall tau / Spearman rho of (-loss) against accuracy, beside parameter
+   count and FLOPs as rankers (size alone: the baseline a proxy must beat).
+2. **interference**: the same tau with a K = 1 supernet (one SuperLM over the union), and the accuracy
+   of the smallest subnet of each K = 3 sub-space fine-tuned from inherited K = 1 vs K = 3 weights
+   (``--seeds`` seeds). Two K = 1 runs: ``k1`` with the steps of all three K = 3 supernets (equal
+   compute in total), ``k1s`` with the steps of one (its largest and smallest subnets, in every
+   sandwich, are then trained as often as those of a K = 3 supernet).
 3. **extracted vs standalone**: the subnet the search picks at two FLOPs budgets, fine-tuned from
    inherited weights, vs the same architecture from scratch with equal fine-tuning compute, vs a
    hand-picked student of no more FLOPs (the teacher's first layers at full width: layer selection);
    ``--seeds`` seeds, mean +- std.
 
-Everything finished is kept in ``--out`` (supernet runs resume; ``results.json`` caches each measured
-item) so the command can be rerun after an interruption.
+Everything finished is kept in ``--out``: supernet runs resume, ``results.json`` holds each finished
+item. Any number of processes may run on one ``--out`` at once (lanes): each claims unfinished items
+under a file lock and waits for the others' at the end, so the command also resumes after a kill.
 
-    python benchmarks/autodistil.py --json benchmarks/results/autodistil.json
-    python benchmarks/autodistil.py --quick --out runs/ad-quick     # minutes: tiny steps, few texts
+    # the CPU run of BENCHMARKS.md: two lanes (~85 min on 2 cores), then the tables again
+    for lane in 1 2; do OMP_NUM_THREADS=1 python benchmarks/autodistil.py --steps 400 --quiet \
+        --json benchmarks/results/autodistil.json & done; wait
+    python benchmarks/autodistil.py --table-only benchmarks/results/autodistil.json
+    python benchmarks/autodistil.py --quick --out runs/ad-quick     # a smoke run: tiny steps, few texts
 """
 
 from __future__ import annotations
@@ -120,10 +128,16 @@ class Cache:
         return value
 
 
-def supernets(args: argparse.Namespace, k: int) -> Path:
-    steps = args.steps * (3 if k == 1 else 1)  # equal compute: K = 1 gets the steps of all three
+#: the supernet runs: K = 3; K = 1 with the steps of all three (equal compute in total); K = 1 with the
+#: steps of one (each of its subnets is trained as often as in one K = 3 supernet: equal steps)
+SUPERNETS = {"k3": (3, 1), "k1": (1, 3), "k1s": (1, 1)}
+
+
+def supernets(args: argparse.Namespace, name: str) -> Path:
+    k, times = SUPERNETS[name]
+    steps = args.steps * times
     cfg = AutoDistilConfig(
-        name=f"k{k}",
+        name=name,
         output_dir=str(args.out),
         teacher="minilm",
         subspaces=k,
@@ -194,14 +208,14 @@ def main() -> None:
     start = time.perf_counter()
     teacher, tok = load_teacher("minilm", reorder=True)  # the supernets distil from the reordered teacher
     config = teacher.config
-    nets: dict[int, list[tuple[Any, Any]]] = {}
+    nets: dict[str, list[tuple[Any, Any]]] = {}
 
-    def supernet_list(k: int) -> list[tuple[Any, Any]]:
-        if k not in nets:
-            nets[k] = [
-                load_supernet(d)[:2] for d in sorted((args.out / f"k{k}").glob("subspaces/*/supernet"))
+    def supernet_list(name: str) -> list[tuple[Any, Any]]:
+        if name not in nets:
+            nets[name] = [
+                load_supernet(d)[:2] for d in sorted((args.out / name).glob("subspaces/*/supernet"))
             ]
-        return nets[k]
+        return nets[name]
 
     texts = held_out(args.corpora, args.eval_texts, 0)
     batches = TextBatches(texts, tok, args.max_length, args.batch_size).all()
@@ -236,8 +250,8 @@ def main() -> None:
             classifier.append(model.eval())
         return classifier[0]
 
-    def loss_in(k: int, arch: SubnetArch) -> float:
-        for net, space in supernet_list(k):
+    def loss_in(name: str, arch: SubnetArch) -> float:
+        for net, space in supernet_list(name):
             if arch in space.archs:
                 return inherited_loss(net, arch, batches, t_qkv, 4)
         return float("nan")
@@ -250,14 +264,14 @@ def main() -> None:
             "seconds": r["seconds"],
         }
 
-    def standalone(arch: SubnetArch, seed: int, init: str, k: int = 3) -> dict[str, Any]:
+    def standalone(arch: SubnetArch, seed: int, init: str, supernet: str = "k3") -> dict[str, Any]:
         cfg = transformers.BertConfig.from_pretrained(load_teacher_path())
         cfg.num_hidden_layers, cfg.hidden_size = arch.layers, arch.hidden
         cfg.num_attention_heads, cfg.intermediate_size = arch.heads, arch.intermediate
         torch.manual_seed(seed)
         enc = transformers.BertModel(cfg, add_pooling_layer=False)
         if init == "inherited":
-            net = next(n for n, s in supernet_list(k) if arch in s.archs)
+            net = next(n for n, s in supernet_list(supernet) if arch in s.archs)
             state = slice_bert_state(net.bert.state_dict(), arch)
             enc.load_state_dict(
                 {kk: v for kk, v in state.items() if not kk.startswith("pooler.")}, strict=False
@@ -290,7 +304,7 @@ def main() -> None:
     smallest = [s.smallest for s in default_subspaces(config, 3)]
 
     def search(frac: float) -> dict[str, Any]:
-        space = SupernetSpace(supernet_list(3))
+        space = SupernetSpace(supernet_list("k3"))
         budget = Budget(max_flops=int(frac * teacher_flops), max_candidates=min(40, space.size))
         scorer = SupernetScorer(space, batches, t_qkv, budget, 4, ("qq", "kk", "vv"), args.max_length)
         best = regularized_evolution(
@@ -329,8 +343,7 @@ def main() -> None:
             pending += value is None
             return value
 
-        k1 = item("supernet:k1", lambda: {"run": str(supernets(args, 1))})
-        k3 = item("supernet:k3", lambda: {"run": str(supernets(args, 3))})
+        trained = {n: item(f"supernet:{n}", lambda n=n: {"run": str(supernets(args, n))}) for n in SUPERNETS}
         tacc = item("teacher", train_teacher)
         scratch = {
             a: [
@@ -339,7 +352,7 @@ def main() -> None:
             ]
             for a in picked
         }
-        searched = {f: item(f"search:{f:g}", lambda f=f: search(f), k3) for f in args.budgets}
+        searched = {f: item(f"search:{f:g}", lambda f=f: search(f), trained["k3"]) for f in args.budgets}
         study3: dict[float, dict[str, list[Any]]] = {}
         for frac, found in searched.items():
             cells: dict[str, list[Any]] = {"inherited": [], "scratch": [], "hand_picked": []}
@@ -357,11 +370,17 @@ def main() -> None:
                     )
             study3[frac] = cells
         inter = {
-            (a, k): item(
-                f"inherited-k{k}:{a.id}:0", lambda a=a, k=k: standalone(a, 0, "inherited", k), k1, k3, tacc
-            )
+            (a, n): [
+                item(
+                    f"inherited-{n}:{a.id}:{seed}",
+                    lambda a=a, n=n, seed=seed: standalone(a, seed, "inherited", n),
+                    trained[n],
+                    tacc,
+                )
+                for seed in range(args.seeds)
+            ]
             for a in smallest
-            for k in (3, 1)
+            for n in SUPERNETS
         }
         if not pending:
             break
@@ -374,8 +393,7 @@ def main() -> None:
             "arch": a.id,
             "params": params(a),
             "flops": arch_flops(a, args.max_length),
-            "loss_k3": loss_in(3, a),
-            "loss_k1": loss_in(1, a),
+            **{f"loss_{n}": loss_in(n, a) for n in SUPERNETS},
             "accuracy": statistics.fmean(r["accuracy"] for r in scratch[a]),
             "accuracy_runs": [r["accuracy"] for r in scratch[a]],
         }
@@ -383,8 +401,7 @@ def main() -> None:
     ]
     # each ranker against the seed-mean accuracy, and against each seed's accuracies (mean +- std of tau)
     rankers = {
-        "k3": [-r["loss_k3"] for r in rows],
-        "k1": [-r["loss_k1"] for r in rows],
+        **{n: [-r[f"loss_{n}"] for r in rows] for n in SUPERNETS},
         "params": [r["params"] for r in rows],  # size alone: the baseline any proxy must beat
         "flops": [r["flops"] for r in rows],
     }
@@ -402,7 +419,15 @@ def main() -> None:
             "n": len(ok),
         }
     interference = {
-        a.id: {f"k{k}": {**inter[(a, k)], "loss": loss_in(k, a)} for k in (3, 1)} for a in smallest
+        a.id: {
+            n: {
+                "loss": loss_in(n, a),
+                **mean_std([r["accuracy"] for r in inter[(a, n)]]),
+                "runs": inter[(a, n)],
+            }
+            for n in SUPERNETS
+        }
+        for a in smallest
     }
     extracted = {}
     for frac, found in searched.items():
@@ -433,7 +458,7 @@ def main() -> None:
             "params": params(teacher_arch),
             "flops": teacher_flops,
         },
-        "supernets": {k: json.loads((args.out / k / "summary.json").read_text()) for k in ("k3", "k1")},
+        "supernets": {k: json.loads((args.out / k / "summary.json").read_text()) for k in SUPERNETS},
         "ranking": {"rows": rows, **ranking},
         "interference": interference,
         "extracted_vs_standalone": extracted,
@@ -468,16 +493,19 @@ def print_tables(result: dict[str, Any]) -> None:
                 f"largest {first['loss/largest']:.3f} -> {final['loss/largest']:.3f}, "
                 f"smallest {first['loss/smallest']:.3f} -> {final['loss/smallest']:.3f}"
             )
+    names = [n for n in SUPERNETS if n in result["supernets"]]
     print(
-        "\n1. ranking: arch | params M | MFLOPs | inherited loss K=3 | K=1 | standalone KD acc % (mean over seeds)"
+        f"\n1. ranking: arch | params M | MFLOPs | inherited loss in {' | '.join(names)}"
+        " | standalone KD acc % (mean over seeds)"
     )
     for r in result["ranking"]["rows"]:
         runs = r.get("accuracy_runs", [r["accuracy"]])
         print(
             f"  {r['arch']:<20} {r['params'] / 1e6:6.2f} {r['flops'] / 1e6:7.1f} "
-            f"{r['loss_k3']:7.3f} {r['loss_k1']:7.3f} {100 * r['accuracy']:6.1f}  [{', '.join(f'{100 * a:.1f}' for a in runs)}]"
+            + " ".join(f"{r[f'loss_{n}']:7.3f}" for n in names)
+            + f" {100 * r['accuracy']:6.1f}  [{', '.join(f'{100 * a:.1f}' for a in runs)}]"
         )
-    for k in ("k3", "k1", "params", "flops"):
+    for k in (*names, "params", "flops"):
         if k in result["ranking"]:
             r = result["ranking"][k]
             seeds = r.get("kendall_per_seed")
@@ -485,16 +513,18 @@ def print_tables(result: dict[str, Any]) -> None:
             print(
                 f"  ranker {k:<6} (n={r['n']}): Kendall tau {r['kendall']:+.3f}, Spearman rho {r['spearman']:+.3f}{each}"
             )
-    print("\n2. interference: smallest subnet | K=3 loss, acc % | K=1 loss, acc %")
+    print(
+        "\n2. interference: smallest subnet | per supernet: inherited loss, fine-tuned accuracy % (mean +- std)"
+    )
     for arch, v in result["interference"].items():
-        print(
-            f"  {arch:<20} {v['k3']['loss']:.3f} {100 * v['k3']['accuracy']:5.1f} | "
-            f"{v['k1']['loss']:.3f} {100 * v['k1']['accuracy']:5.1f}"
-        )
+        cells = [
+            f"{n} {v[n]['loss']:.3f} {100 * v[n]['mean']:5.1f} +- {100 * v[n]['std']:.1f}" for n in names
+        ]
+        print(f"  {arch:<20} " + " | ".join(cells))
     print("\n3. extracted vs standalone (mean +- std over seeds, test accuracy %)")
     for frac, v in result["extracted_vs_standalone"].items():
         print(
-            f"  budget {frac} x teacher FLOPs: searched {v['searched']} ({v['params'] / 1e6:.1f}M, {v['flops'] / 1e6:.0f} MFLOPs)"
+            f"  budget {frac} x teacher FLOPs ({float(frac) * t['flops'] / 1e6:.0f} MFLOPs): searched {v['searched']} ({v['params'] / 1e6:.1f}M, {v['flops'] / 1e6:.0f} MFLOPs)"
         )
         for label in ("inherited", "scratch", "hand_picked"):
             row = v.get(label, {})
