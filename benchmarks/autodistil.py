@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -163,7 +164,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/autodistil-bench"))
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--steps", type=int, default=600, help="supernet steps per sub-space (K = 1: 3x)")
+    p.add_argument("--steps", type=int, default=600, help="supernet steps per sub-space (k1: 3x, k1s: 1x)")
     p.add_argument("--subnets", type=int, default=12)
     p.add_argument("--seeds", type=int, default=3, help="seeds of study 3")
     p.add_argument("--rank-seeds", type=int, default=3, help="seeds of each standalone run of study 1")
@@ -199,9 +200,12 @@ def main() -> None:
     if (args.out / "settings.json").is_file():
         before = json.loads((args.out / "settings.json").read_text())
         if before != settings:
-            raise SystemExit(
-                f"{args.out} holds a benchmark with other settings ({before}); use another --out or the same flags"
+            print(
+                f"error: {args.out} holds a benchmark with other settings ({before}); "
+                "use another --out or the same flags",
+                file=sys.stderr,
             )
+            raise SystemExit(2)
     else:
         atomic_write_text(args.out / "settings.json", json.dumps(settings, indent=1))
     cache = Cache(args.out / "results.json")
