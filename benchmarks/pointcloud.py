@@ -27,6 +27,13 @@ per cloud (batch 1, measured side by side, this machine).
     python benchmarks/pointcloud.py --task parts --json benchmarks/results/pointcloud-parts.json
 
 Finished runs are reused when the command is run again (``--output-dir``, default runs/pc-bench).
+Two lanes on a 2-core machine: the teacher first (one writer per run), then disjoint rows, then the
+table from the finished runs (add ``--task parts`` to each line for segmentation):
+
+    python benchmarks/pointcloud.py --threads 2 --rows student --seeds 1      # the teacher (+ one run)
+    for rows in student,kd,fitnet rkd,pd_noreweight,pd; do
+        OMP_NUM_THREADS=1 python benchmarks/pointcloud.py --threads 1 --rows $rows & done; wait
+    python benchmarks/pointcloud.py --json benchmarks/results/pointcloud-cls.json   # reuses every run
 """
 
 from __future__ import annotations
