@@ -18,6 +18,9 @@ docstrings. Downstream task: HSK sentence topics (English side, ``hsk-en`` / ``h
    inherited weights, vs the same architecture from scratch with equal fine-tuning compute, vs a
    hand-picked student of no more FLOPs (the teacher's first layers at full width: layer selection);
    ``--seeds`` seeds, mean +- std.
+4. **within a budget** (what the search relies on): ``--band-size`` K = 3 subnets with FLOPs in
+   [0.6, 1] x each budget, fine-tuned from inherited weights (``--band-seeds`` seeds); Kendall tau of
+   (-inherited loss) against that accuracy, and where the lowest-loss subnet ranks.
 
 Everything finished is kept in ``--out``: supernet runs resume, ``results.json`` holds each finished
 item. Any number of processes may run on one ``--out`` at once (lanes): each claims unfinished items
@@ -168,6 +171,8 @@ def main() -> None:
     p.add_argument("--subnets", type=int, default=12)
     p.add_argument("--seeds", type=int, default=3, help="seeds of study 3")
     p.add_argument("--rank-seeds", type=int, default=3, help="seeds of each standalone run of study 1")
+    p.add_argument("--band-size", type=int, default=6, help="subnets per budget in study 4")
+    p.add_argument("--band-seeds", type=int, default=2, help="seeds of study 4")
     p.add_argument("--corpus", default="hsk-en")
     p.add_argument("--probe", default="hsk_topic")
     p.add_argument("--epochs", type=int, default=3)
@@ -191,7 +196,7 @@ def main() -> None:
     args.max_length, args.batch_size, args.eval_texts = 64, 16, 96
     if args.quick:
         args.steps, args.subnets, args.seeds, args.epochs, args.max_train = 10, 12, 2, 1, 256
-        args.rank_seeds = 1
+        args.rank_seeds, args.band_seeds = 1, 1
         args.corpora, args.max_length, args.batch_size, args.eval_texts = ["pydoc-topics"], 32, 8, 32
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -254,11 +259,24 @@ def main() -> None:
             classifier.append(model.eval())
         return classifier[0]
 
-    def loss_in(name: str, arch: SubnetArch) -> float:
-        for net, space in supernet_list(name):
-            if arch in space.archs:
-                return inherited_loss(net, arch, batches, t_qkv, 4)
-        return float("nan")
+    losses: dict[tuple[str, str, SubnetArch], float] = {}
+
+    def home(name: str, arch: SubnetArch, space: str | None = None) -> tuple[Any, float]:
+        """The supernet of run ``name`` that ``arch`` inherits from, and its inherited loss there: the
+        sub-space ``space``, else the one with the lowest loss (an arch may lie in two sub-spaces; the
+        search would pick that one); ``(None, nan)`` when no sub-space holds it."""
+        best: tuple[Any, float] = (None, float("nan"))
+        for net, sub in supernet_list(name):
+            if arch in sub.archs and space in (None, sub.name):
+                if (name, sub.name, arch) not in losses:
+                    losses[(name, sub.name, arch)] = inherited_loss(net, arch, batches, t_qkv, 4)
+                loss = losses[(name, sub.name, arch)]
+                if best[0] is None or loss < best[1]:
+                    best = (net, loss)
+        return best
+
+    def loss_in(name: str, arch: SubnetArch, space: str | None = None) -> float:
+        return home(name, arch, space)[1]
 
     def finetune(enc: torch.nn.Module, seed: int) -> dict[str, Any]:
         r = finetune_classifier(enc, tok, teacher=tclf(), kd_weight=0.5, seed=seed, lr=1e-4, **ft)
@@ -268,14 +286,16 @@ def main() -> None:
             "seconds": r["seconds"],
         }
 
-    def standalone(arch: SubnetArch, seed: int, init: str, supernet: str = "k3") -> dict[str, Any]:
+    def standalone(
+        arch: SubnetArch, seed: int, init: str, supernet: str = "k3", space: str | None = None
+    ) -> dict[str, Any]:
         cfg = transformers.BertConfig.from_pretrained(load_teacher_path())
         cfg.num_hidden_layers, cfg.hidden_size = arch.layers, arch.hidden
         cfg.num_attention_heads, cfg.intermediate_size = arch.heads, arch.intermediate
         torch.manual_seed(seed)
         enc = transformers.BertModel(cfg, add_pooling_layer=False)
         if init == "inherited":
-            net = next(n for n, s in supernet_list(supernet) if arch in s.archs)
+            net = home(supernet, arch, space)[0]
             state = slice_bert_state(net.bert.state_dict(), arch)
             enc.load_state_dict(
                 {kk: v for kk, v in state.items() if not kk.startswith("pooler.")}, strict=False
@@ -305,7 +325,19 @@ def main() -> None:
     picked = list(
         dict.fromkeys(union[round(i * (len(union) - 1) / (args.subnets - 1))] for i in range(args.subnets))
     )
-    smallest = [s.smallest for s in default_subspaces(config, 3)]
+    smallest = {s.smallest: s.name for s in default_subspaces(config, 3)}  # arch -> its K = 3 sub-space
+
+    def band(frac: float) -> list[SubnetArch]:
+        """``--band-size`` K = 3 subnets spread over FLOPs in [0.6, 1] x the budget (study 4)."""
+        hi = frac * teacher_flops
+        inside = sorted(
+            (a for a in union if 0.6 * hi <= arch_flops(a, args.max_length) <= hi),
+            key=lambda a: (arch_flops(a, args.max_length), a),
+        )
+        n = min(args.band_size, len(inside))
+        return list(dict.fromkeys(inside[round(i * (len(inside) - 1) / max(1, n - 1))] for i in range(n)))
+
+    bands = {frac: band(frac) for frac in args.budgets}
 
     def search(frac: float) -> dict[str, Any]:
         space = SupernetSpace(supernet_list("k3"))
@@ -363,7 +395,8 @@ def main() -> None:
             for s in range(args.seeds):
                 arch = SubnetArch(*found["arch"]) if found else None
                 for label in ("inherited", "scratch"):
-                    fn = lambda arch=arch, s=s, label=label: standalone(arch, s, label)  # noqa: E731
+                    own = found["searched"].split(":")[0] if found else None  # the searched sub-space
+                    fn = lambda arch=arch, s=s, label=label, own=own: standalone(arch, s, label, "k3", own)  # noqa: E731
                     cells[label].append(
                         item(f"s3:{frac:g}:{label}:{found and found['searched']}:{s}", fn, found, tacc)
                     )
@@ -377,7 +410,9 @@ def main() -> None:
             (a, n): [
                 item(
                     f"inherited-{n}:{a.id}:{seed}",
-                    lambda a=a, n=n, seed=seed: standalone(a, seed, "inherited", n),
+                    lambda a=a, n=n, seed=seed: standalone(
+                        a, seed, "inherited", n, smallest[a] if n == "k3" else None
+                    ),
                     trained[n],
                     tacc,
                 )
@@ -385,6 +420,19 @@ def main() -> None:
             ]
             for a in smallest
             for n in SUPERNETS
+        }
+        within = {
+            (frac, a): [
+                item(
+                    f"band:{frac:g}:{a.id}:{seed}",
+                    lambda a=a, seed=seed: standalone(a, seed, "inherited"),
+                    trained["k3"],
+                    tacc,
+                )
+                for seed in range(args.band_seeds)
+            ]
+            for frac, archs in bands.items()
+            for a in archs
         }
         if not pending:
             break
@@ -425,7 +473,7 @@ def main() -> None:
     interference = {
         a.id: {
             n: {
-                "loss": loss_in(n, a),
+                "loss": loss_in(n, a, smallest[a] if n == "k3" else None),
                 **mean_std([r["accuracy"] for r in inter[(a, n)]]),
                 "runs": inter[(a, n)],
             }
@@ -433,6 +481,30 @@ def main() -> None:
         }
         for a in smallest
     }
+    # 4. within a budget: does the inherited loss pick the subnet that fine-tunes best from inherited weights?
+    within_budget = {}
+    for frac, archs in bands.items():
+        band_rows = [
+            {
+                "arch": a.id,
+                "params": params(a),
+                "flops": arch_flops(a, args.max_length),
+                "loss_k3": loss_in("k3", a),
+                **mean_std([r["accuracy"] for r in within[(frac, a)]]),
+                "runs": [r["accuracy"] for r in within[(frac, a)]],
+            }
+            for a in archs
+        ]
+        acc = [r["mean"] for r in band_rows]
+        lowest = min(band_rows, key=lambda r: r["loss_k3"])
+        within_budget[f"{frac:g}"] = {
+            "rows": band_rows,
+            "kendall_loss": kendall_tau([-r["loss_k3"] for r in band_rows], acc),
+            "kendall_params": kendall_tau([r["params"] for r in band_rows], acc),
+            "kendall_flops": kendall_tau([r["flops"] for r in band_rows], acc),
+            "lowest_loss": lowest["arch"],
+            "lowest_loss_accuracy_rank": 1 + sum(a > lowest["mean"] for a in acc),
+        }
     extracted = {}
     for frac, found in searched.items():
         out: dict[str, Any] = dict(found)
@@ -466,6 +538,7 @@ def main() -> None:
         "ranking": {"rows": rows, **ranking},
         "interference": interference,
         "extracted_vs_standalone": extracted,
+        "within_budget": within_budget,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "seconds_this_process": round(time.perf_counter() - start, 1),
     }
@@ -545,6 +618,24 @@ def print_tables(result: dict[str, Any]) -> None:
                 )
             elif row:
                 print(f"    {label:<12} {row['skipped']}")
+
+    if "within_budget" in result:
+        print(
+            "\n4. within a budget: K = 3 subnets in [0.6, 1] x the budget, fine-tuned from inherited weights"
+        )
+        for frac, v in result["within_budget"].items():
+            print(f"  budget {frac} x teacher FLOPs")
+            for r in v["rows"]:
+                runs = ", ".join(f"{100 * a:.1f}" for a in r["runs"])
+                print(
+                    f"    {r['arch']:<20} {r['params'] / 1e6:5.1f}M {r['flops'] / 1e6:6.0f} MFLOPs  loss {r['loss_k3']:.3f}"
+                    f"  acc {100 * r['mean']:.1f} +- {100 * r['std']:.1f} [{runs}]"
+                )
+            print(
+                f"    Kendall tau vs accuracy: -loss {v['kendall_loss']:+.3f}, params {v['kendall_params']:+.3f}, "
+                f"FLOPs {v['kendall_flops']:+.3f}; the lowest-loss subnet {v['lowest_loss']} ranks "
+                f"{v['lowest_loss_accuracy_rank']} of {len(v['rows'])} by accuracy"
+            )
 
 
 def load_teacher_path() -> str:
