@@ -22,7 +22,7 @@ docstrings. Downstream task: HSK sentence topics (English side, ``hsk-en`` / ``h
    [0.6, 1] x each budget, fine-tuned from inherited weights (``--band-seeds`` seeds); Kendall tau of
    (-inherited loss) against that accuracy, and where the lowest-loss subnet ranks.
 
-Everything finished is kept in ``--out``: supernet runs resume, ``results.json`` holds each finished
+Everything finished is kept in ``--out``: supernet runs resume, ``items/`` holds each finished
 item. Any number of processes may run on one ``--out`` at once (lanes): each claims unfinished items
 under a file lock and waits for the others' at the end, so the command also resumes after a kill.
 
@@ -36,14 +36,14 @@ under a file lock and waits for the others' at the end, so the command also resu
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import urllib.parse
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ import torch
 import transformers
 
 from protege.autodistil import AutoDistilConfig, finetune_classifier, labelled, train_supernets
-from protege.files import atomic_save_tensors, atomic_write_text
+from protege.errors import ProtegeError
+from protege.files import atomic_save_tensors, atomic_write_text, exclusive_lock
 from protege.models.layer_selection import select_layer_state
 from protege.models.supernet import (
     SubnetArch,
@@ -68,68 +69,42 @@ from protege.tasks.supernet import TextBatches, held_out, inherited_loss, load_t
 
 
 class Cache:
-    """``results.json`` in the output folder: one entry per finished item, shared by every process on it.
+    """``items/<key>/value.json`` in the output folder: one finished item each, shared by every process on it.
 
-    Any number of processes may run the benchmark on one ``--out`` at once (lanes): under a file lock,
-    a process claims an unfinished item in ``claims.json`` (with its pid), computes it, and writes it
-    back; an item claimed by another live process is skipped and waited for. A killed process leaves a
-    stale claim that the next process takes over, so the benchmark also resumes after an interruption.
+    Any number of processes may run the benchmark on one ``--out`` at once (lanes): a process computes
+    an unfinished item while holding that item's writer lock (:func:`protege.files.exclusive_lock`, an
+    OS lock the kernel drops when the process ends, however it ends); an item another process holds is
+    skipped and waited for. So lanes never compute an item twice, and a rerun after a kill resumes.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.claims = path, path.parent / "claims.json"
-        self.lock = path.parent / "results.lock"
-        self.data: dict[str, Any] = {}
-        with self._locked():
-            self.data = self._read(self.path)
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _dir(self, key: str) -> Path:
+        return self.root / urllib.parse.quote(key, safe="")
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    def value(self, key: str) -> Any:
+        """The finished value of ``key``, or ``None``."""
+        path = self._dir(key) / "value.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def try_get(self, key: str, fn: Callable[[], Any]) -> Any:
-        """The finished value of ``key``; else claim and compute it; ``None`` while another process holds it."""
-        with self._locked():
-            self.data = self._read(self.path)
-            if key in self.data:
-                return self.data[key]
-            claims = self._read(self.claims)
-            holder = claims.get(key)
-            if holder is not None and holder != os.getpid() and self._alive(holder):
+        """The finished value of ``key``; else compute it under its lock; ``None`` while another process holds it."""
+        if (done := self.value(key)) is not None:
+            return done
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive_lock(self._dir(key)))
+            except ProtegeError:  # another process holds the item
                 return None
-            claims[key] = os.getpid()
-            atomic_write_text(self.claims, json.dumps(claims, indent=1))
-        print(f"[pid {os.getpid()}] {key} ...", flush=True)
-        begin = time.perf_counter()
-        value = fn()
-        with self._locked():
-            self.data = self._read(self.path)
-            self.data[key] = value
-            atomic_write_text(self.path, json.dumps(self.data, indent=1))
-            claims = self._read(self.claims)
-            claims.pop(key, None)
-            atomic_write_text(self.claims, json.dumps(claims, indent=1))
-        print(f"[pid {os.getpid()}] {key} done in {time.perf_counter() - begin:.0f} s", flush=True)
-        return value
+            if (done := self.value(key)) is not None:  # finished while we looked
+                return done
+            print(f"[pid {os.getpid()}] {key} ...", flush=True)
+            begin = time.perf_counter()
+            value = fn()
+            atomic_write_text(self._dir(key) / "value.json", json.dumps(value, indent=1))
+            print(f"[pid {os.getpid()}] {key} done in {time.perf_counter() - begin:.0f} s", flush=True)
+            return value
 
 
 #: the supernet runs: K = 3; K = 1 with the steps of all three (equal compute in total); K = 1 with the
@@ -213,7 +188,7 @@ def main() -> None:
             raise SystemExit(2)
     else:
         atomic_write_text(args.out / "settings.json", json.dumps(settings, indent=1))
-    cache = Cache(args.out / "results.json")
+    cache = Cache(args.out / "items")
     start = time.perf_counter()
     teacher, tok = load_teacher("minilm", reorder=True)  # the supernets distil from the reordered teacher
     config = teacher.config
@@ -529,7 +504,7 @@ def main() -> None:
     result = {
         "task": task,
         "teacher": {
-            **cache.data["teacher"],
+            **cache.value("teacher"),
             "arch": teacher_arch.id,
             "params": params(teacher_arch),
             "flops": teacher_flops,
