@@ -24,10 +24,19 @@ seeds; parameters; batch-1 CPU latency of both teachers and the student measured
     python benchmarks/landmarks.py --json benchmarks/results/landmarks.json
 
 Runs go through ``run_or_reuse`` (``--output-dir``, default runs/lm-bench): a finished run of the same
-config is read, a begun one resumes, one of another config is refused. Lanes on a 2-core machine: train
-the teachers first (``--rows "hard only" --only-seeds 0 --train-only``), then two processes with disjoint
-``--only-seeds`` and ``--train-only``, then the plain command tabulates everything (best and last
-checkpoints, mean ± std over seeds).
+config is read, a begun one resumes, one of another config is refused. Lanes on a 2-core machine (one
+thread each): the teachers side by side (``--roles tough --rows --train-only`` and ``--roles tolerant
+--rows --train-only``), then two processes over disjoint rows / ``--only-seeds`` with ``--train-only``
+(a run without a teacher costs about half one with two), then the plain command tabulates everything
+(best and last checkpoints, mean ± std over seeds)::
+
+    export OMP_NUM_THREADS=1
+    for role in tough tolerant; do python benchmarks/landmarks.py --roles $role --rows --train-only & done; wait
+    B="python benchmarks/landmarks.py --train-only"
+    ($B --rows "hard only" "+ tough KD" && $B --rows "+ tolerant KD" --only-seeds 0 1) &
+    ($B --rows "+ tolerant KD" --only-seeds 2 && $B --rows "both (KD-Loss)" "two-teacher L2") &
+    wait; unset OMP_NUM_THREADS
+    python benchmarks/landmarks.py --json benchmarks/results/landmarks.json
 """
 
 from __future__ import annotations
@@ -89,9 +98,11 @@ def _run(cfg: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def _teachers(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Train (or read) the Tough and the Tolerant teacher; the teachers use the first seed."""
+    """Train (or read) the Tough and the Tolerant teacher (those of ``--roles``); they use the first seed."""
     out = {}
     for role, extra in (("tough", {}), ("tolerant", {"targets": "asm", "asm_modes": args.asm_modes})):
+        if role not in args.roles:
+            continue
         cfg = _base(args, f"teacher-{role}", 0)
         cfg["data"]["options"].update(extra)
         cfg["student"] = {"model": args.teacher}
@@ -138,6 +149,10 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet18")
     parser.add_argument("--student", default="mobilenetv2_050")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument(
+        "--roles", nargs="+", default=["tough", "tolerant"], choices=["tough", "tolerant"],
+        help="the teachers to train or read (one per process trains them side by side); the table needs both",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--only-seeds", type=int, nargs="*", default=None,
@@ -176,6 +191,8 @@ def main() -> None:
         }  # fmt: skip
     if args.train_only:
         return
+    if len(teachers) < 2:
+        parser.error("the table needs both teachers: leave --roles out (or use --train-only)")
     results["costs"] = _costs(args)
     results["wall_s"] = time.perf_counter() - t0
     costs = results["costs"]
