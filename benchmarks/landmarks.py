@@ -135,17 +135,22 @@ def _costs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {k: {"params": count_params(m), "latency_ms": lat[k]["ms"]} for k, m in models.items()}
 
 
-def _paired(rows: dict[str, Any], metrics: tuple[str, ...] = ("nme_io", "auc_io")) -> dict[str, Any]:
-    """Each row's last-epoch metrics minus those of the ``hard only`` run with the same seed (same
-    initialisation, data and schedule: only the terms differ): mean, sample std, the per-seed
-    differences and in how many seeds the row is better (lower NME, higher AUC)."""
-    base = rows.get("hard only")
+def _paired(
+    rows: dict[str, Any],
+    against: str,
+    only: str | None = None,
+    metrics: tuple[str, ...] = ("nme_io", "auc_io"),
+) -> dict[str, Any]:
+    """Each row's (or row ``only``'s) last-epoch metrics minus those of row ``against``'s run with the
+    same seed (same initialisation, data and schedule: only the terms differ): mean, sample std, the
+    per-seed differences and in how many seeds the row is better (lower NME, higher AUC)."""
+    base = rows.get(against)
     out: dict[str, Any] = {}
     if base is None:
         return out
     for row, r in rows.items():
         common = [s for s in r["seed_ids"] if s in base["seed_ids"]]
-        if row == "hard only" or not common:
+        if row == against or not common or only not in (None, row):
             continue
         out[row] = {}
         for m in metrics:
@@ -249,19 +254,23 @@ def main() -> None:
             c = costs["student"]
             cells = "".join(f"{r[which][k]:>9.4f}±{r[which + '_std'][k]:<6.4f}" for k in METRICS)
             print(f"{row + ' (' + str(r['seeds']) + ')':<18}{cells}{c['params']:>12,}{c['latency_ms']:>8.2f}")
-    results["paired"] = _paired(results["rows"])
-    if results["paired"]:
-        print(
-            "\npaired with the same seed's 'hard only' run (last epoch; lower NME and higher AUC are better)"
-        )
-    for row, p in results["paired"].items():
-        print(
-            f"{row:<18}"
-            + "   ".join(
-                f"Δ{m} {d['mean']:+.4f} ± {d['std']:.4f} (better in {d['better']}/{len(d['per_seed'])})"
-                for m, d in p.items()
+    # the claim: both teachers beat no teacher and each single one, seed by seed
+    results["paired"] = {"hard only": _paired(results["rows"], "hard only")}
+    for one in ("+ tough KD", "+ tolerant KD"):
+        results["paired"][one] = _paired(results["rows"], one, only="both (KD-Loss)")
+    for against, pairs in results["paired"].items():
+        if pairs:
+            print(
+                f"\nminus the same seed's {against!r} run (last epoch; lower NME and higher AUC are better)"
             )
-        )
+        for row, p in pairs.items():
+            print(
+                f"{row:<18}"
+                + "   ".join(
+                    f"Δ{m} {d['mean']:+.4f} ± {d['std']:.4f} (better in {d['better']}/{len(d['per_seed'])})"
+                    for m, d in p.items()
+                )
+            )
     print(f"wall {results['wall_s']:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
