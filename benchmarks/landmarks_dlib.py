@@ -170,7 +170,11 @@ def main() -> None:
     data = load_landmark_data(
         {"source": "faces", "options": {"size": args.size, "train": args.train, "val": 1, "test": args.test}}
     )
-    results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    settings = {
+        k: [str(p) for p in v] if isinstance(v, list) else v if v is None else str(v)
+        for k, v in vars(args).items()
+    }
+    results: dict[str, Any] = {"settings": settings}
     results["dlib_on_synthetic"] = s = dlib_on_synthetic(dl, data.test)
     print(
         f"dlib on {s['n']} procedural test faces vs their exact points: NME(io) {s['nme_io']:.4f}, "
