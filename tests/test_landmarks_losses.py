@@ -99,6 +99,10 @@ def test_kd_loss_is_two_main_plus_both_alosses(pts) -> None:
         for v in (0.3 - 1e-9, 0.3 + 1e-9)
     )
     assert float(lo) == pytest.approx(float(hi), abs=1e-6)
+    # teachers that predict the ground truth exactly add nothing: each ALoss is 0 and the band is 0,
+    # so KD-Loss is 2 · L2 (BENCHMARKS.md's landmark analysis relies on this)
+    assert float(aloss(s, y, target=y)) == 0.0
+    assert float(kd_loss(s, [y, y], target=y)) == pytest.approx(2 * float(l2(s, target=y)), rel=1e-6)
     with pytest.raises(ValueError, match="exactly two teachers"):
         kd_loss(s, [tough], target=y)
     with pytest.raises(ValueError, match="must have the same"):
