@@ -38,7 +38,13 @@ from PIL import Image
 from protege.config import load_config
 from protege.data.landmarks import crop_face
 from protege.files import atomic_write_text
-from protege.tasks.landmarks import auc_fr, build_landmark_model, load_landmark_data, nme_per_image
+from protege.tasks.landmarks import (
+    Normalisation,
+    auc_fr,
+    build_landmark_model,
+    load_landmark_data,
+    nme_per_image,
+)
 
 DEBIAN_MODEL = Path("/usr/share/dlib/shape_predictor_68_face_landmarks.dat")  # Debian's libdlib-data
 
@@ -94,8 +100,8 @@ def _predict_dlib(
 
 def _errors(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     """NME (inter-ocular, outer eye corners 36/45), FR@0.1 and AUC@0.1 of ``pred`` against ``ref``."""
-    io = (ref[:, 36] - ref[:, 45]).norm(dim=-1)
-    e = nme_per_image(pred.double(), ref.double(), io.double())
+    io = Normalisation.parse(None, 68).distances(ref.double())["io"]
+    e = nme_per_image(pred.double(), ref.double(), io)
     auc, fr = auc_fr(e)
     return {"nme_io": float(e.mean()), "fr_io": fr, "auc_io": auc, "n": len(e)}
 
