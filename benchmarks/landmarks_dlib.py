@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protege.analysis.runs import seed_stats
 from protege.config import load_config
 from protege.data.landmarks import crop_face
 from protege.files import atomic_write_text
@@ -206,15 +207,13 @@ def main() -> None:
         seeded = re.fullmatch(r"(.+)-s\d+", name)
         rows.setdefault(seeded.group(1) if seeded else name, []).append(r)
     results["real_faces"] = {"counts": counts, "fill": fill, "runs": table, "rows": {}}
-    print(f"\n{'model (seeds)':<28}{'NME(io) vs dlib':>20}{'FR@0.1':>16}{'AUC@0.1':>16}")
+    print(f"\n{'model (seeds)':<34}{'NME(io) vs dlib':>20}{'FR@0.1':>16}{'AUC@0.1':>16}")
     for row, rs in rows.items():
-        cell = {}
-        for m in ("nme_io", "fr_io", "auc_io"):
-            v = np.array([r[m] for r in rs])
-            cell[m], cell[m + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        mean, std = seed_stats([{"test": {"last": r}} for r in rs], "last")
+        cell = {k: v for m in ("nme_io", "fr_io", "auc_io") for k, v in ((m, mean[m]), (m + "_std", std[m]))}
         results["real_faces"]["rows"][row] = cell
         print(
-            f"{row + f' ({len(rs)})':<28}"
+            f"{row + f' ({len(rs)})':<34}"
             + "".join(f"{cell[m]:>11.4f}±{cell[m + '_std']:<6.4f}" for m in ("nme_io", "fr_io", "auc_io"))
         )
     if args.json:
