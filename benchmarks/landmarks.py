@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from protege.analysis.runs import finished_summary, run_or_reuse, seed_stats
+from protege.analysis.runs import finished_summary, run_or_reuse, seed_paired, seed_stats
 from protege.config import load_config
 from protege.metrics.cost import count_params, measure_latencies
 from protege.tasks.landmarks import build_landmark_model
@@ -149,20 +148,18 @@ def _paired(
     if base is None:
         return out
     for row, r in rows.items():
-        common = [s for s in r["seed_ids"] if s in base["seed_ids"]]
-        if row == against or not common or only not in (None, row):
+        if row == against or only not in (None, row):
             continue
-        out[row] = {}
-        for m in metrics:
-            d = [
-                r["per_seed"][m][r["seed_ids"].index(s)] - base["per_seed"][m][base["seed_ids"].index(s)]
-                for s in common
-            ]
-            sign = -1 if m.startswith(("nme", "fr")) else 1
-            out[row][m] = {
-                "mean": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else 0.0,
-                "per_seed": d, "better": sum(sign * x > 0 for x in d),
-            }  # fmt: skip
+        pairs = {
+            m: seed_paired(
+                dict(zip(r["seed_ids"], r["per_seed"][m])),
+                dict(zip(base["seed_ids"], base["per_seed"][m])),
+                lower_is_better=m.startswith(("nme", "fr")),
+            )
+            for m in metrics
+        }
+        if all(pairs.values()):
+            out[row] = pairs
     return out
 
 

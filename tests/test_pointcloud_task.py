@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
 
 import protege as pg
 from cli_helpers import run_cli
+from protege.caching import build_cache
 from protege.config import load_config
 from protege.errors import ProtegeError
 from protege.tasks import build_task
@@ -98,6 +101,19 @@ def test_classification_and_parts_runs_with_pointdistiller(tmp_path):
     s = pg.run(load_config(None, **cfg), mode="distill", report=False)
     assert s["status"] == "completed" and s["test"]["last"]["teacher_acc"] >= 0
 
+    # the same run from the teacher's output cache (fixed clouds, no random transform: one view each)
+    # computes bit for bit what the online run computed, every loss of every epoch and every test metric
+    cache = {"path": str(tmp_path / "cache"), "views": 1, "taps": ["edge2", "pool"], "dtype": "float32"}
+    build_cache(load_config(None, **{**cfg, "cache": cache}))
+    c = pg.run(load_config(None, **{**cfg, "name": "c", "cache": cache}), mode="distill", report=False)
+    assert c["test"] == s["test"]
+
+    def losses(name: str) -> list[dict]:
+        lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time_s"} for x in lines]
+
+    assert losses("c") == losses("s") and "train/pointdistiller:mlp3" in losses("c")[0]
+
     parts = {"model": "pointnet2", "kwargs": {"k": 8, "width": 0.125}}
     cfg = _cfg(
         tmp_path,
@@ -111,6 +127,9 @@ def test_classification_and_parts_runs_with_pointdistiller(tmp_path):
             {"loss": "pointdistiller", "student": "sa1", "teacher": "sa1", "k": 4},
         ],
     )
+    with pytest.raises(ProtegeError, match="not part segmentation"):  # per-point targets: online only
+        build_cache(load_config(None, **{**cfg, "cache": {"path": str(tmp_path / "pc"), "views": 1}}))
+    assert not (tmp_path / "pc").exists()
     s = pg.run(load_config(None, **cfg), mode="distill", report=True)
     test = s["test"]["last"]
     assert s["status"] == "completed"

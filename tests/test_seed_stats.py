@@ -57,3 +57,18 @@ def test_seed_cell_formats_mean_and_spread() -> None:
     assert seed_cell({"acc": 0.732}, {"acc": 0.0}, "acc") == "73.2"  # one seed: no spread shown
     assert seed_cell({}, {}, "acc") == "—"
     assert seed_cell({"loss": 1.25}, {"loss": 0.5}, "loss", scale=1.0) == "1.2 ± 0.5"
+
+
+def test_seed_paired_matches_on_shared_seeds_only() -> None:
+    from protege.analysis.runs import seed_paired
+
+    row = {0: 0.80, 1: 0.90, 2: 0.70, 5: 0.99}  # seed 5 has no partner: left out
+    base = {0: 0.75, 1: 0.92, 2: 0.60, 3: 0.10}
+    p = seed_paired(row, base)
+    assert p is not None and p["seeds"] == 3
+    assert p["per_seed"] == pytest.approx([0.05, -0.02, 0.10])
+    assert p["mean"] == pytest.approx(0.13 / 3) and p["std"] == pytest.approx(statistics.stdev([0.05, -0.02, 0.10]))
+    assert p["better"] == 2
+    assert seed_paired(row, base, lower_is_better=True)["better"] == 1  # NME-like: smaller wins
+    assert seed_paired({0: 1.0}, {0: 0.5})["std"] == 0.0
+    assert seed_paired({0: 1.0}, {1: 0.5}) is None

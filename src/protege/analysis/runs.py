@@ -23,7 +23,7 @@ from ..errors import ProtegeError
 from ..pipeline import run as run_pipeline
 from .report import build_report
 
-__all__ = ["finished_summary", "run", "run_or_reuse", "seed_cell", "seed_stats", "write_run_report"]
+__all__ = ["finished_summary", "run", "run_or_reuse", "seed_cell", "seed_paired", "seed_stats", "write_run_report"]
 
 
 def run(
@@ -136,3 +136,26 @@ def seed_cell(mean: Mapping[str, float], std: Mapping[str, float], key: str, sca
         return "—"
     spread = std.get(key) or 0.0
     return f"{scale * mean[key]:.1f}" + (f" ± {scale * spread:.1f}" if spread else "")
+
+
+def seed_paired(
+    row: Mapping[int, float], base: Mapping[int, float], lower_is_better: bool = False
+) -> dict[str, Any] | None:
+    """Seed-paired differences ``row[s] - base[s]`` over the seeds both have (same initialisation,
+    data and schedule: only the recipe differs), so seed-to-seed spread shared by both cancels.
+
+    Returns ``{"mean", "std" (sample; 0 for one seed), "per_seed" (in seed order), "better" (seeds
+    where ``row`` wins: a larger value, or a smaller one with ``lower_is_better``), "seeds"}``, or
+    ``None`` when no seed is shared."""
+    common = sorted(set(row) & set(base))
+    if not common:
+        return None
+    d = [float(row[s]) - float(base[s]) for s in common]
+    sign = -1.0 if lower_is_better else 1.0
+    return {
+        "mean": statistics.fmean(d),
+        "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+        "per_seed": d,
+        "better": sum(sign * x > 0 for x in d),
+        "seeds": len(d),
+    }

@@ -337,6 +337,21 @@ class ShapeClouds(Dataset[Any]):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def fixed_tensors(self) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``(points, labels, description)``: a classification split is read as stored, so a teacher-output
+        cache (:mod:`protege.engine.cache`) holds one exact view per cloud.
+
+        Raises:
+            ProtegeError: a part-segmentation split (its items are dicts; cache it with a classification
+                split, or distill online).
+        """
+        if self.target == "parts":
+            raise ProtegeError(
+                "a teacher-output cache holds classification splits of shapes3d, not part segmentation "
+                "(per-point targets); distill online (remove `cache:` from the config)"
+            )
+        return self.points, self.labels, f"ShapeClouds(classes={len(self.classes)}, transform=None)"
+
     def __getitem__(self, i: int) -> Any:
         if self.target == "parts":
             return {"points": self.points[i], "parts": self.parts[i], "category": self.labels[i], "index": i}
@@ -473,6 +488,11 @@ class PointFolder(Dataset[Any]):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def fixed_tensors(self) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``(points, labels, description)``: the clouds are read as stored (one view each in a
+        teacher-output cache, :mod:`protege.engine.cache`)."""
+        return self.points, self.labels, f"PointFolder(classes={len(self.classes)}, transform=None)"
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.points[i], self.labels[i]

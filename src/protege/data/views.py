@@ -21,7 +21,9 @@ Replayable training transforms (:func:`replay_for`):
   (``RandomResizedCrop``: ``top, left, height, width`` of the box in the image it sees, drawn as
   torchvision draws it; ``flip``), ``"mnist"``, ``"resize"`` and ``"none"`` (no randomness: one
   view). More generally any ``v2.Compose`` of the deterministic steps those recipes use plus
-  ``RandomCrop``/``RandomResizedCrop``/``RandomHorizontalFlip``.
+  ``RandomCrop``/``RandomResizedCrop``/``RandomHorizontalFlip``;
+- datasets of fixed in-memory samples with no transform (point clouds: ``shapes3d`` classification,
+  ``pointfolder``), which expose ``fixed_tensors() -> (inputs, labels, description)``: one view.
 
 Anything else (a custom transform, colour jitter, …) raises :class:`ProtegeError` naming the
 replayable recipes.
@@ -400,6 +402,10 @@ def replay_for(dataset: Any) -> Replay:
             return img, int(label)
 
         return Replay(raw, len(indices), steps, repr(dataset.transform))
+    fixed = getattr(dataset, "fixed_tensors", None)
+    if callable(fixed):  # in-memory samples read as they are (point clouds): one view each
+        inputs, labels, desc = fixed()
+        return Replay(lambda i: (inputs[i], labels[i]), len(labels), [], desc)
     raise _not_replayable(f"a training set of type {type(dataset).__name__}")
 
 
@@ -449,6 +455,12 @@ def content_hash(dataset: Any) -> str | None:
     ``data`` array hash the array (selected rows).
     """
     h = hashlib.sha256()
+    fixed = getattr(dataset, "fixed_tensors", None)
+    if callable(fixed):
+        inputs, labels, _ = fixed()
+        h.update(inputs.numpy().tobytes())
+        h.update(labels.numpy().tobytes())
+        return h.hexdigest()
     if isinstance(dataset, TensorImageDataset):
         h.update(dataset.images.numpy().tobytes())
         h.update(dataset.labels.numpy().tobytes())
