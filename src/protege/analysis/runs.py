@@ -23,7 +23,15 @@ from ..errors import ProtegeError
 from ..pipeline import run as run_pipeline
 from .report import build_report
 
-__all__ = ["finished_summary", "run", "run_or_reuse", "seed_cell", "seed_paired", "seed_stats", "write_run_report"]
+__all__ = [
+    "finished_summary",
+    "run",
+    "run_or_reuse",
+    "seed_cell",
+    "seed_paired",
+    "seed_stats",
+    "write_run_report",
+]
 
 
 def run(
