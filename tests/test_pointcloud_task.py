@@ -182,3 +182,25 @@ def test_the_report_of_a_point_cloud_run_builds_and_skips_the_image_probes(tmp_p
     pg.run(load_config(None, **cfg), mode="distill", report=False)
     html = build_report(tmp_path / "runs" / "s").read_text()
     assert "Representation similarity" in html and "The probes read images" in html
+
+
+def test_validation_through_accelerate_keeps_every_point_of_a_partial_last_batch():
+    """accelerate's gather_for_metrics trims the last batch to its samples; per-point logits (B*N rows)
+    must be trimmed by cloud, not by row: the loop's validation equals a plain pass over the split."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from protege.engine.loop import evaluate
+    from protege.tasks.pointcloud import load_parts_data
+
+    data = load_parts_data({"source": "shapes3d", **DATA})
+    task = build_task("pointcloud_parts", data)
+    torch.manual_seed(0)
+    model = pg.build_model("pointnet", num_classes=data.num_classes, width=0.25, head="parts")
+    plain = evaluate(model, DataLoader(data.val, batch_size=17), task)
+    acc = Accelerator(cpu=True)
+    loader = acc.prepare(DataLoader(data.val, batch_size=5))  # 17 clouds: the last batch holds 2
+    gathered = evaluate(model, loader, task, accelerator=acc)
+    assert gathered["acc"] == pytest.approx(plain["acc"]) and 0 < plain["acc"] < 1
+    assert gathered["class_miou"] == pytest.approx(plain["class_miou"])
+    assert task.batch_size({"points": torch.zeros(3, 64, 3), "category": torch.zeros(3)}) == 3

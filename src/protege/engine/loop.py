@@ -10,12 +10,13 @@ holds only the student and the distiller's trainable extras.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ def evaluate(
     keys = task.eval_outputs()  # what the evaluator reads besides the logits (embeddings, …)
     use_cache = teacher_cache is not None and len(teacher_cache) > 0
     filling, stored = teacher_cache is not None and not use_cache, 0
-    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+    gather_rows = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     precision = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     # An accelerator's loader places the batches; a plain loader's batches go where the student is.
     # (a student without parameters, e.g. an onnxruntime model wrapped as a module, runs on the CPU)
@@ -168,6 +169,7 @@ def evaluate(
                 if device is not None:
                     batch = send_to_device(batch, device)
                 inputs, target = task.split(batch)
+                gather = functools.partial(_gather_samples, gather_rows, task.batch_size(inputs))
                 s_all = task.forward(student, inputs)
                 s_out = {k: gather(s_all[k]) for k in keys if k in s_all}
                 t_out = None
@@ -195,6 +197,24 @@ def evaluate(
     finally:
         student.train(was_training)
     return evaluator.compute()
+
+
+def _gather_samples(gather: Callable[[Any], Any], samples: int, x: Any) -> Any:
+    """``gather(x)`` with the rows of each sample kept together.
+
+    ``accelerate``'s ``gather_for_metrics`` drops the padding the sampler added to the last batch by
+    keeping its first rows, counted in *samples*; an output with several rows per sample (a part
+    segmenter's ``(B·N, P)`` per-point logits) would lose all but the first points of the batch. So such
+    a tensor is gathered as ``(B, rows per sample, ...)`` and flattened back."""
+    if (
+        not torch.is_tensor(x)
+        or x.dim() == 0
+        or samples <= 0
+        or x.shape[0] == samples
+        or x.shape[0] % samples
+    ):
+        return gather(x)
+    return gather(x.reshape(samples, -1, *x.shape[1:])).reshape(-1, *x.shape[1:])
 
 
 # -- fit ----------------------------------------------------------------------------------------

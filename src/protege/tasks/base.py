@@ -47,7 +47,8 @@ class Task:
 
     def eval_outputs(self) -> tuple[str, ...]:
         """The output keys :func:`protege.engine.evaluate` hands the evaluator (each ``(N, …)``,
-        one row per sample). Default: ``("logits",)``."""
+        one row per sample, or the same whole number of rows per sample: a part segmenter's per-point
+        logits, gathered across processes sample by sample). Default: ``("logits",)``."""
         return ("logits",)
 
     def model_input(self, inputs: Any) -> Any:
@@ -69,6 +70,12 @@ class Task:
         return {}
 
     def batch_size(self, inputs: Any) -> int:
+        """Samples in a batch's inputs: a tensor's first dimension, a dict's first tensor's (``image``,
+        ``points``, ...), else ``len``."""
+        if isinstance(inputs, Mapping):
+            for v in inputs.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    return int(v.shape[0])
         return len(inputs)
 
     def rollout(self, model: nn.Module, batch: Any, settings: Any) -> Any:
