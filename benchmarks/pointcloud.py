@@ -13,7 +13,7 @@ seeds each, the same initialisation, schedule and data:
 - ``student``: cross-entropy alone;
 - ``kd``: + Hinton KD on the logits (T = 4; per point for parts);
 - ``fitnet``: + FitNets on a per-point tap (a per-point linear adapter to the teacher's channels);
-- ``rkd``: + RKD (distance + angle) on the pooled global feature (``pool``);
+- ``rkd``: + RKD (distance + angle) on the global feature (``pool``; PointNet++ parts: ``sa3``);
 - ``pd_noreweight``: + PointDistiller on the per-point tap without reweighting (the ablation);
 - ``pd``: + PointDistiller (top-``--pd-points`` points by teacher importance, kNN graph in the
   teacher's feature space, EdgeConv encoders on both sides, softmax(importance / tau) * N weights).
@@ -62,6 +62,10 @@ from protege.pipeline import load_run
 
 #: the per-point tap each family exposes to FitNets and PointDistiller (same resolution in both models)
 TAPS = {"pointnet": "mlp3", "dgcnn": "edge3", "pointnet2": "sa1"}
+#: the global (one vector per cloud) tap RKD reads: the max-pool, or PointNet++'s last set abstraction
+#: (one centroid) when a part head replaces the pooled classifier
+GLOBAL = {"pointnet": "pool", "dgcnn": "pool", "pointnet2": "pool"}
+GLOBAL_PARTS = {**GLOBAL, "pointnet2": "sa3"}
 ROWS = ("student", "kd", "fitnet", "rkd", "pd_noreweight", "pd")
 
 
@@ -82,6 +86,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rows", default="all", help=f"comma list of {','.join(ROWS)}")
+    ap.add_argument(
+        "--only-seeds", type=int, nargs="+", default=None,
+        help="train only these seeds of the rows and print no table (a lane of the recipe)",
+    )  # fmt: skip
     ap.add_argument("--pd-k", type=int, default=16, help="PointDistiller's graph neighbours")
     ap.add_argument("--pd-points", type=int, default=128, help="PointDistiller's N important points")
     ap.add_argument("--pd-tau", type=float, default=1.0)
@@ -132,13 +140,14 @@ def base_cfg(args: argparse.Namespace, name: str, seed: int, epochs: int) -> dic
 
 def row_terms(args: argparse.Namespace, row: str) -> list[dict[str, Any]]:
     tap = TAPS[args.teacher_model]
+    glob = (GLOBAL if args.task == "cls" else GLOBAL_PARTS)[args.teacher_model]
     pd = {"loss": "pointdistiller", "student": tap, "teacher": tap, "k": args.pd_k,
           "num_points": args.pd_points, "tau": args.pd_tau}  # fmt: skip
     extra = {
         "student": [],
         "kd": [{"loss": "kd", "T": 4.0}],
         "fitnet": [{"loss": "fitnet", "student": tap, "teacher": tap, "adapter": "linear"}],
-        "rkd": [{"loss": "rkd", "student": "pool", "teacher": "pool"}],
+        "rkd": [{"loss": "rkd", "student": glob, "teacher": glob}],
         "pd_noreweight": [{**pd, "name": "pointdistiller", "reweight": False}],
         "pd": [pd],
     }[row]
@@ -206,6 +215,8 @@ def main() -> None:
     for row in rows:
         summaries = []
         for seed in range(args.seeds):
+            if args.only_seeds is not None and seed not in args.only_seeds:
+                continue
             cfg = {
                 **base_cfg(args, f"{row}-s{seed}", seed, args.epochs),
                 "student": model(args, args.student_width),
@@ -214,6 +225,8 @@ def main() -> None:
                 **({"cache": cache} if cache and row != "student" else {}),
             }
             summaries.append(train(cfg, "train" if row == "student" else "distill"))
+        if args.only_seeds is not None:
+            continue
         mean, std = seed_stats(summaries, "last")
         best, best_std = seed_stats(summaries, "best")  # the checkpoint with the best validation score
         wall = statistics.mean(float(s.get("wall_time_s", 0.0)) for s in summaries)
@@ -224,6 +237,8 @@ def main() -> None:
         }  # fmt: skip
         print(f"{row}: { {k: round(v, 4) for k, v in mean.items()} }", flush=True)
         models[row] = load_run(Path(args.output_dir) / args.task / f"{row}-s0", "last").student
+    if args.only_seeds is not None:
+        return
     for name, c in costs(models, args.num_points).items():
         results["rows"][name]["cost"] = c
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
