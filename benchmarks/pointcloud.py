@@ -62,10 +62,6 @@ from protege.pipeline import load_run
 
 #: the per-point tap each family exposes to FitNets and PointDistiller (same resolution in both models)
 TAPS = {"pointnet": "mlp3", "dgcnn": "edge3", "pointnet2": "sa1"}
-#: the global (one vector per cloud) tap RKD reads: the max-pool, or PointNet++'s last set abstraction
-#: (one centroid) when a part head replaces the pooled classifier
-GLOBAL = {"pointnet": "pool", "dgcnn": "pool", "pointnet2": "pool"}
-GLOBAL_PARTS = {**GLOBAL, "pointnet2": "sa3"}
 ROWS = ("student", "kd", "fitnet", "rkd", "pd_noreweight", "pd")
 
 
@@ -140,7 +136,9 @@ def base_cfg(args: argparse.Namespace, name: str, seed: int, epochs: int) -> dic
 
 def row_terms(args: argparse.Namespace, row: str) -> list[dict[str, Any]]:
     tap = TAPS[args.teacher_model]
-    glob = (GLOBAL if args.task == "cls" else GLOBAL_PARTS)[args.teacher_model]
+    # RKD's one vector per cloud: the max-pool, or PointNet++'s last set abstraction (one centroid) when
+    # a part head replaces its pooled classifier
+    glob = "sa3" if args.task == "parts" and args.teacher_model == "pointnet2" else "pool"
     pd = {"loss": "pointdistiller", "student": tap, "teacher": tap, "k": args.pd_k,
           "num_points": args.pd_points, "tau": args.pd_tau}  # fmt: skip
     extra = {
