@@ -155,8 +155,8 @@ def row_terms(args: argparse.Namespace, row: str) -> list[dict[str, Any]]:
 def teacher_cache(args: argparse.Namespace, teacher: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
     """The teacher's outputs on every split (logits, the per-point tap, the pooled feature), in float32,
     built once (the first command of the lane recipe) and read by every distillation run: the clouds
-    have no random transform, so a cached run computes bit for bit what an online run computes (checked
-    on a pilot: the same losses and metrics to the last digit) without running the teacher."""
+    have no random transform, so a cached run computes bit for bit what an online run computes
+    (tests/test_pointcloud_task.py) without running the teacher."""
     cache = {"path": str(teacher_dir.parent / "teacher-cache"), "views": 1,
              "taps": [TAPS[args.teacher_model], "pool"], "dtype": "float32"}  # fmt: skip
     if not Path(cache["path"]).exists():
